@@ -1,0 +1,22 @@
+# `make demo` and `make test` do all set-up on a fresh machine (cached in .venv/ build/ install/).
+SHELL := /bin/bash
+ENV := source tools/env.sh &&
+# Run from outside the repo root so the source tree never shadows the colcon-installed package.
+PYTEST := $(ENV) cd test && python -m pytest -p no:cacheprovider --import-mode=importlib
+
+.PHONY: setup test demo bench clean
+
+setup:
+	@tools/setup.sh
+
+test: setup
+	@$(PYTEST) -q $(PYTEST_ARGS) .
+
+demo: setup
+	@$(ENV) xvr-ros demo --out out/demo
+
+bench: setup
+	@$(ENV) python bench/bench_render.py
+
+clean:
+	rm -rf build install log out

@@ -1,0 +1,1 @@
+"""Core of xvr_ros: pure torch + numpy, no ROS imports below this package."""

@@ -1,0 +1,170 @@
+"""Differentiable DRR rendering (method.md §2): a volume + poses + a detector -> X-ray images.
+
+Each pixel's value is the log-transformed Beer-Lambert line integral from the source to the
+pixel centre, ``I = ||p - s|| * integral_0^1 V(s + a (p - s)) da`` (Eq. 12), in (attenuation x mm).
+Two integrators share one contract (``trilinear.py`` and ``siddon.py``: compiled kernels on the
+CPU, pure torch elsewhere):
+
+- ``"trilinear"`` (Eq. 14): midpoint samples every ``step`` mm along each ray, clipped to the
+  volume, trilinear interpolation. Differentiable and fast; the default for training and
+  refinement. The volume is averaged down to a resolution matched to the detector's pixel
+  footprint at the isocenter (``resolution="auto"``): a 128x128 DRR of a 0.7 mm CT only needs
+  ~1.7 mm voxels, and sampling the full-resolution CT would cost 5x more for the same image.
+- ``"siddon"`` (Eq. 13): the exact integral of the nearest-neighbour volume at full resolution;
+  the reference and the renderer for simulated target X-rays.
+
+Poses are ``(B, 4, 4)`` camera-to-world in mm (``geometry.py``); images are ``(B, C, H, W)`` with
+one channel, or one channel per selected label when ``label_channels`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import siddon, trilinear
+from .geometry import Detector, invert, transform_points
+from .volume import Volume
+
+METHODS = ("trilinear", "siddon")
+
+
+@dataclass
+class _Level:
+    """One pyramid level, prepared for the integrators."""
+
+    data: torch.Tensor  # (D0, D1, D2, C) on the renderer's device, contiguous
+    world_to_index: torch.Tensor  # (4, 4) world mm -> continuous voxel index
+    spacing: tuple[float, float, float]  # mm
+
+
+class Renderer(torch.nn.Module):
+    """Renders DRRs of one volume.
+
+    Args:
+        volume: the CT/MR (``volume.Volume``), attenuation in 1/mm.
+        labels: render only voxels whose label is in this list (structure-specific rendering).
+        label_channels: render each label in ``labels`` to its own channel.
+        method: ``"trilinear"`` or ``"siddon"``.
+        step: trilinear sample spacing in mm; default ``step_ratio`` x the level's smallest voxel.
+        resolution: ``"auto"`` (match the detector's pixel footprint), ``"full"``, or a tuple of
+            integer downsampling factors per volume axis.
+        footprint_ratio: with ``"auto"``, voxels may grow up to this fraction of the pixel footprint.
+        device, dtype: where and in what precision to render.
+    """
+
+    def __init__(
+        self,
+        volume: Volume,
+        *,
+        labels: list[int] | None = None,
+        label_channels: bool = False,
+        method: str = "trilinear",
+        step: float | None = None,
+        step_ratio: float = 0.75,
+        resolution: str | tuple[int, int, int] = "auto",
+        footprint_ratio: float = 1.0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if label_channels and not labels:
+            raise ValueError("label_channels needs a list of labels to render")
+        if step is not None and not step > 0:
+            raise ValueError(f"step must be a positive length in mm, got {step}")
+        self.method = method
+        self.step = step
+        self.step_ratio = step_ratio
+        self.resolution = resolution
+        self.footprint_ratio = footprint_ratio
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.labels = list(labels) if labels else None
+        self.label_channels = label_channels
+
+        if self.labels:
+            mask = volume.label_mask(self.labels)
+            volume = Volume(**{**volume.__dict__, "data": volume.data * mask})
+        # Voxels that are exactly zero (air) contribute nothing: clip rays to the content's box.
+        self.volume = volume.crop()
+        self.isocenter = volume.isocenter.to(torch.float64)
+        self._levels: dict[tuple[int, int, int], _Level] = {}
+
+    @property
+    def channels(self) -> int:
+        return len(self.labels) if self.label_channels else 1
+
+    # ----------------------------------------------------------------------------------------
+    def level_factors(self, detector: Detector, source: torch.Tensor) -> tuple[int, int, int]:
+        """Per-axis integer downsampling factors for rendering ``detector`` from ``source`` (B, 3)."""
+        if self.method == "siddon" or self.resolution == "full":
+            return (1, 1, 1)
+        if self.resolution != "auto":
+            return tuple(int(f) for f in self.resolution)
+        # Pixel footprint at the isocenter = pixel size / magnification; the nearest source
+        # sees the finest footprint, so it sets the level for the whole batch.
+        sid = (source.detach().to(torch.float64) - self.isocenter.to(source.device)).norm(dim=-1).min()
+        footprint = footprint_mm(detector, float(sid))
+        spacing = self.volume.spacing.tolist()
+        return tuple(max(1, int(self.footprint_ratio * footprint / s)) for s in spacing)
+
+    def level(self, factors: tuple[int, int, int]) -> _Level:
+        if factors not in self._levels:
+            vol = self.volume if factors == (1, 1, 1) else None
+            if self.label_channels:
+                chans = []
+                for label in self.labels:
+                    v = Volume(**{**self.volume.__dict__, "data": self.volume.data * (self.volume.labels == label)})
+                    chans.append(v if factors == (1, 1, 1) else v.downsample(factors))
+                vol = chans[0]
+                data = torch.stack([c.data for c in chans], dim=-1)
+            else:
+                vol = vol or self.volume.downsample(factors)
+                data = vol.data[..., None]
+            self._levels[factors] = _Level(
+                data=data.to(self.device, self.dtype).contiguous(),
+                world_to_index=torch.linalg.inv(vol.affine.to(torch.float64)).to(self.device, self.dtype),
+                spacing=tuple(float(s) for s in vol.spacing),
+            )
+        return self._levels[factors]
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, pose: torch.Tensor, detector: Detector) -> torch.Tensor:
+        """Render (B, 4, 4) camera-to-world poses (mm) -> (B, C, H, W) line integrals."""
+        pose = pose.to(self.device, self.dtype)
+        if pose.dim() == 2:
+            pose = pose[None]
+        if pose.shape[-2:] != (4, 4):
+            raise ValueError(f"pose must be (B, 4, 4), got {tuple(pose.shape)}")
+        source, target = detector.rays(pose)
+        return self.render_rays(source, target, detector).reshape(
+            len(pose), self.channels, detector.height, detector.width
+        )
+
+    def render_rays(self, source: torch.Tensor, target: torch.Tensor, detector: Detector | None = None):
+        """Line integrals from source (B, 3) to targets (B, N, 3), world mm -> (B, C, N)."""
+        level = self.level(self.level_factors(detector, source) if detector else (1, 1, 1))
+        length = (target - source[:, None]).norm(dim=-1)
+        src = transform_points(level.world_to_index[None], source[:, None])[:, 0]
+        tgt = transform_points(level.world_to_index[None], target)
+        if self.method == "siddon":
+            J = siddon.line_integrals(level.data, src, tgt)
+        else:
+            step = self.step or self.step_ratio * min(level.spacing)
+            J = trilinear.line_integrals(level.data, src, tgt, level.spacing, step)
+        return (J * length[..., None]).transpose(1, 2)
+
+
+def relative_rms_error(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """RMS(image - reference) / RMS(reference) per batch item: (B, ...) -> (B,)."""
+    diff = (image - reference).flatten(1).square().mean(-1).sqrt()
+    return diff / reference.flatten(1).square().mean(-1).sqrt()
+
+
+def footprint_mm(detector: Detector, source_to_isocenter: float) -> float:
+    """Pixel size back-projected to the isocenter (mm)."""
+    return min(detector.delx, detector.dely) * source_to_isocenter / detector.sdd
+
