@@ -19,7 +19,7 @@ one channel, or one channel per selected label when ``label_channels`` is set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,6 +52,8 @@ class Renderer(torch.nn.Module):
             integer downsampling factors per volume axis.
         footprint_ratio: with ``"auto"``, voxels may grow up to this fraction of the pixel footprint.
         device, dtype: where and in what precision to render.
+        backend: ``"auto"`` (the compiled kernel on the CPU when it is built, torch otherwise) or
+            ``"torch"`` (always the pure-torch integrators, e.g. to compare).
     """
 
     def __init__(
@@ -67,15 +69,19 @@ class Renderer(torch.nn.Module):
         footprint_ratio: float = 1.0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
     ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if label_channels and not labels:
             raise ValueError("label_channels needs a list of labels to render")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
         if step is not None and not step > 0:
             raise ValueError(f"step must be a positive length in mm, got {step}")
         self.method = method
+        self.backend = backend
         self.step = step
         self.step_ratio = step_ratio
         self.resolution = resolution
@@ -87,7 +93,7 @@ class Renderer(torch.nn.Module):
 
         if self.labels:
             mask = volume.label_mask(self.labels)
-            volume = Volume(**{**volume.__dict__, "data": volume.data * mask})
+            volume = replace(volume, data=volume.data * mask)
         # Voxels that are exactly zero (air) contribute nothing: clip rays to the content's box.
         self.volume = volume.crop()
         self.isocenter = volume.isocenter.to(torch.float64)
@@ -117,7 +123,7 @@ class Renderer(torch.nn.Module):
             if self.label_channels:
                 chans = []
                 for label in self.labels:
-                    v = Volume(**{**self.volume.__dict__, "data": self.volume.data * (self.volume.labels == label)})
+                    v = replace(self.volume, data=self.volume.data * (self.volume.labels == label))
                     chans.append(v if factors == (1, 1, 1) else v.downsample(factors))
                 vol = chans[0]
                 data = torch.stack([c.data for c in chans], dim=-1)
@@ -150,11 +156,14 @@ class Renderer(torch.nn.Module):
         length = (target - source[:, None]).norm(dim=-1)
         src = transform_points(level.world_to_index[None], source[:, None])[:, 0]
         tgt = transform_points(level.world_to_index[None], target)
+        torch_only = self.backend == "torch"
         if self.method == "siddon":
-            J = siddon.line_integrals(level.data, src, tgt)
+            fn = siddon.line_integrals_reference if torch_only else siddon.line_integrals
+            J = fn(level.data, src, tgt)
         else:
+            fn = trilinear.line_integrals_reference if torch_only else trilinear.line_integrals
             step = self.step or self.step_ratio * min(level.spacing)
-            J = trilinear.line_integrals(level.data, src, tgt, level.spacing, step)
+            J = fn(level.data, src, tgt, level.spacing, step)
         return (J * length[..., None]).transpose(1, 2)
 
 
