@@ -16,7 +16,7 @@ demo: setup
 	@$(ENV) xvr-ros demo --out out/demo
 
 bench: setup
-	@$(ENV) python bench/bench_render.py
+	@$(ENV) set -e; for f in bench/bench_*.py; do echo "# $$f"; python $$f; done
 
 clean:
 	rm -rf build install log out

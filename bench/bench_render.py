@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from xvr_ros.core.geometry import Detector, carm_pose
@@ -60,6 +62,29 @@ def forward_backward(renderer, angles, xyz, det):
         return a.grad
 
     return fn
+
+
+def diffdrr_parity(volume_path: Path, mask_path: Path) -> None:
+    """Agreement with the diffdrr 0.6.1 reference renders in shared/fixtures (same poses, same HU mapping)."""
+    from xvr_ros.core.volume import load_volume
+
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    if not fixtures.exists():
+        return
+    volume = load_volume(volume_path, mask_path, hu_to_mu="diffdrr")
+    for size, delx in ((128, 2.0), (256, 1.0)):
+        fx = np.load(fixtures / f"diffdrr_siddon_{size}.npz")
+        det = Detector(1020.0, size, size, delx, delx)
+        T = carm_pose(torch.from_numpy(fx["alpha_beta_gamma_deg"]), torch.from_numpy(fx["xyz_mm"]), degrees=True)
+        ref = torch.from_numpy(fx["images"])[:, None]
+        src, tgt = det.rays(T)
+        # diffdrr's Siddon integrates the whole line through the CT box, past the detector too.
+        through = src[:, None] + 3 * (tgt - src[:, None])
+        with torch.no_grad():
+            img = Renderer(volume, method="siddon").render_rays(src, through).reshape(ref.shape)
+            fast = Renderer(volume)(T, det)
+        bench(f"diffdrr_parity_siddon_rel_rms_err_{size}", 100 * relative_rms_error(img, ref).max().item(), "%max")
+        bench(f"diffdrr_parity_trilinear_rel_rms_err_{size}", 100 * relative_rms_error(fast, ref).median().item(), "%median")
 
 
 def reset_peak_rss() -> None:
@@ -118,6 +143,7 @@ def main() -> None:
         forward_backward(renderers[name], big_angles, big_xyz, DETECTORS[256])()
         bench(f"{name}_peak_rss_increase_b64_256", peak_rss_mb() - before, "MB")
     bench("process_peak_rss", peak_rss_mb(), "MB")
+    diffdrr_parity(ct, mask)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,10 @@ def test_auto_resolution_matches_pixel_footprint():
     r = Renderer(vol)
     det = Detector(sdd=1000.0, height=64, width=64, delx=2.0, dely=2.0)
     source = torch.tensor([[0.0, 500.0, 0.0]])
-    # footprint = 2 mm * 500 / 1000 = 1 mm -> halve the 0.5 mm axes, keep the 2 mm one.
-    assert r.level_factors(det, source) == (2, 2, 1)
+    # footprint = 2 mm * 500 / 1000 = 1 mm; voxels may grow to 1.5 footprints: 3x the 0.5 mm
+    # axes, keep the 2 mm one.
+    assert r.level_factors(det, source) == (3, 3, 1)
+    assert Renderer(vol, footprint_ratio=1.0).level_factors(det, source) == (2, 2, 1)
     assert Renderer(vol, method="siddon").level_factors(det, source) == (1, 1, 1)
 
 

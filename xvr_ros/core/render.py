@@ -47,10 +47,13 @@ class Renderer(torch.nn.Module):
         labels: render only voxels whose label is in this list (structure-specific rendering).
         label_channels: render each label in ``labels`` to its own channel.
         method: ``"trilinear"`` or ``"siddon"``.
-        step: trilinear sample spacing in mm; default ``step_ratio`` x the level's smallest voxel.
+        step: trilinear sample spacing in mm; default ``step_ratio`` x the level's smallest voxel
+            (finer steps buy nothing measurable on CT: the error against Siddon is the difference
+            between the trilinear and nearest-neighbour interpolants, see ``make bench``).
         resolution: ``"auto"`` (match the detector's pixel footprint), ``"full"``, or a tuple of
             integer downsampling factors per volume axis.
-        footprint_ratio: with ``"auto"``, voxels may grow up to this fraction of the pixel footprint.
+        footprint_ratio: with ``"auto"``, voxels may grow up to this multiple of the pixel
+            footprint at the isocenter (1.5 keeps the demo CT within 1 % of Siddon at 128x128).
         device, dtype: where and in what precision to render.
         backend: ``"auto"`` (the compiled kernel on the CPU when it is built, torch otherwise) or
             ``"torch"`` (always the pure-torch integrators, e.g. to compare).
@@ -64,9 +67,9 @@ class Renderer(torch.nn.Module):
         label_channels: bool = False,
         method: str = "trilinear",
         step: float | None = None,
-        step_ratio: float = 0.75,
+        step_ratio: float = 1.0,
         resolution: str | tuple[int, int, int] = "auto",
-        footprint_ratio: float = 1.0,
+        footprint_ratio: float = 1.5,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
