@@ -33,3 +33,24 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing.nii.gz" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_then_summary(tmp_path, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    write_phantom(ct)
+    out = tmp_path / "model.pth"
+    args = ["train", "--volume", str(ct), "--preset", "chest", "--range", "y", "600", "700", "--max-steps", "2",
+            "--height", "32", "--delx", "8", "--batch-size", "2", "--no-ncc", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "mTRE median" in printed.out and "steps" in printed.out
+    assert "step 2" in printed.err  # the progress bar
+    from xvr_ros.core.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(out).metadata
+    assert meta["ranges"]["y"] == [600.0, 700.0] and meta["preset"] == "chest"
+
+
+def test_train_must_be_bounded(tmp_path, capsys):
+    assert main(["train", "--volume", "ct.nii", "--out", str(tmp_path / "m.pth")]) == 2
+    assert "--time-budget" in capsys.readouterr().err

@@ -169,6 +169,7 @@ class TrainConfig:
     delx: float = 2.0  # canonical detector: height x height pixels of delx mm
     reverse_x_axis: bool = False  # xvr's training default
     checkpoint_interval: float = 60.0
+    validation_interval: float | None = None  # s; validate during training to record the learning curve
     n_val: int = 64
     seed: int = 0
     device: str = "cpu"
@@ -196,6 +197,7 @@ class TrainResult:
     elapsed: float
     cancelled: bool
     validation: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # (step, elapsed, figures) during training
 
 
 def _lr(config: TrainConfig, step: int, fraction: float) -> float:
@@ -341,6 +343,7 @@ def train(
             "patient_to_template": p2t,
             "rng_state": gen.get_state(),
             "validation": validation or {},
+            "validation_history": history,
             "written": datetime.datetime.now().isoformat(timespec="seconds"),
         }
 
@@ -354,8 +357,13 @@ def train(
         save_checkpoint(out, model, xvr_config, metadata=metadata(validation), optimizer=optimizer, itr=step)
 
     t0 = time.perf_counter()
-    last_write = t0
+    last_write = last_validation = t0
     cancelled = False
+    history: list[dict] = list(raw.get("xvr_ros", {}).get("validation_history", []))
+
+    def curve_point(figures):
+        keys = ("mtre_median_mm", "mtre_iqr_mm", "dgeo_median_mm")
+        return {"step": step, "elapsed_s": elapsed_before + time.perf_counter() - t0} | {k: figures[k] for k in keys}
 
     def fraction():
         fracs = []
@@ -396,13 +404,17 @@ def train(
             elapsed = elapsed_before + time.perf_counter() - t0
             eta = elapsed / done * (1 - done) if done > 0 else None
             progress(Progress(step, config.max_steps, elapsed, eta, {k: float(v.detach()) for k, v in losses.items()} | {"total": float(loss.detach())}, lr))
+        if config.validation_interval and time.perf_counter() - last_validation > config.validation_interval:
+            history.append(curve_point(validate(model, renderer, config, points)))
+            last_validation = time.perf_counter()
         if time.perf_counter() - last_write > config.checkpoint_interval:
             write()
             last_write = time.perf_counter()
 
     validation = validate(model, renderer, config, points)
+    history.append(curve_point(validation))
     write(validation)
-    return TrainResult(out, step, elapsed_before + time.perf_counter() - t0, cancelled, validation)
+    return TrainResult(out, step, elapsed_before + time.perf_counter() - t0, cancelled, validation, history)
 
 
 def predict(checkpoint, image: torch.Tensor) -> torch.Tensor:
