@@ -29,10 +29,56 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# CMake refuses exported include paths inside the source tree, and .venv/ lives in it: the
+# interface targets see numpy's headers through a link outside the tree instead.
+NPINC=$(python -c "import numpy; print(numpy.get_include())")
+NPLINK="$HOME/.cache/xvr_ros/include/numpy-$(printf %s "$VIRTUAL_ENV" | sha256sum | cut -c1-12)"
+mkdir -p "$(dirname "$NPLINK")" && ln -sfn "$NPINC" "$NPLINK"
+{ grep -rl "$NPINC" .venv/share --include='*.cmake' || true; } | xargs -r sed -i -e "s#$NPINC#$NPLINK#g"
+
 export AMENT_PREFIX_PATH=$VIRTUAL_ENV CMAKE_PREFIX_PATH=$VIRTUAL_ENV
+
+# tf2_msgs is on no registry. Where no real one is installed, build a stand-in with the exact
+# definition (so the type and its hash are ROS's) into this workspace beside xvr_ros; it is never
+# part of xvr_ros, and a real ROS install skips it.
+extra_paths=()
+if ! python -c "import tf2_msgs.msg" 2>/dev/null; then
+  standin=build/standin/tf2_msgs
+  mkdir -p "$standin/msg"
+  cat > "$standin/package.xml" <<'XML'
+<?xml version="1.0"?>
+<package format="3">
+  <name>tf2_msgs</name>
+  <version>0.36.0</version>
+  <description>Local stand-in for ROS 2's tf2_msgs (TFMessage only), built where no ROS install provides it.</description>
+  <maintainer email="xvr-ros-maintainers@example.com">xvr_ros maintainers</maintainer>
+  <license>BSD-3-Clause</license>
+  <buildtool_depend>ament_cmake</buildtool_depend>
+  <buildtool_depend>rosidl_default_generators</buildtool_depend>
+  <depend>geometry_msgs</depend>
+  <exec_depend>rosidl_default_runtime</exec_depend>
+  <member_of_group>rosidl_interface_packages</member_of_group>
+  <export><build_type>ament_cmake</build_type></export>
+</package>
+XML
+  cat > "$standin/CMakeLists.txt" <<'CMAKE'
+cmake_minimum_required(VERSION 3.16)
+project(tf2_msgs)
+find_package(ament_cmake REQUIRED)
+find_package(rosidl_default_generators REQUIRED)
+find_package(geometry_msgs REQUIRED)
+rosidl_generate_interfaces(${PROJECT_NAME} "msg/TFMessage.msg" DEPENDENCIES geometry_msgs)
+ament_export_dependencies(rosidl_default_runtime)
+ament_package()
+CMAKE
+  echo "geometry_msgs/TransformStamped[] transforms" > "$standin/msg/TFMessage.msg"
+  extra_paths=(build/standin)
+fi
+
 echo "[setup] colcon build"
 colcon --log-base log build --symlink-install --event-handlers console_direct- \
-  --cmake-args -DPython3_EXECUTABLE="$(which python)" -DBUILD_TESTING=OFF >/dev/null 2>&1 \
+  --base-paths . "${extra_paths[@]}" \
+  --cmake-args -DPython3_EXECUTABLE="$(which python)" -DPython3_NumPy_INCLUDE_DIR="$NPLINK" -DBUILD_TESTING=OFF >/dev/null 2>&1 \
   || { echo "[setup] colcon build failed; see log/latest_build"; exit 1; }
 
 # colcon's setup scripts read unset variables.
