@@ -1,0 +1,213 @@
+"""Image similarity for intensity-based 2D/3D registration (method.md §5), masked and batched.
+
+All functions take two batches of images ``(B, C, H, W)`` (the fixed X-ray may have ``B = 1`` and
+is then broadcast) and an optional validity ``mask`` ``(B or 1, 1, H, W)``, bool or float in
+``[0, 1]``, and return a ``(B,)`` similarity: higher is better, 1 for images identical up to an
+affine change of intensity, -1 for a negated image. Channels (label channels) are averaged.
+
+- :func:`ncc`: global normalised cross-correlation.
+- :func:`patch_ncc`: NCC in every ``k x k`` window (stride 1), averaged over the windows.
+- :func:`mncc`: multiscale NCC, ``0.5 * ncc + 0.5 * patch_ncc(k=9)``. Smooth, wide capture range.
+- :func:`gradncc`: NCC of the Sobel gradients (x and y channels, optionally after a Gaussian of
+  ``sigma`` pixels) in ``11 x 11`` windows. Sharp around the optimum: it locks onto edges, which
+  is what pins down the depth (magnification) of the pose.
+- :func:`mncc_gradncc`: ``0.5 * mncc + 0.5 * gradncc``, the xvr default and ours.
+
+Windows are true local statistics (mean and variance over the window's pixels), computed with box
+filters, so the cost does not grow with the window size. (diffdrr 0.6.1's patch NCC normalises
+each window *offset* over all positions, which makes it close to a global NCC; the method asks
+for local windows, which also makes the score robust to the smooth, non-affine intensity changes
+of real X-rays.)
+
+Masks: a masked-out pixel contributes nothing, to means, variances or window statistics, and its
+value (even NaN or inf) is never read. A window whose valid pixels are fewer than
+``min_valid`` of its area is ignored; gradients are only taken where the whole filter support is
+valid (the mask is eroded by the filter radius; image borders count as invalid, so the zero
+padding of a convolution never creates false edges).
+
+Stability: variances get ``eps`` times the image's global variance (plus a tiny absolute floor)
+added, which makes every score exactly invariant to affine intensity changes, keeps flat windows
+(variance ~ 0, e.g. air or a constant image) from dividing by zero, and lets them weigh less.
+Gradients stay finite for constant images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SIMILARITIES", "get", "gradncc", "mncc", "mncc_gradncc", "ncc", "patch_ncc", "sobel"]
+
+EPS = 1e-4  # relative to the image's global variance
+_TINY = 1e-12  # absolute floor (constant images)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _prepare(x: torch.Tensor, y: torch.Tensor, mask):
+    """Broadcast x, y to (B, C, H, W); return them with masked pixels zeroed and the weight."""
+    if x.dim() != 4 or y.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1:] != y.shape[1:]:
+        raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    B = max(x.shape[0], y.shape[0])
+    if x.shape[0] not in (1, B) or y.shape[0] not in (1, B):
+        raise ValueError(f"batch sizes {x.shape[0]} and {y.shape[0]} do not broadcast")
+    x, y = x.expand(B, *x.shape[1:]), y.expand(B, *y.shape[1:])
+    if mask is None:
+        w = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+    else:
+        w = torch.as_tensor(mask, device=x.device)
+        if w.dim() != 4 or w.shape[1] != 1 or w.shape[2:] != x.shape[2:] or w.shape[0] not in (1, B):
+            raise ValueError(f"mask must be (B or 1, 1, {x.shape[2]}, {x.shape[3]}), got {tuple(w.shape)}")
+        w = w.to(x.dtype)
+        # Never read a masked pixel: where() also stops NaN/inf there from leaking into sums.
+        x = torch.where(w > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        y = torch.where(w > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return x, y, w
+
+
+def _wmean(v: torch.Tensor, w: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return (v * w).sum(dim=(-1, -2), keepdim=True) / total
+
+
+def _global_stats(x, y, w):
+    """Masked global mean-centred images and variances: (B, C, H, W) x2, (B, C, 1, 1) x3."""
+    total = w.sum(dim=(-1, -2), keepdim=True).clamp_min(_TINY)
+    xc = x - _wmean(x, w, total)
+    yc = y - _wmean(y, w, total)
+    vx = _wmean(xc * xc, w, total)
+    vy = _wmean(yc * yc, w, total)
+    cxy = _wmean(xc * yc, w, total)
+    return xc, yc, vx, vy, cxy, total
+
+
+def _ncc_from(cov, vx, vy, ex, ey):
+    return cov / ((vx + ex) * (vy + ey)).sqrt()
+
+
+# --------------------------------------------------------------------------------------------
+# similarities
+# --------------------------------------------------------------------------------------------
+def ncc(x: torch.Tensor, y: torch.Tensor, mask=None, eps: float = EPS) -> torch.Tensor:
+    """Global NCC over the valid pixels: (B, C, H, W) x2 -> (B,)."""
+    x, y, w = _prepare(x, y, mask)
+    _, _, vx, vy, cxy, total = _global_stats(x, y, w)
+    score = _ncc_from(cxy, vx, vy, eps * vx.detach() + _TINY, eps * vy.detach() + _TINY)
+    valid = (total > 0.5).to(score.dtype)  # an item with no valid pixel scores 0
+    return (score * valid).mean(dim=(1, 2, 3))
+
+
+def patch_ncc(
+    x: torch.Tensor, y: torch.Tensor, mask=None, patch_size: int = 9, eps: float = EPS, min_valid: float = 0.5
+) -> torch.Tensor:
+    """Mean NCC over all ``patch_size`` x ``patch_size`` windows (stride 1, inside the image).
+
+    Windows with fewer than ``min_valid`` x area valid pixels are left out; an item with no
+    usable window scores 0. (B, C, H, W) x2 -> (B,)
+    """
+    x, y, w = _prepare(x, y, mask)
+    B, C, H, W = x.shape
+    k = min(int(patch_size), H, W)
+    # Centre and scale by the global statistics first: the window moments below use
+    # E[x^2] - E[x]^2, which must not cancel catastrophically in float32.
+    xc, yc, vx, vy, _, _ = _global_stats(x, y, w)
+    sx, sy = (vx.detach() + _TINY).sqrt(), (vy.detach() + _TINY).sqrt()
+    xn, yn = xc / sx, yc / sy  # unit global variance: eps is now relative
+    wB = w.expand(B, 1, H, W)
+    stack = torch.cat(
+        [wB.expand(B, C, H, W), xn * w, yn * w, xn * xn * w, yn * yn * w, xn * yn * w], dim=1
+    )  # (B, 6C, H, W)
+    m = F.avg_pool2d(stack, k, stride=1).unflatten(1, (6, C))  # window means of weight * ...
+    cnt, mx, my, mxx, myy, mxy = m.unbind(1)
+    ok = cnt >= min_valid - 1e-6
+    n = cnt.clamp_min(1.0 / (k * k))
+    mux, muy = mx / n, my / n
+    varx = (mxx / n - mux * mux).clamp_min(0.0)
+    vary = (myy / n - muy * muy).clamp_min(0.0)
+    cov = mxy / n - mux * muy
+    score = _ncc_from(cov, varx, vary, eps, eps)
+    okf = ok.to(score.dtype)
+    count = okf.sum(dim=(1, 2, 3))
+    return (score * okf).sum(dim=(1, 2, 3)) / count.clamp_min(1.0)
+
+
+def mncc(x: torch.Tensor, y: torch.Tensor, mask=None, patch_size: int = 9, eps: float = EPS) -> torch.Tensor:
+    """Multiscale NCC: ``0.5 * ncc + 0.5 * patch_ncc(patch_size)``. (B, C, H, W) x2 -> (B,)"""
+    return 0.5 * ncc(x, y, mask, eps) + 0.5 * patch_ncc(x, y, mask, patch_size, eps)
+
+
+def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
+
+
+def sobel(x: torch.Tensor, mask=None, sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel gradients of (B, C, H, W) images -> ((B, 2C, H, W) [d/dx..., d/dy...], weight (B|1, 1, H, W)).
+
+    Optionally smoothed by a Gaussian of ``sigma`` pixels first. The returned weight is the mask
+    eroded by the filters' radius (image borders count as invalid), so a gradient is only used
+    where every pixel it reads is valid.
+    """
+    B, C, H, W = x.shape
+    dtype, device = x.dtype, x.device
+    w = torch.ones(1, 1, H, W, dtype=dtype, device=device) if mask is None else mask.to(dtype)
+    radius = 1
+    img = x.reshape(B * C, 1, H, W)
+    if sigma > 0:
+        g = _gaussian_kernel(sigma, dtype, device)
+        r = (len(g) - 1) // 2
+        radius += r
+        img = F.conv2d(F.pad(img, (r, r, 0, 0)), g.view(1, 1, 1, -1))
+        img = F.conv2d(F.pad(img, (0, 0, r, r)), g.view(1, 1, -1, 1))
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=dtype, device=device)
+    kernel = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3)
+    grad = F.conv2d(F.pad(img, (1, 1, 1, 1)), kernel).reshape(B, C, 2, H, W).transpose(1, 2).reshape(B, 2 * C, H, W)
+    # Erode: valid only if the whole (2 radius + 1)^2 support is valid and inside the image.
+    invalid = F.pad(1.0 - (w > 0).to(dtype), (radius,) * 4, value=1.0)
+    eroded = 1.0 - F.max_pool2d(invalid, 2 * radius + 1, stride=1)
+    return grad, eroded * w
+
+
+def gradncc(
+    x: torch.Tensor, y: torch.Tensor, mask=None, patch_size: int = 11, sigma: float = 1.0, eps: float = EPS
+) -> torch.Tensor:
+    """Gradient NCC: :func:`patch_ncc` of the Sobel x/y gradients (after a Gaussian of ``sigma``
+    px; 0 = none, xvr's setting). (B, C, H, W) x2 -> (B,)"""
+    x, y, w = _prepare(x, y, mask)
+    gx, wx = sobel(x, w, sigma)
+    gy, _ = sobel(y, w, sigma)
+    return patch_ncc(gx, gy, wx, patch_size, eps)
+
+
+def mncc_gradncc(
+    x: torch.Tensor, y: torch.Tensor, mask=None, sigma: float = 1.0, eps: float = EPS
+) -> torch.Tensor:
+    """``0.5 * mncc(9x9) + 0.5 * gradncc(11x11)``, the default. (B, C, H, W) x2 -> (B,)"""
+    return 0.5 * mncc(x, y, mask, 9, eps) + 0.5 * gradncc(x, y, mask, 11, sigma, eps)
+
+
+SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
+    "ncc": ncc,
+    "mncc": mncc,
+    "gncc": gradncc,
+    "gradncc": gradncc,
+    "mncc+gncc": mncc_gradncc,
+}
+
+
+def get(name: str | Callable, **kwargs) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A similarity ``f(x, y, mask) -> (B,)`` by name (``ncc``, ``mncc``, ``gncc``, ``mncc+gncc``)
+    with keyword arguments bound (e.g. ``sigma=0``), or a callable passed through."""
+    if callable(name):
+        return name
+    if name not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {name!r}; expected one of {sorted(SIMILARITIES)} or a callable")
+    fn = SIMILARITIES[name]
+    return (lambda x, y, mask=None: fn(x, y, mask, **kwargs)) if kwargs else fn
