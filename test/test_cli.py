@@ -9,6 +9,9 @@ def write_phantom(path):
     hu = np.full((32, 32, 24), -1000, dtype=np.int16)
     hu[8:24, 10:22, 6:18] = 0  # a block of water
     hu[14:18, 14:18, 8:16] = 1200  # with a bone rod inside
+    # and bone beads off every axis, so that all six pose parameters show in a projection
+    for i, j, k in ((10, 12, 7), (21, 19, 9), (12, 20, 16), (20, 11, 15)):
+        hu[i - 1 : i + 1, j - 1 : j + 1, k - 1 : k + 1] = 1500
     nib.save(nib.Nifti1Image(hu, np.diag([2.0, 2.0, 2.5, 1.0])), path)
 
 
@@ -54,3 +57,42 @@ def test_train_then_summary(tmp_path, capsys):
 def test_train_must_be_bounded(tmp_path, capsys):
     assert main(["train", "--volume", "ct.nii", "--out", str(tmp_path / "m.pth")]) == 2
     assert "--time-budget" in capsys.readouterr().err
+
+
+def test_register_plain_image(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from xvr_ros.core.geometry import Detector, carm_pose
+    from xvr_ros.core.metrics import mtre
+    from xvr_ros.core.render import Renderer
+    from xvr_ros.core.volume import load_volume
+
+    ct = tmp_path / "ct.nii.gz"
+    write_phantom(ct)
+    det = Detector(sdd=1000.0, height=64, width=64, delx=1.6, dely=1.6)
+    truth = carm_pose(torch.tensor([[4.0, -3.0, 2.0]]), torch.tensor([[2.0, 600.0, -1.0]]), degrees=True)
+    with torch.no_grad():
+        img = Renderer(load_volume(ct), method="siddon")(truth, det)[0, 0]
+    xray = tmp_path / "shot.npy"
+    np.save(xray, img.numpy())
+    args = ["register", "--volume", str(ct), "--xray", str(xray), "--sdd", "1000", "--pixel-spacing", "1.6",
+            "--intensity", "linear", "--init", "6", "-1", "0", "0", "590", "3", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "refined pose" in out and "similarity" in out
+    record = json.loads((tmp_path / "shot_registration.json").read_text())
+    # Target error on points spread through the phantom (its 8 corners), before and after.
+    corners = torch.tensor([[x, y, z] for x in (-30.0, 30.0) for y in (-30.0, 30.0) for z in (-28.0, 28.0)], dtype=torch.float64)
+    before = mtre(truth.double(), torch.tensor([record["initial_pose_mm"]], dtype=torch.float64), corners)
+    after = mtre(truth.double(), torch.tensor([record["pose_mm"]], dtype=torch.float64), corners)
+    assert after < 0.5 * before, (before, after)
+    overlay = np.asarray(Image.open(tmp_path / "shot_overlay.png"))
+    assert overlay.shape == (64, 64, 3) and (overlay[..., 1] == 255).any()
+
+
+def test_register_plain_image_needs_intrinsics(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((8, 8)))
+    assert main(["register", "--volume", "ct.nii", "--xray", str(tmp_path / "x.npy"), "--init", "0", "0", "0", "0", "600", "0"]) == 2
+    assert "--sdd" in capsys.readouterr().err

