@@ -22,28 +22,44 @@ Set-up (all seeded, so every run sees the same cases):
 - Baseline, in the same process: xvr's ``register`` defaults (one scale at 1/8 resolution,
   mNCC + gradNCC with no smoothing, Euler ZXY, Adam 1e-2 rad / 1.0 mm, plateau patience 5,
   threshold 1e-4, stop after 2 plateaus, at most 500 iterations), with the same renderer and
-  similarity code.
+  similarity code (``baseline_xvr``: 32 px here), and the same at 64 px (``baseline_xvr_64px``:
+  the image size xvr's defaults give a 512 px X-ray).
+
+Timing: wall time per registration, one at a time, with ``OMP_WAIT_POLICY=PASSIVE`` (set below
+unless the environment sets it; see the comment there), and the CPU time next to it.
 
 Run: ``PYTHONPATH=. python bench/bench_register.py [--n 50] [--skip-baseline]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import os
 
-import numpy as np
-import torch
+# Before torch loads its OpenMP runtime: threads that finish a parallel region first sleep
+# instead of spinning. On 2 cores shared with other processes, spinning threads take the CPU
+# from the thread everyone waits for. One 128 px iteration (render + similarity + backward),
+# default (active) vs PASSIVE: idle machine 27 vs 32 ms; next to one busy process 87 vs 60 ms;
+# next to another 2-thread torch process (seen while developing) 290 vs 48 ms. Deployments on
+# shared CPUs should export it too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from xvr_ros.core.geometry import Detector
-from xvr_ros.core.metrics import mtre, smsr
-from xvr_ros.core.refine import auto_scales, refine
-from xvr_ros.core.render import Renderer
-from xvr_ros.core.simulate import CHEST_RANGES, perturb_poses, random_carm_poses, simulate_xray
-from xvr_ros.core.volume import demo_ct_path, load_volume
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from xvr_ros.core.geometry import Detector  # noqa: E402
+from xvr_ros.core.metrics import mtre, smsr  # noqa: E402
+from xvr_ros.core.refine import auto_scales, refine  # noqa: E402
+from xvr_ros.core.render import Renderer  # noqa: E402
+from xvr_ros.core.simulate import CHEST_RANGES, perturb_poses, random_carm_poses, simulate_xray  # noqa: E402
+from xvr_ros.core.volume import demo_ct_path, load_volume  # noqa: E402
 
 DETECTOR = Detector(sdd=1020.0, height=256, width=256, delx=1.0, dely=1.0)
 N_FIDUCIALS = 100
+# xvr's ``register`` defaults. At 1/8 of this 256 px detector it works on 32 px images; xvr's
+# own figures (method.md §7) are for 512 px images, i.e. 64 px, so the bench runs both.
 BASELINE = dict(
     scales=(8.0,),
     similarity="mncc+gncc",
@@ -97,7 +113,8 @@ class Cases:
             for src in sources:
                 self.renderer.level(self.renderer.level_factors(det, src[None]))
         t = self.targets[0]
-        refine(self.renderer, t.image, DETECTOR, self.init[:1], mask=t.valid_mask, scales=scales, max_iterations=20, **kwargs)
+        kwargs = {**kwargs, "scales": scales, "max_iterations": 20}
+        refine(self.renderer, t.image, DETECTOR, self.init[:1], mask=t.valid_mask, **kwargs)
 
     def run(self, **kwargs) -> dict:
         errors, seconds, cpu, iters = [], [], [], []
@@ -147,6 +164,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     bench("threads", torch.get_num_threads(), "threads")
+    bench("omp_wait_policy_passive", float(os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"), "bool")
     cases = Cases(args.n, args.seed)
     bench("cases", len(cases), "targets")
     bench("setup", cases.setup_seconds, "s")
@@ -159,8 +177,10 @@ def main() -> None:
     cases.warm_up()
     report("refine", cases.run())
     if not args.skip_baseline:
-        cases.warm_up(**BASELINE)
-        report("baseline_xvr", cases.run(**BASELINE))
+        for name, factor in (("baseline_xvr", 8.0), ("baseline_xvr_64px", 4.0)):
+            config = {**BASELINE, "scales": (factor,)}
+            cases.warm_up(**config)
+            report(name, cases.run(**config))
 
 
 if __name__ == "__main__":

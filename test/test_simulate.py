@@ -96,17 +96,18 @@ def test_mask_marks_collimated_pixels(siddon, poses, kind):
 
 @pytest.mark.parametrize("kind", ["wire", "screw"])
 def test_foreign_object_raises_line_integrals_only_where_drawn(siddon, poses, kind):
-    without = simulate_xray(siddon, poses, DET, seed=5, collimation=None, foreign_object=None, gamma=(0.8, 1.2), photons=None, blur=None)
-    with_obj = simulate_xray(siddon, poses, DET, seed=5, collimation=None, foreign_object=kind, gamma=(0.8, 1.2), photons=None, blur=None)
+    common = dict(seed=5, collimation=None, gamma=(0.8, 1.2), photons=None, blur=None)
+    without = simulate_xray(siddon, poses, DET, foreign_object=None, **common)
+    with_obj = simulate_xray(siddon, poses, DET, foreign_object=kind, **common)
     diff = (with_obj.image - without.image)[:, 0].double()
     assert (diff >= -1e-5).all()
     for b in range(3):
         obj = with_obj.params["foreign_object"][b]
         assert obj["kind"] == kind
         src, tgt = DET.rays(poses[b : b + 1].double())
-        chord = _cylinder_chords(
-            src, tgt, torch.tensor([obj["p0"]]), torch.tensor([obj["p1"]]), torch.tensor([obj["radius"]], dtype=torch.float64)
-        ).reshape(DET.height, DET.width)
+        ends = torch.tensor([obj["p0"], obj["p1"]], dtype=torch.float64)
+        radius = torch.tensor([obj["radius"]], dtype=torch.float64)
+        chord = _cylinder_chords(src, tgt, ends[:1], ends[1:], radius).reshape(DET.height, DET.width)
         drawn = chord > 0
         assert drawn.any(), "the object is placed in the field of view"
         assert drawn.float().mean() < 0.25, "and it is small"
@@ -120,8 +121,9 @@ def test_cylinder_chord_is_exact():
     """Rays across a cylinder along z of radius 2: a ray at distance d from the axis has the chord
     2 sqrt(r^2 - d^2) (0 beyond r); a ray along the axis, the cylinder's length."""
     src = torch.tensor([[-100.0, 0.0, 0.0]], dtype=torch.float64)
-    tgt = torch.tensor([[[100.0, 0.0, 0.0], [100.0, 2.0, 0.0], [100.0, 6.0, 0.0], [100.0, 0.0, 10.0]]], dtype=torch.float64)
-    c0, c1 = torch.tensor([[0.0, 0.0, -5.0]], dtype=torch.float64), torch.tensor([[0.0, 0.0, 5.0]], dtype=torch.float64)
+    tgt = torch.tensor([[[100.0, 0, 0], [100.0, 2, 0], [100.0, 6, 0], [100.0, 0, 10]]], dtype=torch.float64)
+    c0 = torch.tensor([[0.0, 0.0, -5.0]], dtype=torch.float64)
+    c1 = torch.tensor([[0.0, 0.0, 5.0]], dtype=torch.float64)
     chord = _cylinder_chords(src, tgt, c0, c1, torch.tensor([2.0], dtype=torch.float64))[0]
     d = 1.0 / math.sqrt(1 + 1e-4)  # the second ray crosses x = 0 at y = 1 with slope 1/100
     torch.testing.assert_close(chord[:3], torch.tensor([4.0, 2 * math.sqrt(4 - d * d), 0.0], dtype=torch.float64))

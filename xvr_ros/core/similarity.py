@@ -2,8 +2,8 @@
 
 All functions take two batches of images ``(B, C, H, W)`` (the fixed X-ray may have ``B = 1`` and
 is then broadcast) and an optional validity ``mask`` ``(B or 1, 1, H, W)``, bool or float in
-``[0, 1]``, and return a ``(B,)`` similarity: higher is better, 1 for images identical up to an
-affine change of intensity, -1 for a negated image. Channels (label channels) are averaged.
+``[0, 1]``, and return a ``(B,)`` similarity: higher is better, 1 for images identical up to a
+positive affine change of intensity (``a x + b``, ``a > 0``), -1 for a negated image. Channels (label channels) are averaged.
 
 - :func:`ncc`: global normalised cross-correlation.
 - :func:`patch_ncc`: NCC in every ``k x k`` window (stride 1), averaged over the windows.
@@ -25,14 +25,16 @@ value (even NaN or inf) is never read. A window whose valid pixels are fewer tha
 valid (the mask is eroded by the filter radius; image borders count as invalid, so the zero
 padding of a convolution never creates false edges).
 
-Stability: variances get ``eps`` times the image's global variance (plus a tiny absolute floor)
-added, which makes every score exactly invariant to affine intensity changes, keeps flat windows
-(variance ~ 0, e.g. air or a constant image) from dividing by zero, and lets them weigh less.
-Gradients stay finite for constant images.
+Stability: variances get ``eps`` (1e-4) times the image's global variance (plus a 1e-12
+absolute floor) added. That keeps every score invariant to affine intensity changes (eps is
+relative), keeps flat windows (variance ~ 0, e.g. air, or a constant image) from dividing by
+zero and lets them weigh less; gradients stay finite for constant images. Identical images
+score ``1 - O(eps)`` (0.9996-0.9999).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -93,13 +95,38 @@ def _ncc_from(cov, vx, vy, ex, ey):
 # --------------------------------------------------------------------------------------------
 # similarities
 # --------------------------------------------------------------------------------------------
+def _global_ncc(cxy, vx, vy, total, eps):
+    score = _ncc_from(cxy, vx, vy, eps * vx.detach() + _TINY, eps * vy.detach() + _TINY)
+    valid = (total > 0.5).to(score.dtype)  # an item with no valid pixel scores 0
+    return (score * valid).mean(dim=(1, 2, 3))
+
+
+def _patch_ncc(xc, yc, vx, vy, w, patch_size, eps, min_valid):
+    """Window NCC on globally centred images (see :func:`patch_ncc`)."""
+    B, C, H, W = xc.shape
+    k = min(int(patch_size), H, W)
+    # Scale to unit global variance: eps becomes relative, and the window moments below, which
+    # use E[x^2] - E[x]^2, do not cancel catastrophically in float32.
+    xn = xc / (vx.detach() + _TINY).sqrt()
+    yn = yc / (vy.detach() + _TINY).sqrt()
+    xw, yw = xn * w, yn * w
+    stack = torch.cat([w.expand(B, C, H, W), xw, yw, xn * xw, yn * yw, xn * yw], dim=1)  # (B, 6C, H, W)
+    cnt, mx, my, mxx, myy, mxy = F.avg_pool2d(stack, k, stride=1).unflatten(1, (6, C)).unbind(1)
+    okf = (cnt >= min_valid - 1e-6).to(xc.dtype)
+    inv = 1.0 / cnt.clamp_min(1.0 / (k * k))
+    mux, muy = mx * inv, my * inv
+    varx = (mxx * inv - mux * mux).clamp_min(0.0)
+    vary = (myy * inv - muy * muy).clamp_min(0.0)
+    cov = mxy * inv - mux * muy
+    score = _ncc_from(cov, varx, vary, eps, eps)
+    return (score * okf).sum(dim=(1, 2, 3)) / okf.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
 def ncc(x: torch.Tensor, y: torch.Tensor, mask=None, eps: float = EPS) -> torch.Tensor:
     """Global NCC over the valid pixels: (B, C, H, W) x2 -> (B,)."""
     x, y, w = _prepare(x, y, mask)
     _, _, vx, vy, cxy, total = _global_stats(x, y, w)
-    score = _ncc_from(cxy, vx, vy, eps * vx.detach() + _TINY, eps * vy.detach() + _TINY)
-    valid = (total > 0.5).to(score.dtype)  # an item with no valid pixel scores 0
-    return (score * valid).mean(dim=(1, 2, 3))
+    return _global_ncc(cxy, vx, vy, total, eps)
 
 
 def patch_ncc(
@@ -111,68 +138,61 @@ def patch_ncc(
     usable window scores 0. (B, C, H, W) x2 -> (B,)
     """
     x, y, w = _prepare(x, y, mask)
-    B, C, H, W = x.shape
-    k = min(int(patch_size), H, W)
-    # Centre and scale by the global statistics first: the window moments below use
-    # E[x^2] - E[x]^2, which must not cancel catastrophically in float32.
     xc, yc, vx, vy, _, _ = _global_stats(x, y, w)
-    sx, sy = (vx.detach() + _TINY).sqrt(), (vy.detach() + _TINY).sqrt()
-    xn, yn = xc / sx, yc / sy  # unit global variance: eps is now relative
-    wB = w.expand(B, 1, H, W)
-    stack = torch.cat(
-        [wB.expand(B, C, H, W), xn * w, yn * w, xn * xn * w, yn * yn * w, xn * yn * w], dim=1
-    )  # (B, 6C, H, W)
-    m = F.avg_pool2d(stack, k, stride=1).unflatten(1, (6, C))  # window means of weight * ...
-    cnt, mx, my, mxx, myy, mxy = m.unbind(1)
-    ok = cnt >= min_valid - 1e-6
-    n = cnt.clamp_min(1.0 / (k * k))
-    mux, muy = mx / n, my / n
-    varx = (mxx / n - mux * mux).clamp_min(0.0)
-    vary = (myy / n - muy * muy).clamp_min(0.0)
-    cov = mxy / n - mux * muy
-    score = _ncc_from(cov, varx, vary, eps, eps)
-    okf = ok.to(score.dtype)
-    count = okf.sum(dim=(1, 2, 3))
-    return (score * okf).sum(dim=(1, 2, 3)) / count.clamp_min(1.0)
+    return _patch_ncc(xc, yc, vx, vy, w, patch_size, eps, min_valid)
 
 
 def mncc(x: torch.Tensor, y: torch.Tensor, mask=None, patch_size: int = 9, eps: float = EPS) -> torch.Tensor:
     """Multiscale NCC: ``0.5 * ncc + 0.5 * patch_ncc(patch_size)``. (B, C, H, W) x2 -> (B,)"""
-    return 0.5 * ncc(x, y, mask, eps) + 0.5 * patch_ncc(x, y, mask, patch_size, eps)
+    x, y, w = _prepare(x, y, mask)
+    xc, yc, vx, vy, cxy, total = _global_stats(x, y, w)
+    return 0.5 * _global_ncc(cxy, vx, vy, total, eps) + 0.5 * _patch_ncc(xc, yc, vx, vy, w, patch_size, eps, 0.5)
 
 
-def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    return g / g.sum()
+@functools.lru_cache(maxsize=16)
+def _sobel_kernel(sigma: float, dtype, device) -> tuple[torch.Tensor, int]:
+    """(2, 1, k, k) x/y Sobel kernels convolved with a Gaussian of ``sigma`` px, and their radius."""
+    smooth = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    diff = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    if sigma > 0:
+        r = max(1, int(math.ceil(3 * sigma)))
+        t = torch.arange(-r, r + 1, dtype=torch.float64)
+        g = torch.exp(-0.5 * (t / sigma) ** 2)
+        g = (g / g.sum()).view(1, 1, -1)
+        # Gaussian then Sobel = one kernel, their full convolution (conv1d correlates: flip).
+        smooth = F.conv1d(F.pad(g, (2, 2)), smooth.flip(0).view(1, 1, 3)).flatten()
+        diff = F.conv1d(F.pad(g, (2, 2)), diff.flip(0).view(1, 1, 3)).flatten()
+    kx = torch.outer(smooth, diff)  # rows smooth, columns differentiate: d/dx
+    kernel = torch.stack([kx, kx.T]).unsqueeze(1).to(dtype=dtype, device=device)
+    return kernel, (len(smooth) - 1) // 2
 
 
 def sobel(x: torch.Tensor, mask=None, sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sobel gradients of (B, C, H, W) images -> ((B, 2C, H, W) [d/dx..., d/dy...], weight (B|1, 1, H, W)).
 
-    Optionally smoothed by a Gaussian of ``sigma`` pixels first. The returned weight is the mask
-    eroded by the filters' radius (image borders count as invalid), so a gradient is only used
-    where every pixel it reads is valid.
+    Optionally smoothed by a Gaussian of ``sigma`` pixels (folded into the Sobel kernel: one
+    convolution). The returned weight is the mask eroded by the kernel's radius (image borders
+    count as invalid), so a gradient is only used where every pixel it reads is valid.
     """
     B, C, H, W = x.shape
     dtype, device = x.dtype, x.device
     w = torch.ones(1, 1, H, W, dtype=dtype, device=device) if mask is None else mask.to(dtype)
-    radius = 1
-    img = x.reshape(B * C, 1, H, W)
-    if sigma > 0:
-        g = _gaussian_kernel(sigma, dtype, device)
-        r = (len(g) - 1) // 2
-        radius += r
-        img = F.conv2d(F.pad(img, (r, r, 0, 0)), g.view(1, 1, 1, -1))
-        img = F.conv2d(F.pad(img, (0, 0, r, r)), g.view(1, 1, -1, 1))
-    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=dtype, device=device)
-    kernel = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3)
-    grad = F.conv2d(F.pad(img, (1, 1, 1, 1)), kernel).reshape(B, C, 2, H, W).transpose(1, 2).reshape(B, 2 * C, H, W)
+    kernel, radius = _sobel_kernel(float(sigma), dtype, device)
+    grad = F.conv2d(x.reshape(B * C, 1, H, W), kernel, padding=radius)
+    grad = grad.reshape(B, C, 2, H, W).transpose(1, 2).reshape(B, 2 * C, H, W)
     # Erode: valid only if the whole (2 radius + 1)^2 support is valid and inside the image.
     invalid = F.pad(1.0 - (w > 0).to(dtype), (radius,) * 4, value=1.0)
     eroded = 1.0 - F.max_pool2d(invalid, 2 * radius + 1, stride=1)
     return grad, eroded * w
+
+
+def _gradncc(x, y, w, patch_size, sigma, eps):
+    B = x.shape[0]
+    g, wg = sobel(torch.cat([x, y]), w.repeat(2, 1, 1, 1) if w.shape[0] > 1 else w, sigma)
+    gx, gy = g[:B], g[B:]
+    wg = wg[:B] if wg.shape[0] > 1 else wg
+    xc, yc, vx, vy, _, _ = _global_stats(gx, gy, wg)
+    return _patch_ncc(xc, yc, vx, vy, wg, patch_size, eps, 0.5)
 
 
 def gradncc(
@@ -181,16 +201,17 @@ def gradncc(
     """Gradient NCC: :func:`patch_ncc` of the Sobel x/y gradients (after a Gaussian of ``sigma``
     px; 0 = none, xvr's setting). (B, C, H, W) x2 -> (B,)"""
     x, y, w = _prepare(x, y, mask)
-    gx, wx = sobel(x, w, sigma)
-    gy, _ = sobel(y, w, sigma)
-    return patch_ncc(gx, gy, wx, patch_size, eps)
+    return _gradncc(x, y, w, patch_size, sigma, eps)
 
 
 def mncc_gradncc(
     x: torch.Tensor, y: torch.Tensor, mask=None, sigma: float = 1.0, eps: float = EPS
 ) -> torch.Tensor:
     """``0.5 * mncc(9x9) + 0.5 * gradncc(11x11)``, the default. (B, C, H, W) x2 -> (B,)"""
-    return 0.5 * mncc(x, y, mask, 9, eps) + 0.5 * gradncc(x, y, mask, 11, sigma, eps)
+    x, y, w = _prepare(x, y, mask)
+    xc, yc, vx, vy, cxy, total = _global_stats(x, y, w)
+    m = 0.5 * _global_ncc(cxy, vx, vy, total, eps) + 0.5 * _patch_ncc(xc, yc, vx, vy, w, 9, eps, 0.5)
+    return 0.5 * m + 0.5 * _gradncc(x, y, w, 11, sigma, eps)
 
 
 SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {

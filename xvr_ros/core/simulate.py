@@ -138,11 +138,11 @@ def _rng(seed: int, item: int, effect: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(item), _EFFECTS.index(effect)]))
 
 
-def _draw(rng: np.random.Generator, value) -> float:
-    """A number, or uniform in a (lo, hi) range."""
+def _draw(rng: np.random.Generator, value, u: float | None = None) -> float:
+    """A number, or uniform in a (lo, hi) range (using ``u`` in [0, 1) if given)."""
     if isinstance(value, (tuple, list)):
         lo, hi = float(value[0]), float(value[1])
-        return lo + (hi - lo) * float(rng.random())
+        return lo + (hi - lo) * (float(rng.random()) if u is None else u)
     return float(value)
 
 
@@ -185,7 +185,10 @@ def _foreign_object(kind, rng, pose, detector, mu_scale):
         kind = "wire" if rng.random() < 0.5 else "screw"
     if kind not in ("wire", "screw"):
         raise ValueError(f"foreign_object must be None, 'wire', 'screw' or 'random', got {kind!r}")
-    radius, length = (0.5, _draw(rng, (40.0, 80.0))) if kind == "wire" else (_draw(rng, (1.5, 2.5)), _draw(rng, (20.0, 40.0)))
+    if kind == "wire":
+        radius, length = 0.5, _draw(rng, (40.0, 80.0))
+    else:
+        radius, length = _draw(rng, (1.5, 2.5)), _draw(rng, (20.0, 40.0))
     # Centre: on the ray through a random point of the central 60 % of the detector, at the
     # isocenter's distance from the source.
     u, v = (rng.random(2) * 0.6 + 0.2) * np.array([detector.width, detector.height])
@@ -280,7 +283,7 @@ def simulate_xray(
     if isinstance(volume, Renderer):
         renderer = volume
         if renderer.method != "siddon":
-            raise ValueError("simulate_xray renders targets with Siddon; pass a Renderer(method='siddon') or a Volume")
+            raise ValueError("simulate_xray renders with Siddon: pass a Renderer(method='siddon') or a Volume")
     elif isinstance(volume, Volume):
         renderer = Renderer(volume, method="siddon")
     else:
@@ -295,7 +298,8 @@ def simulate_xray(
     mu_scale = float(renderer.volume.data.max())
 
     images, masks = [], []
-    params: dict[str, list] = {k: [] for k in ("foreign_object", "blur", "photons", "gamma", "contrast", "offset", "background", "collimation")}
+    keys = ("foreign_object", "blur", "photons", "gamma", "contrast", "offset", "background", "collimation")
+    params: dict[str, list] = {k: [] for k in keys}
     for b in range(B):
         img = lines[b].clone()
         # The CT's own densest ray sets the scale of the noise model and the intensity chain, so
@@ -307,10 +311,9 @@ def simulate_xray(
         if foreign_object:
             obj = _foreign_object(foreign_object, _rng(seed, b, "object"), pose[b], detector, mu_scale)
             src, tgt = detector.rays(pose[b : b + 1].to(torch.float64))
-            chord = _cylinder_chords(
-                src, tgt, torch.tensor([obj["p0"]], dtype=torch.float64), torch.tensor([obj["p1"]], dtype=torch.float64),
-                torch.tensor([obj["radius"]], dtype=torch.float64),
-            )
+            ends = torch.tensor([obj["p0"], obj["p1"]], dtype=torch.float64)
+            radius = torch.tensor([obj["radius"]], dtype=torch.float64)
+            chord = _cylinder_chords(src, tgt, ends[:1], ends[1:], radius)
             img = img + obj["mu"] * chord.reshape(H, W)
         params["foreign_object"].append(obj)
         # 2. point-spread function
@@ -318,19 +321,26 @@ def simulate_xray(
         img = _gaussian_blur(img, sigma)
         params["blur"].append(sigma)
         # 3. quantum noise
-        n0 = _draw(_rng(seed, b, "noise"), photons) if photons else 0.0
+        rng = _rng(seed, b, "noise")
+        n0 = _draw(rng, photons) if photons else 0.0
         if n0 > 0:
             k = attenuation_range / scale
-            counts = _rng(seed, b, "noise").poisson(n0 * np.exp(-k * img.numpy()))
+            counts = rng.poisson(n0 * np.exp(-k * img.numpy()))
             img = -torch.from_numpy(np.log(np.maximum(counts, 1.0) / n0)) / k
         params["photons"].append(n0)
         # 4. detector / display chain
         rng = _rng(seed, b, "intensity")
-        g, c, o, bg = (_draw(rng, v) if v is not None else d for v, d in ((gamma, 1.0), (contrast, 1.0), (offset, 0.0), (background, 0.0)))
+        u = rng.random(5)  # always drawn, so that fixing one parameter leaves the others as they were
+        g, c, o, bg = (
+            _draw(rng, v, u[i]) if v is not None else d
+            for i, (v, d) in enumerate(((gamma, 1.0), (contrast, 1.0), (offset, 0.0), (background, 0.0)))
+        )
         x = (img.clamp_min(0) / scale) ** g
         if bg:
-            theta = rng.random() * 2 * math.pi
-            yy, xx = torch.meshgrid(torch.linspace(-1, 1, H, dtype=x.dtype), torch.linspace(-1, 1, W, dtype=x.dtype), indexing="ij")
+            theta = u[4] * 2 * math.pi
+            yy, xx = torch.meshgrid(
+                torch.linspace(-1, 1, H, dtype=x.dtype), torch.linspace(-1, 1, W, dtype=x.dtype), indexing="ij"
+            )
             x = x + bg * (math.cos(theta) * xx + math.sin(theta) * yy) / 2
         img = (c * x + o) * scale
         params["gamma"].append(g)
