@@ -15,8 +15,11 @@ test: setup
 demo: setup
 	@$(ENV) xvr-ros demo --out out/demo
 
+# In this order: the registration and replay benchmarks start from the training benchmark's network.
+BENCHES := bench/bench_render.py bench/bench_train.py bench/bench_register.py bench/bench_replay.py
+
 bench: setup
-	@$(ENV) set -e; for f in bench/bench_*.py; do echo "# $$f"; python $$f; done
+	@$(ENV) set -e; for f in $(BENCHES); do echo "# $$f"; python $$f; done
 
 clean:
 	rm -rf build install log out

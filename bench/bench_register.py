@@ -32,8 +32,8 @@ truths (``network_*`` figures). The network is ``bench_train.NETWORK``, written 
 benchmark's accuracy run (``make bench`` runs that first); without one it is trained here with the
 same settings (``--train-budget`` s, default 600). ``--network PATH`` takes any other checkpoint.
 
-Timing: wall time per registration, one at a time, with ``OMP_WAIT_POLICY=PASSIVE`` (set below
-unless the environment sets it; see the comment there), and the CPU time next to it.
+Timing: wall time per registration, one at a time, with ``OMP_WAIT_POLICY=PASSIVE`` (the
+package's default, see ``xvr_ros/__init__.py``), and the CPU time next to it.
 
 Run: ``python bench/bench_register.py [--n 50] [--skip-baseline] [--skip-network] [--network PATH]``.
 """
@@ -42,13 +42,7 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads its OpenMP runtime: threads that finish a parallel region first sleep
-# instead of spinning. On 2 cores shared with other processes, spinning threads take the CPU
-# from the thread everyone waits for. One 128 px iteration (render + similarity + backward),
-# default (active) vs PASSIVE: idle machine 27 vs 32 ms; next to one busy process 87 vs 60 ms;
-# next to another 2-thread torch process (seen while developing) 290 vs 48 ms. Deployments on
-# shared CPUs should export it too.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import xvr_ros  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -159,14 +153,11 @@ class Cases:
 
 
 def network_checkpoint(path: str | None, train_budget: float):
-    """The network to start from: ``path``, else the training benchmark's, trained here if absent."""
+    """The network to start from: ``path``, else the training benchmark's (trained here if absent)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import NETWORK, train_chest_network
+    from bench_train import ensure_network
 
-    if path is None and not NETWORK.exists():
-        print(f"# no {NETWORK}: training it for {train_budget:.0f} s (the training benchmark's accuracy run)", flush=True)
-        train_chest_network(load_volume(*demo_ct_path()), train_budget)
-    path = Path(path) if path else NETWORK
+    path = Path(path) if path else ensure_network(train_budget)
     checkpoint = load_checkpoint(path)
     checkpoint.model.eval()
     print(f"# network: {path} ({checkpoint.itr} steps, held-out mTRE "

@@ -96,3 +96,23 @@ def test_register_plain_image_needs_intrinsics(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8)))
     assert main(["register", "--volume", "ct.nii", "--xray", str(tmp_path / "x.npy"), "--init", "0", "0", "0", "0", "600", "0"]) == 2
     assert "--sdd" in capsys.readouterr().err
+
+
+def test_simulate_bag_then_replay_errors(tmp_path, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    write_phantom(ct)
+    bag = tmp_path / "session"
+    args = ["simulate-bag", "--volume", str(ct), "--out", str(bag), "--frames", "3", "--size", "64", "--storage", "sqlite3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {bag} (sqlite3): 3 frames" in out and "ros2 bag play" in out
+    assert (bag / "metadata.yaml").is_file()
+    assert main(args) == 2  # never overwrites silently
+    err = capsys.readouterr().err
+    assert "exists" in err and "Traceback" not in err
+    # Replay of something that is no bag, and of a bag whose topics are not the nodes': one line each.
+    assert main(["replay", str(tmp_path / "nothing")]) == 2
+    assert "no bag at" in capsys.readouterr().err
+    assert main(["replay", str(bag), "--image-topic", "/camera/image_raw"]) == 2
+    err = capsys.readouterr().err
+    assert "/camera/image_raw (sensor_msgs/msg/Image)" in err and "/xray/image (sensor_msgs/msg/Image, 3)" in err
