@@ -18,6 +18,7 @@ from xvr_ros.core.geometry import Detector
 from xvr_ros.core.xray import (
     Xray,
     XrayError,
+    clipped_mask,
     crop_detector,
     intrinsics_homography,
     positioner_prior,
@@ -345,6 +346,28 @@ def test_read_xray_image_png16_tiff_npy(tmp_path):
         read_xray_image(tmp_path / "rgb.png", sdd=1000.0, pixel_spacing=0.3)
     with pytest.raises(XrayError, match="unsupported"):
         read_xray_image(tmp_path / "x.jpg2", sdd=1000.0, pixel_spacing=0.3)
+
+
+def test_clipped_mask_leaves_out_constant_shutters_and_saturation():
+    rng = np.random.default_rng(0)
+    counts = rng.uniform(1000.0, 40000.0, size=(40, 50))  # a noisy exposure repeats no extreme
+    assert clipped_mask(counts) is None
+    shuttered = counts.copy()
+    shuttered[:, :6] = 50000.0  # a shutter delivered at one (bright) value
+    shuttered[30:, 20:25] = 0.0  # and a dark constant block
+    valid = clipped_mask(shuttered)
+    assert not valid[:, :6].any() and not valid[30:, 20:25].any()
+    assert valid[:30, 6:].all() and valid[:, 25:].all()
+    assert clipped_mask(shuttered, min_fraction=0.2) is None, "rarer extremes are kept"
+
+    x = read_xray_image(shuttered, sdd=1000.0, pixel_spacing=1.0, mask_clipped=True)
+    assert torch.equal(x.valid_mask[0, 0], torch.from_numpy(valid))
+    assert x.metadata["intensity"]["i0"] == 50000.0, "I0 is taken before the clipped pixels are left out"
+    assert x.metadata["intensity"]["clipped_fraction"] == pytest.approx(1 - valid.mean())
+    plain = read_xray_image(shuttered, sdd=1000.0, pixel_spacing=1.0)
+    assert plain.valid_mask is None and torch.equal(plain.image, x.image), "only the mask changes"
+    with pytest.raises(XrayError, match="clipped"):
+        read_xray_image(np.full((8, 8), 7.0), sdd=1000.0, pixel_spacing=1.0, mask_clipped=True)
 
 
 def test_display_helpers_still_work(tmp_path):

@@ -195,6 +195,20 @@ def _robust_max(values: np.ndarray, mask: np.ndarray | None) -> float:
     return float(np.percentile(sel, I0_PERCENTILE)) if sel.size else float("nan")
 
 
+def clipped_mask(values: np.ndarray, min_fraction: float = 0.005) -> np.ndarray | None:
+    """(H, W) bool, False where a pixel sits at the image's minimum or maximum value and that
+    exact value covers at least ``min_fraction`` of the image: saturated pixels, and shutters or
+    collimated areas that the imaging chain delivers as one constant value. Such pixels say
+    nothing about the anatomy. None when no value qualifies (a noisy image rarely repeats an
+    extreme)."""
+    valid = np.ones(values.shape, dtype=bool)
+    for extreme in (values.min(), values.max()):
+        at = values == extreme
+        if at.mean() >= min_fraction:
+            valid &= ~at
+    return None if valid.all() else valid
+
+
 def _log_transform(intensity: np.ndarray, i0: float, path) -> tuple[np.ndarray, dict]:
     """Intensity -> line integrals -log(clip(I / I0, r_min, 1))."""
     if not (math.isfinite(i0) and i0 > 0):
@@ -612,6 +626,7 @@ def read_xray_image(
     reverse_x_axis: bool = True,
     orientation: str | None = "AP",
     valid_mask: np.ndarray | torch.Tensor | None = None,
+    mask_clipped: bool = False,
 ) -> Xray:
     """Read a PNG/TIFF (8/16-bit or float) / .npy image, or take an array, with explicit intrinsics.
 
@@ -619,6 +634,8 @@ def read_xray_image(
     ``-log(clip(I / I0, r_min, 1))`` with ``I0 = i0`` or the 99.9th percentile of the valid pixels;
     "linear" -- values already are line integrals (higher = more attenuation), kept as they are.
     pixel_spacing: mm at the detector, scalar or (row, column). x0, y0: principal point offset, mm.
+    mask_clipped: also exclude pixels at a clipped extreme value (:func:`clipped_mask`) from
+    ``valid_mask`` (the image keeps them; only the similarity ignores them).
     """
     name = "<array>" if isinstance(source, (np.ndarray, torch.Tensor)) else str(source)
     if intensity not in ("log", "linear"):
@@ -651,6 +668,14 @@ def read_xray_image(
         L, info = _log_transform(values, ref, name)
     else:
         L, info = values, {}
+    if mask_clipped:
+        # After I0: a saturated level is the best estimate of the unattenuated intensity.
+        clipped = clipped_mask(values)
+        if clipped is not None:
+            info["clipped_fraction"] = float(1.0 - clipped.mean())
+            mask = clipped if mask is None else mask & clipped
+            if not mask.any():
+                raise XrayError(f"{name}: every pixel is at a clipped value: nothing to register")
     detector = crop_detector(
         Detector(sdd_mm, height, width, delx, dely, x0, y0, reverse_x_axis=reverse_x_axis, orientation=orientation),
         c, c, c, c,

