@@ -55,6 +55,14 @@ def test_counts_and_encodings():
     counts = to_counts(L)
     assert counts[0, 0] == pytest.approx(I0) and counts[1, 1] == pytest.approx(I0 * np.exp(-2.5))
     assert np.all(np.diff(counts.ravel()) < 0)  # denser rays transmit less
+    # Exposure over the valid pixels only; collimated ones come out at exactly I0 (a constant shutter).
+    shifted = torch.tensor([[-3.0, -1.0], [0.0, 9.0]])  # the simulator's offset makes values negative
+    valid = torch.tensor([[True, True], [True, False]])
+    c = to_counts(shifted, valid)
+    assert c[0, 0] == pytest.approx(I0) and c[1, 0] == pytest.approx(I0 * np.exp(-2.5)) and c[1, 1] == I0
+    assert I0 * np.exp(-2.5) < c[0, 1] < I0
+    with pytest.raises(ValueError, match="no valid pixel"):
+        to_counts(shifted, torch.zeros(2, 2, dtype=torch.bool))
     m16 = encode_counts(counts, "mono16")
     assert m16.dtype == np.uint16 and int(m16[0, 0]) == round(I0)
     m8 = encode_counts(counts, "mono8")

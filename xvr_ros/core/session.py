@@ -125,12 +125,23 @@ def plan_session(n: int, size: int = 256, fps: float = 2.0, seed: int = 0, zoom:
     return frames
 
 
-def to_counts(lines: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(H, W) simulated line integrals -> detector counts ``I0 exp(-L)`` (float64), with ``L``
-    scaled so that the densest ray is attenuated by 2.5 nepers (a well-exposed image)."""
-    L = torch.as_tensor(lines).double().clamp_min(0.0).numpy()
-    L = _MAX_ATTENUATION * L / max(float(L.max()), 1e-9)
-    return I0 * np.exp(-L)
+def to_counts(lines: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """(H, W) simulated image -> detector counts ``I0 exp(-L)`` (float64).
+
+    ``L`` is the image rescaled over its ``valid`` pixels (default: all) so that the least
+    attenuated one is unattenuated and the densest is attenuated by 2.5 nepers (a well-exposed
+    image; the simulator's contrast/offset are not physical units). Pixels outside ``valid``
+    (collimated) come out at exactly ``I0``: a shutter area delivered as one constant value, as
+    fluoroscopy image chains do.
+    """
+    L = torch.as_tensor(lines).double()
+    keep = torch.ones_like(L, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(L.shape).bool()
+    if not bool(keep.any()):
+        raise ValueError("no valid pixel to expose")
+    lo, hi = float(L[keep].min()), float(L[keep].max())
+    L = _MAX_ATTENUATION * (L - lo) / max(hi - lo, 1e-9)
+    L = torch.where(keep, L, torch.zeros_like(L)).clamp_min(0.0)
+    return I0 * np.exp(-L.numpy())
 
 
 def render_session(
@@ -146,8 +157,7 @@ def render_session(
     for fr in frames:
         sim = simulate_xray(renderer, fr.pose[None].to(renderer.dtype), fr.detector, seed=seed * 1000 + fr.index,
                             collimation="random", foreign_object="random")
-        # Collimated pixels are 0 in the simulator (no attenuation): they come out at I0.
-        fr.intensity = to_counts(sim.image[0, 0])
+        fr.intensity = to_counts(sim.image[0, 0], sim.valid_mask[0, 0])
     return frames
 
 
