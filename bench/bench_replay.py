@@ -16,7 +16,8 @@ faults), written to ``out/bench/replay_session``; the nodes as ``config/intraop.
 them (refiner budget 10 s), with the training benchmark's chest network (``bench_train.NETWORK``,
 trained here first if absent). Per-frame tables go to ``out/bench/replay_<mode>/report.json``.
 
-Run: ``python bench/bench_replay.py [--frames 100] [--skip-rate]`` (with tools/env.sh).
+Run: ``python bench/bench_replay.py [--frames 100] [--skip-rate] [--skip-afap] [--scales 16 8 4 2 1 --tag _full]``
+(with tools/env.sh).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--skip-rate", action="store_true", help="only the as-fast-as-possible replay")
     ap.add_argument("--skip-afap", action="store_true", help="only the recorded-rate replay")
+    ap.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="refiner scales (coarsest first) instead of the config's automatic choice")
+    ap.add_argument("--tag", default="", help="suffix of the BENCH names and output directories")
     a = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -78,8 +82,11 @@ def main(argv=None) -> int:
     bench("replay_bag_frames", bag.frames, "frames")
     bench("replay_bag_duration", bag.duration_s, "s")
     modes = [m for m, skip in (("rate1", a.skip_rate), ("afap", a.skip_afap)) if not skip]
+    overrides = {"refiner": {"scales": list(a.scales)}} if a.scales else None
     for mode in modes:
-        r = replay(bag.path, out=OUT / f"replay_{mode}", model=network, fast=mode == "afap", echo=lambda *x: None)
+        mode += a.tag
+        r = replay(bag.path, out=OUT / f"replay_{mode}", model=network, fast=mode.startswith("afap"),
+                   node_overrides=overrides, echo=lambda *x: None)
         for line in format_summary(r.summary):
             print(f"# {mode}: {line}", flush=True)
         report(mode, r)

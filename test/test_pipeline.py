@@ -9,7 +9,7 @@ import pytest
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CameraInfo, Image
 
-from xvr_ros.ros.pipeline import LatestWorker, StampPairer
+from xvr_ros.ros.pipeline import LatestWorker, StampPairer, number_list
 
 
 def stamped(cls, sec: int, nanosec: int = 0):
@@ -94,3 +94,35 @@ def test_latest_worker_keeps_only_the_newest_and_survives_errors():
         assert done[-1] == "after", "the thread must keep going after an exception"
     finally:
         worker.stop()
+
+
+def test_number_list():
+    assert number_list("scales", [16, 8.0, 1], float) == [16.0, 8.0, 1.0]
+    assert number_list("labels", [1, 2.0], int) == [1, 2]
+    assert number_list("labels", [], int) == []
+    for bad, kind in (([1.5], int), (["a"], float), ([True], int), ("16 8", float)):
+        with pytest.raises(ValueError, match="must be a list of"):
+            number_list("x", bad, kind)
+
+
+def test_refiner_takes_array_parameters_from_a_parameters_file():
+    """rclpy types an empty-list default as a byte array; a YAML list of numbers must still be accepted."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.ros.refiner import Refiner
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = Refiner(context=context, parameter_overrides=[Parameter("scales", value=[16.0, 8.0, 4.0, 2.0, 1.0]),
+                                                             Parameter("labels", value=[1, 2])])
+        assert node._scales == (16.0, 8.0, 4.0, 2.0, 1.0) and node._labels == [1, 2]
+        node.destroy_node()
+        default = Refiner(context=context)
+        assert default._scales == () and default._labels == []
+        default.destroy_node()
+        with pytest.raises(ValueError, match="scales must be a list of numbers"):
+            Refiner(context=context, parameter_overrides=[Parameter("scales", value=["fine"])])
+    finally:
+        rclpy.try_shutdown(context=context)

@@ -9,6 +9,7 @@ torch implementations, so the package still works, only slower.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -35,7 +36,10 @@ def load(name: str):
     from torch.utils import cpp_extension
 
     src = _CSRC / f"{name}.cpp"
-    out = build_dir() / name
+    # Keyed by the source's content: checkouts at other paths or revisions share a build when
+    # the kernel is the same and never rebuild each other's.
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    out = build_dir() / f"{name}-{digest}"
     out.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(

@@ -28,7 +28,7 @@ from xvr_ros.msg import ModelInfo
 from xvr_ros.ros import convert
 from xvr_ros.ros.diagnostics import Diagnostics
 
-__all__ = ["IMAGE_NODE_PARAMETERS", "ImageNode", "check_image_parameters", "LatestWorker", "Pending", "StampPairer", "declare_parameters", "file_key", "model_info_qos"]
+__all__ = ["IMAGE_NODE_PARAMETERS", "ImageNode", "check_image_parameters", "number_list", "LatestWorker", "Pending", "StampPairer", "declare_parameters", "file_key", "model_info_qos"]
 
 
 #: Parameters every image node declares: name -> (default, description with units).
@@ -58,16 +58,27 @@ def model_info_qos() -> QoSProfile:
 
 
 def declare_parameters(node: Node, table: dict[str, tuple]) -> dict[str, Any]:
-    """Declare ``{name: (default, description[, ParameterType])}`` as read-only parameters (the
-    type is needed for an empty-list default); return their values."""
+    """Declare ``{name: (default, description[, ParameterType])}`` as read-only parameters; return
+    their values. A third element marks an array whose default is empty: rclpy types ``[]`` as a
+    byte array and would refuse a list of numbers from a parameters file, so such a parameter is
+    declared with dynamic typing and the node checks its elements (:func:`number_list`)."""
     values = {}
     for name, (default, description, *kind) in table.items():
-        descriptor = ParameterDescriptor(description=description, read_only=True)
-        if kind:
-            descriptor.type = kind[0]
+        descriptor = ParameterDescriptor(description=description, read_only=True, dynamic_typing=bool(kind))
         node.declare_parameter(name, default, descriptor)
         values[name] = node.get_parameter(name).value
     return values
+
+
+def number_list(name: str, value, kind: type) -> list:
+    """A dynamically typed array parameter as a list of ``kind`` (int or float); ValueError otherwise."""
+    items = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "tolist") else None
+    ok = items is not None and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()) for v in items
+    )
+    if not ok:
+        raise ValueError(f"parameter {name} must be a list of {'integers' if kind is int else 'numbers'}, got {value!r}")
+    return [kind(v) for v in items]
 
 
 def file_key(path: str) -> tuple | None:

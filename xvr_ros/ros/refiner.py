@@ -43,7 +43,15 @@ from xvr_ros.core.volume import load_volume
 from xvr_ros.core.xray import Xray, to_uint8
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
-from xvr_ros.ros.pipeline import IMAGE_NODE_PARAMETERS, ImageNode, check_image_parameters, Pending, declare_parameters, file_key
+from xvr_ros.ros.pipeline import (
+    IMAGE_NODE_PARAMETERS,
+    ImageNode,
+    Pending,
+    check_image_parameters,
+    declare_parameters,
+    file_key,
+    number_list,
+)
 
 __all__ = ["PARAMETERS", "Refiner", "main", "overlay_image", "tf_qos"]
 
@@ -120,8 +128,8 @@ class Refiner(ImageNode):
         check_image_parameters(p)
         if not p["time_budget"] >= 0:
             raise ValueError(f"parameter time_budget must be >= 0 s, got {p['time_budget']}")
-        self._scales = tuple(float(s) for s in p["scales"])
-        self._labels = [int(v) for v in p["labels"]]
+        self._scales = tuple(number_list("scales", p["scales"], float))
+        self._labels = number_list("labels", p["labels"], int)
         if self._scales and (min(self._scales) < 1 or any(b >= a for a, b in zip(self._scales, self._scales[1:]))):
             raise ValueError(f"parameter scales must be >= 1 and strictly decreasing, got {list(p['scales'])}")
         self._volume: _Volume | None = None
