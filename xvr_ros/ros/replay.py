@@ -100,6 +100,11 @@ def _stats(values) -> dict:
             "q75": _pct(values, 75), "p95": _pct(values, 95)}
 
 
+def _level(level) -> int:
+    """DiagnosticStatus level (rclpy gives a one-byte ``bytes``) as an int."""
+    return level[0] if isinstance(level, bytes) else int(level)
+
+
 class _Diagnostics:
     """Per-stamp outcomes the nodes report on /diagnostics (``stamp`` value of a status)."""
 
@@ -112,13 +117,10 @@ class _Diagnostics:
         new = self.client.diagnostics_since(self.mark)
         self.mark += len(new)
         for s in new:
-            values = {kv.key: kv.value for kv in s.values}
-            stamp = values.get("stamp")
-            if stamp is None or s.level == DiagnosticStatus.OK:
+            stamp = next((kv.value for kv in s.values if kv.key == "stamp"), None)
+            if stamp is None or _level(s.level) == _level(DiagnosticStatus.OK):
                 continue
-            node = s.name.rsplit("/", 1)[-1]
-            self.by_stamp.setdefault(stamp, []).append((node, int.from_bytes(s.level, "little") if isinstance(s.level, bytes)
-                                                        else int(s.level), s.message))
+            self.by_stamp.setdefault(stamp, []).append((s.name.rsplit("/", 1)[-1], _level(s.level), s.message))
 
 
 def _resolve(p: _Pending, client, diags: _Diagnostics) -> bool:
@@ -145,9 +147,8 @@ def _resolve(p: _Pending, client, diags: _Diagnostics) -> bool:
             r.message = m.status
         p.done = True
         return True
-    error = DiagnosticStatus.ERROR[0] if isinstance(DiagnosticStatus.ERROR, bytes) else int(DiagnosticStatus.ERROR)
     for node, level, message in diags.by_stamp.get(r.stamp, []):
-        if level >= error:
+        if level >= _level(DiagnosticStatus.ERROR):
             r.status, r.message = "error", f"{node}: {message}"
             p.done = True
             return True
@@ -198,6 +199,8 @@ def _score(frames: list[_Pending], truth: dict, client, points, sdd_mm: float) -
 
 def summarize(frames: list[FrameReport], wall_s: float) -> dict:
     """The report's summary: counts, error and latency statistics, SMSR, throughput."""
+    import torch
+
     from xvr_ros.core.metrics import smsr
 
     count = {s: sum(1 for f in frames if f.status == s) for s in ("registered", "dropped", "error", "lost")}
@@ -210,7 +213,7 @@ def summarize(frames: list[FrameReport], wall_s: float) -> dict:
         "registered_per_s": count["registered"] / wall_s if wall_s > 0 else None,
         "init_mtre_mm": _stats([f.init_mtre for f in frames]),
         "ref_mtre_mm": _stats(ref),
-        "smsr_percent": smsr(__import__("torch").tensor(ref)) if ref else None,
+        "smsr_percent": smsr(torch.tensor(ref)) if ref else None,
         "ref_rot_deg": _stats([f.ref_rot for f in frames]),
         "ref_trans_mm": _stats([f.ref_trans for f in frames]),
         "latency_pose_ms": _stats([f.lat_pose for f in frames]),
