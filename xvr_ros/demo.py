@@ -26,7 +26,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MODEL_NAME = "chest_demo"
@@ -52,15 +51,6 @@ def simulate_frames(volume, n: int, size: int, device: str = "cpu", seed: int = 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-def _pct(values, q):
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    return float(np.percentile(v, q)) if v else float("nan")
-
-
-def _f(x, fmt="{:.1f}", missing="--"):
-    return missing if x is None or not math.isfinite(x) else fmt.format(x)
-
-
 def _mm(x):  # metres from an interface -> mm for printing, through the one conversion
     from xvr_ros.ros.convert import m_to_mm
 
@@ -101,6 +91,7 @@ def run_demo(
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import running
     from xvr_ros.ros.client import PipelineClient, isolated_ros_default, overlay_rgb
+    from xvr_ros.ros.replay import number, percentile
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -224,10 +215,10 @@ def run_demo(
                     save_png(overlays / f"frame_{fr.index:02d}.png", overlay_rgb(ov[1]))
                 rows.append(row)
                 lost = "" if tf_hit else ("  (no TF)" if pose_hit else "  (no initial pose)")
-                echo(f"{fr.index:>5}  {row['tag']:<24} {_f(row['init']):>9} {_f(row['ref'], '{:.2f}'):>9} "
-                      f"{_f(row['sim0'], '{:.3f}'):>8} {_f(row['sim'], '{:.3f}'):>8} {_f(row['iters'], '{:d}'):>5} "
-                      f"{_f(row['lat_pose'], '{:.0f}'):>9} {_f(row['lat_tf'], '{:.0f}'):>8} "
-                      f"{_f(row['dropped'], '{:d}'):>7}{lost}")
+                echo(f"{fr.index:>5}  {row['tag']:<24} {number(row['init']):>9} {number(row['ref'], '{:.2f}'):>9} "
+                      f"{number(row['sim0'], '{:.3f}'):>8} {number(row['sim'], '{:.3f}'):>8} {number(row['iters'], '{:d}'):>5} "
+                      f"{number(row['lat_pose'], '{:.0f}'):>9} {number(row['lat_tf'], '{:.0f}'):>8} "
+                      f"{number(row['dropped'], '{:d}'):>7}{lost}")
     finally:
         if client is not None:
             client.close()
@@ -239,26 +230,26 @@ def run_demo(
     n_tf = len(ref)
     echo()
     echo(f"summary: {n_tf}/{len(rows)} frames registered (TF received)")
-    echo(f"  mTRE initial (network): median {_f(_pct(init, 50))} mm, IQR {_f(_pct(init, 25))}-{_f(_pct(init, 75))} mm")
-    echo(f"  mTRE refined:           median {_f(_pct(ref, 50), '{:.2f}')} mm, IQR {_f(_pct(ref, 25), '{:.2f}')}-"
-          f"{_f(_pct(ref, 75), '{:.2f}')} mm; SMSR (< 1 mm) "
+    echo(f"  mTRE initial (network): median {number(percentile(init, 50))} mm, IQR {number(percentile(init, 25))}-{number(percentile(init, 75))} mm")
+    echo(f"  mTRE refined:           median {number(percentile(ref, 50), '{:.2f}')} mm, IQR {number(percentile(ref, 25), '{:.2f}')}-"
+          f"{number(percentile(ref, 75), '{:.2f}')} mm; SMSR (< 1 mm) "
           f"{smsr(torch.tensor(ref)) if ref else 0.0:.0f} % of registered frames")
     for tag in dict.fromkeys(r["tag"] for r in rows):
         sel = [r for r in rows if r["tag"] == tag]
         si = [r["init"] for r in sel if r["init"] is not None]
         sr = [r["ref"] for r in sel if r["ref"] is not None]
-        echo(f"  by intrinsics: {tag:<24} {len(sel):>2} frames, mTRE median initial {_f(_pct(si, 50))} mm "
-             f"-> refined {_f(_pct(sr, 50), '{:.2f}')} mm, {sum(1 for x in sr if x < 1.0)} below 1 mm")
+        echo(f"  by intrinsics: {tag:<24} {len(sel):>2} frames, mTRE median initial {number(percentile(si, 50))} mm "
+             f"-> refined {number(percentile(sr, 50), '{:.2f}')} mm, {sum(1 for x in sr if x < 1.0)} below 1 mm")
     lat_p = [r["lat_pose"] for r in rows]
     lat_t = [r["lat_tf"] for r in rows]
-    echo(f"  latency image -> initial pose: p50 {_f(_pct(lat_p, 50), '{:.0f}')} ms, p95 {_f(_pct(lat_p, 95), '{:.0f}')} ms; "
-          f"image -> TF: p50 {_f(_pct(lat_t, 50), '{:.0f}')} ms, p95 {_f(_pct(lat_t, 95), '{:.0f}')} ms")
+    echo(f"  latency image -> initial pose: p50 {number(percentile(lat_p, 50), '{:.0f}')} ms, p95 {number(percentile(lat_p, 95), '{:.0f}')} ms; "
+          f"image -> TF: p50 {number(percentile(lat_t, 50), '{:.0f}')} ms, p95 {number(percentile(lat_t, 95), '{:.0f}')} ms")
     n_sub = sum(1 for x in ref if x < 1.0)
     n_far = sum(1 for x in ref if x >= 10.0)
     # The intrinsics where the network's initial poses were worst (named in the verdict).
     def _median_init(tag):
-        m = _pct([r["init"] for r in rows if r["tag"] == tag], 50)
-        return m if math.isfinite(m) else -math.inf
+        m = percentile([r["init"] for r in rows if r["tag"] == tag], 50)
+        return m if m is not None else -math.inf
 
     worst = max(dict.fromkeys(r["tag"] for r in rows), key=_median_init)
     if not ref:

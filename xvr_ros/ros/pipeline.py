@@ -290,7 +290,7 @@ class ImageNode(Node):
         self.diagnostics.warn(
             f"image {convert.stamp_to_str(replaced.key)} dropped: image {convert.stamp_to_str(complete.key)} "
             f"is newer and {self._work} is running (only the newest input is kept)",
-            stamp=convert.stamp_to_str(replaced.key), dropped_total=total,
+            stamp=convert.stamp_to_str(replaced.key), outcome="superseded", dropped_total=total,
         )
 
     def _on_worker_error(self, job, exc: BaseException) -> None:

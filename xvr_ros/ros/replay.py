@@ -90,14 +90,15 @@ def _abs(topic: str) -> str:
     return "/" + topic.lstrip("/")
 
 
-def _pct(values, q) -> float | None:
+def percentile(values, q) -> float | None:
+    """The ``q``-th percentile of the finite values (None entries skipped); None if there are none."""
     v = [x for x in values if x is not None and math.isfinite(x)]
     return float(np.percentile(v, q)) if v else None
 
 
 def _stats(values) -> dict:
-    return {"n": sum(1 for x in values if x is not None), "median": _pct(values, 50), "q25": _pct(values, 25),
-            "q75": _pct(values, 75), "p95": _pct(values, 95)}
+    return {"n": sum(1 for x in values if x is not None), "median": percentile(values, 50),
+            "q25": percentile(values, 25), "q75": percentile(values, 75), "p95": percentile(values, 95)}
 
 
 def _level(level) -> int:
@@ -117,10 +118,12 @@ class _Diagnostics:
         new = self.client.diagnostics_since(self.mark)
         self.mark += len(new)
         for s in new:
-            stamp = next((kv.value for kv in s.values if kv.key == "stamp"), None)
+            values = {kv.key: kv.value for kv in s.values}
+            stamp = values.get("stamp")
             if stamp is None or _level(s.level) == _level(DiagnosticStatus.OK):
                 continue
-            self.by_stamp.setdefault(stamp, []).append((s.name.rsplit("/", 1)[-1], _level(s.level), s.message))
+            self.by_stamp.setdefault(stamp, []).append(
+                (s.name.rsplit("/", 1)[-1], _level(s.level), values.get("outcome", ""), s.message))
 
 
 def _resolve(p: _Pending, client, diags: _Diagnostics) -> bool:
@@ -147,12 +150,12 @@ def _resolve(p: _Pending, client, diags: _Diagnostics) -> bool:
             r.message = m.status
         p.done = True
         return True
-    for node, level, message in diags.by_stamp.get(r.stamp, []):
+    for node, level, outcome, message in diags.by_stamp.get(r.stamp, []):
         if level >= _level(DiagnosticStatus.ERROR):
             r.status, r.message = "error", f"{node}: {message}"
             p.done = True
             return True
-        if "dropped" in message:
+        if outcome == "superseded":
             r.status, r.message = "dropped", f"{node}: {message}"
             p.done = True
             return True
@@ -221,7 +224,8 @@ def summarize(frames: list[FrameReport], wall_s: float) -> dict:
     }
 
 
-def _f(x, fmt="{:.1f}") -> str:
+def number(x, fmt="{:.1f}") -> str:
+    """``fmt.format(x)``, or ``--`` for a missing or non-finite value (report tables)."""
     return "--" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
@@ -231,24 +235,24 @@ def format_table(frames: list[FrameReport]) -> list[str]:
     lines = [head, "-" * len(head)]
     for f in frames:
         note = f.message if f.status != "registered" else ""
-        lines.append(f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {_f(f.init_mtre):>8} "
-                     f"{_f(f.ref_mtre, '{:.2f}'):>8} {_f(f.ref_rot, '{:.2f}'):>7} {_f(f.ref_trans, '{:.2f}'):>8} "
-                     f"{_f(f.lat_pose, '{:.0f}'):>8} {_f(f.lat_tf, '{:.0f}'):>7}  {note[:90]}")
+        lines.append(f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {number(f.init_mtre):>8} "
+                     f"{number(f.ref_mtre, '{:.2f}'):>8} {number(f.ref_rot, '{:.2f}'):>7} {number(f.ref_trans, '{:.2f}'):>8} "
+                     f"{number(f.lat_pose, '{:.0f}'):>8} {number(f.lat_tf, '{:.0f}'):>7}  {note[:90]}")
     return lines
 
 
 def format_summary(s: dict) -> list[str]:
     def st(d, fmt="{:.2f}"):
-        return (f"median {_f(d['median'], fmt)} (IQR {_f(d['q25'], fmt)}-{_f(d['q75'], fmt)}, p95 {_f(d['p95'], fmt)}), "
+        return (f"median {number(d['median'], fmt)} (IQR {number(d['q25'], fmt)}-{number(d['q75'], fmt)}, p95 {number(d['p95'], fmt)}), "
                 f"n={d['n']}")
     return [
         f"frames {s['frames']}: registered {s['registered']}, dropped {s['dropped']} (a newer frame arrived), "
         f"errors {s['error']}, lost {s['lost']}; {s['scored']} scored against ground truth",
         f"  mTRE initial (network): {st(s['init_mtre_mm'], '{:.1f}')} mm",
-        f"  mTRE refined:           {st(s['ref_mtre_mm'])} mm; SMSR (< 1 mm) {_f(s['smsr_percent'], '{:.0f}')} %",
+        f"  mTRE refined:           {st(s['ref_mtre_mm'])} mm; SMSR (< 1 mm) {number(s['smsr_percent'], '{:.0f}')} %",
         f"  rotation error {st(s['ref_rot_deg'])} deg; translation error {st(s['ref_trans_mm'])} mm",
         f"  latency image -> pose {st(s['latency_pose_ms'], '{:.0f}')} ms; image -> TF {st(s['latency_tf_ms'], '{:.0f}')} ms",
-        f"  {_f(s['registered_per_s'], '{:.2f}')} registered frames/s over {s['wall_time_s']:.1f} s",
+        f"  {number(s['registered_per_s'], '{:.2f}')} registered frames/s over {s['wall_time_s']:.1f} s",
     ]
 
 

@@ -20,7 +20,6 @@ unsupported encoding (``yuv422``) and an extra topic the nodes do not know (``/c
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +47,6 @@ class SimulatedBag:
 def encoding_of(index: int) -> str:
     """The encoding of frame ``index``: mono16, except every tenth from the fifth."""
     return OTHER_ENCODINGS[(index // 10) % len(OTHER_ENCODINGS)] if index % 10 == 4 else "mono16"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fault_frames(n: int) -> dict[int, str]:
@@ -106,7 +97,7 @@ def simulate_bag(
     encodings: dict[str, int] = {}
     with BagWriter(out, storage, overwrite=overwrite) as bag:
         bag.set_custom_data("xvr_ros.volume", str(volume_path))
-        bag.set_custom_data("xvr_ros.volume_sha256", _sha256(volume_path))
+        bag.set_custom_data("xvr_ros.volume_sha256", volume.sha256)
         bag.set_custom_data("xvr_ros.volume_frame", volume_frame)
         bag.set_custom_data("xvr_ros.session", json.dumps(dict(frames=frames, fps=fps, size=size, seed=seed, labels=labels,
                                                                faults=faults, labelmap=str(labelmap or ""))))
