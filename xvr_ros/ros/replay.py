@@ -323,8 +323,10 @@ def replay(
     """
     import rclpy
 
+    from xvr_ros.core.files import atomic_path
     from xvr_ros.core.train import body_points
     from xvr_ros.core.volume import load_volume
+    from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import ConfigError, plan, running
     from xvr_ros.ros.client import INPUT_TOPICS, PipelineClient, isolated_ros_default, topics_of
 
@@ -413,8 +415,6 @@ def replay(
             t0_bag = info.start_ns
             t0 = time.perf_counter()
             last_echo = t0
-            from xvr_ros.ros import convert
-
             for m in read_messages(bag, [t for t in (img_t, info_t, gt_t) if t]):
                 if m.topic == gt_t:
                     if m.msg is not None:
@@ -471,8 +471,6 @@ def replay(
     report.frames = [p.report for p in frames]
     report.summary = summarize(report.frames, wall)
     out.mkdir(parents=True, exist_ok=True)
-    from xvr_ros.core.files import atomic_path
-
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(asdict(report), indent=1))
     plot(report.frames, out / "report.png", f"{bag.name}: {mode}")
