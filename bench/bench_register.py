@@ -40,11 +40,8 @@ Run: ``python bench/bench_register.py [--n 50] [--skip-baseline] [--skip-network
 
 from __future__ import annotations
 
-import os
-
-import xvr_ros  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
-
 import argparse  # noqa: E402
+import os
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,14 +49,20 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from xvr_ros.core.checkpoint import load_checkpoint  # noqa: E402
+import xvr_ros  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
 from xvr_ros.core.geometry import Detector  # noqa: E402
+from xvr_ros.core.io.volume import demo_ct_path, load_volume  # noqa: E402
 from xvr_ros.core.metrics import mtre, smsr  # noqa: E402
-from xvr_ros.core.refine import auto_scales, refine  # noqa: E402
-from xvr_ros.core.registration import predict_initial_pose  # noqa: E402
-from xvr_ros.core.render import Renderer  # noqa: E402
-from xvr_ros.core.simulate import CHEST_RANGES, perturb_poses, random_carm_poses, simulate_xray  # noqa: E402
-from xvr_ros.core.volume import demo_ct_path, load_volume  # noqa: E402
+from xvr_ros.core.model.checkpoint import load_checkpoint  # noqa: E402
+from xvr_ros.core.register.refine import auto_scales, refine  # noqa: E402
+from xvr_ros.core.register.registration import predict_initial_pose  # noqa: E402
+from xvr_ros.core.render.renderer import Renderer  # noqa: E402
+from xvr_ros.core.sim.simulate import (  # noqa: E402
+    CHEST_RANGES,
+    perturb_poses,
+    random_carm_poses,
+    simulate_xray,
+)
 
 DETECTOR = Detector(sdd=1020.0, height=256, width=256, delx=1.0, dely=1.0)
 N_FIDUCIALS = 100

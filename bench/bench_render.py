@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from xvr_ros.core.geometry import Detector, carm_pose
-from xvr_ros.core.render import Renderer, relative_rms_error
-from xvr_ros.core.volume import demo_ct_path, load_volume
+from xvr_ros.core.io.volume import demo_ct_path, load_volume
+from xvr_ros.core.render.renderer import Renderer, relative_rms_error
 
 BATCH = 8
 DETECTORS = {128: Detector(1020.0, 128, 128, 2.0, 2.0), 256: Detector(1020.0, 256, 256, 1.0, 1.0)}
@@ -66,7 +66,7 @@ def forward_backward(renderer, angles, xyz, det):
 
 def diffdrr_parity(volume_path: Path, mask_path: Path) -> None:
     """Agreement with the diffdrr 0.6.1 reference renders in shared/fixtures (same poses, same HU mapping)."""
-    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.io.volume import load_volume
 
     fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
     if not fixtures.exists():
@@ -84,7 +84,11 @@ def diffdrr_parity(volume_path: Path, mask_path: Path) -> None:
             img = Renderer(volume, method="siddon").render_rays(src, through).reshape(ref.shape)
             fast = Renderer(volume)(T, det)
         bench(f"diffdrr_parity_siddon_rel_rms_err_{size}", 100 * relative_rms_error(img, ref).max().item(), "%max")
-        bench(f"diffdrr_parity_trilinear_rel_rms_err_{size}", 100 * relative_rms_error(fast, ref).median().item(), "%median")
+        bench(
+            f"diffdrr_parity_trilinear_rel_rms_err_{size}",
+            100 * relative_rms_error(fast, ref).median().item(),
+            "%median",
+        )
 
 
 def reset_peak_rss() -> None:

@@ -70,23 +70,32 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from bench_train import ensure_network
 
-    from xvr_ros.core.volume import demo_ct_path
+    from xvr_ros.core.io.volume import demo_ct_path
     from xvr_ros.ros.replay import format_summary, replay
     from xvr_ros.ros.simulate_bag import simulate_bag
 
     network = ensure_network()
     t = time.perf_counter()
     bag = simulate_bag(demo_ct_path()[0], OUT / "replay_session", frames=a.frames, size=a.size, overwrite=True)
-    print(f"# bag: {bag.frames} frames over {bag.duration_s:.0f} s ({bag.encodings}), made in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    print(
+        f"# bag: {bag.frames} frames over {bag.duration_s:.0f} s ({bag.encodings}), "
+        f"made in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
     bench("replay_bag_frames", bag.frames, "frames")
     bench("replay_bag_duration", bag.duration_s, "s")
     modes = [m for m, skip in (("rate1", a.skip_rate), ("afap", a.skip_afap)) if not skip]
     overrides = {"refiner": {"scales": list(a.scales)}} if a.scales else None
     for mode in modes:
         mode += a.tag
-        r = replay(bag.path, out=OUT / f"replay_{mode}", model=network, fast=mode.startswith("afap"),
-                   node_overrides=overrides, echo=lambda *x: None)
+        r = replay(
+            bag.path,
+            out=OUT / f"replay_{mode}",
+            model=network,
+            fast=mode.startswith("afap"),
+            node_overrides=overrides,
+            echo=lambda *x: None,
+        )
         for line in format_summary(r.summary):
             print(f"# {mode}: {line}", flush=True)
         report(mode, r)

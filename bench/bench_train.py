@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from xvr_ros.core.train import TrainConfig, TrainResult, resolve_ranges, train
-from xvr_ros.core.volume import Volume, demo_ct_path, load_volume
+from xvr_ros.core.io.volume import Volume, demo_ct_path, load_volume
+from xvr_ros.core.train.loop import TrainConfig, TrainResult, train
+from xvr_ros.core.train.presets import resolve_ranges
 
 NETWORK = Path(__file__).resolve().parent.parent / "out" / "bench" / "chest_network.pth"
 
@@ -67,10 +68,15 @@ def main() -> None:
         speed(volume, tmp, "resnet18", 8, 0.0)
     result = train_chest_network(volume, args.budget)
     print(f"# network written to {NETWORK}")
-    print(f"# accuracy run: preset chest, resnet18, 128 px, batch 8, dGeo loss only, {args.budget:.0f} s, {result.steps} steps")
+    print(
+        f"# accuracy run: preset chest, resnet18, 128 px, batch 8, dGeo loss only, "
+        f"{args.budget:.0f} s, {result.steps} steps"
+    )
     for point in result.history:
-        print(f"#   {point['elapsed_s']:6.0f} s  step {point['step']:5d}  mTRE median {point['mtre_median_mm']:.1f} mm  "
-              f"IQR [{point['mtre_iqr_mm'][0]:.1f}, {point['mtre_iqr_mm'][1]:.1f}]")
+        print(
+            f"#   {point['elapsed_s']:6.0f} s  step {point['step']:5d}  mTRE median {point['mtre_median_mm']:.1f} mm  "
+            f"IQR [{point['mtre_iqr_mm'][0]:.1f}, {point['mtre_iqr_mm'][1]:.1f}]"
+        )
     v = result.validation
     bench("train_cpu_budget", args.budget, "s")
     bench("train_cpu_steps", result.steps, "steps")

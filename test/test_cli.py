@@ -19,7 +19,24 @@ def test_render_writes_png(tmp_path, capsys):
     ct = tmp_path / "ct.nii.gz"
     write_phantom(ct)
     out = tmp_path / "drr.png"
-    args = ["render", "--volume", str(ct), "--pose", "0", "0", "0", "0", "600", "0", "--height", "48", "--delx", "2.0", "--out", str(out)]
+    args = [
+        "render",
+        "--volume",
+        str(ct),
+        "--pose",
+        "0",
+        "0",
+        "0",
+        "0",
+        "600",
+        "0",
+        "--height",
+        "48",
+        "--delx",
+        "2.0",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     img = np.asarray(Image.open(out))
     assert img.shape == (48, 48) and img.dtype == np.uint8
@@ -31,7 +48,20 @@ def test_render_writes_png(tmp_path, capsys):
 
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
-    args = ["render", "--volume", str(tmp_path / "missing.nii.gz"), "--pose", "0", "0", "0", "0", "600", "0", "--out", str(tmp_path / "x.png")]
+    args = [
+        "render",
+        "--volume",
+        str(tmp_path / "missing.nii.gz"),
+        "--pose",
+        "0",
+        "0",
+        "0",
+        "0",
+        "600",
+        "0",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "missing.nii.gz" in err and "Traceback" not in err
@@ -42,13 +72,33 @@ def test_train_then_summary(tmp_path, capsys):
     ct = tmp_path / "ct.nii.gz"
     write_phantom(ct)
     out = tmp_path / "model.pth"
-    args = ["train", "--volume", str(ct), "--preset", "chest", "--range", "y", "600", "700", "--max-steps", "2",
-            "--height", "32", "--delx", "8", "--batch-size", "2", "--no-ncc", "--out", str(out)]
+    args = [
+        "train",
+        "--volume",
+        str(ct),
+        "--preset",
+        "chest",
+        "--range",
+        "y",
+        "600",
+        "700",
+        "--max-steps",
+        "2",
+        "--height",
+        "32",
+        "--delx",
+        "8",
+        "--batch-size",
+        "2",
+        "--no-ncc",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "mTRE median" in printed.out and "steps" in printed.out
     assert "step 2" in printed.err  # the progress bar
-    from xvr_ros.core.checkpoint import load_checkpoint
+    from xvr_ros.core.model.checkpoint import load_checkpoint
 
     meta = load_checkpoint(out).metadata
     assert meta["ranges"]["y"] == [600.0, 700.0] and meta["preset"] == "chest"
@@ -65,9 +115,9 @@ def test_register_plain_image(tmp_path, capsys):
     import torch
 
     from xvr_ros.core.geometry import Detector, carm_pose
+    from xvr_ros.core.io.volume import load_volume
     from xvr_ros.core.metrics import mtre
-    from xvr_ros.core.render import Renderer
-    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.render.renderer import Renderer
 
     ct = tmp_path / "ct.nii.gz"
     write_phantom(ct)
@@ -77,14 +127,36 @@ def test_register_plain_image(tmp_path, capsys):
         img = Renderer(load_volume(ct), method="siddon")(truth, det)[0, 0]
     xray = tmp_path / "shot.npy"
     np.save(xray, img.numpy())
-    args = ["register", "--volume", str(ct), "--xray", str(xray), "--sdd", "1000", "--pixel-spacing", "1.6",
-            "--intensity", "linear", "--init", "6", "-1", "0", "0", "590", "3", "--out-dir", str(tmp_path)]
+    args = [
+        "register",
+        "--volume",
+        str(ct),
+        "--xray",
+        str(xray),
+        "--sdd",
+        "1000",
+        "--pixel-spacing",
+        "1.6",
+        "--intensity",
+        "linear",
+        "--init",
+        "6",
+        "-1",
+        "0",
+        "0",
+        "590",
+        "3",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "refined pose" in out and "similarity" in out
     record = json.loads((tmp_path / "shot_registration.json").read_text())
     # Target error on points spread through the phantom (its 8 corners), before and after.
-    corners = torch.tensor([[x, y, z] for x in (-30.0, 30.0) for y in (-30.0, 30.0) for z in (-28.0, 28.0)], dtype=torch.float64)
+    corners = torch.tensor(
+        [[x, y, z] for x in (-30.0, 30.0) for y in (-30.0, 30.0) for z in (-28.0, 28.0)], dtype=torch.float64
+    )
     before = mtre(truth.double(), torch.tensor([record["initial_pose_mm"]], dtype=torch.float64), corners)
     after = mtre(truth.double(), torch.tensor([record["pose_mm"]], dtype=torch.float64), corners)
     assert after < 0.5 * before, (before, after)
@@ -94,7 +166,25 @@ def test_register_plain_image(tmp_path, capsys):
 
 def test_register_plain_image_needs_intrinsics(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8)))
-    assert main(["register", "--volume", "ct.nii", "--xray", str(tmp_path / "x.npy"), "--init", "0", "0", "0", "0", "600", "0"]) == 2
+    assert (
+        main(
+            [
+                "register",
+                "--volume",
+                "ct.nii",
+                "--xray",
+                str(tmp_path / "x.npy"),
+                "--init",
+                "0",
+                "0",
+                "0",
+                "0",
+                "600",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--sdd" in capsys.readouterr().err
 
 
@@ -102,7 +192,19 @@ def test_simulate_bag_then_replay_errors(tmp_path, capsys):
     ct = tmp_path / "ct.nii.gz"
     write_phantom(ct)
     bag = tmp_path / "session"
-    args = ["simulate-bag", "--volume", str(ct), "--out", str(bag), "--frames", "3", "--size", "64", "--storage", "sqlite3"]
+    args = [
+        "simulate-bag",
+        "--volume",
+        str(ct),
+        "--out",
+        str(bag),
+        "--frames",
+        "3",
+        "--size",
+        "64",
+        "--storage",
+        "sqlite3",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"wrote {bag} (sqlite3): 3 frames" in out and "ros2 bag play" in out

@@ -17,7 +17,7 @@ from std_msgs.msg import Header
 from test_render import phantom
 
 from xvr_ros.core.geometry import Detector, carm_pose
-from xvr_ros.core.render import Renderer
+from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.ros import convert
 
 GOOD_DET = Detector(sdd=1000.0, height=48, width=64, delx=1.6, dely=1.2, x0=7.5, y0=-4.0)
@@ -25,19 +25,26 @@ GOOD_DET = Detector(sdd=1000.0, height=48, width=64, delx=1.6, dely=1.2, x0=7.5,
 
 def random_pose(seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    angles = (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor([60.0, 30.0, 20.0], dtype=torch.float64)
-    xyz = torch.tensor([0.0, 800.0, 0.0], dtype=torch.float64) + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * 60
+    angles = (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor(
+        [60.0, 30.0, 20.0], dtype=torch.float64
+    )
+    xyz = (
+        torch.tensor([0.0, 800.0, 0.0], dtype=torch.float64)
+        + (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * 60
+    )
     return carm_pose(angles[None], xyz[None], degrees=True)[0]
 
 
 def quat_to_matrix(q) -> np.ndarray:
     """Plain ROS (x, y, z, w) quaternion -> matrix, independent of the code under test."""
     x, y, z, w = q.x, q.y, q.z, q.w
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-    ])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def project_with_tf(tf, info: CameraInfo, points_m: np.ndarray) -> np.ndarray:
@@ -118,8 +125,14 @@ def test_bad_poses_are_refused():
 # images
 # --------------------------------------------------------------------------------------------
 SINGLE = [
-    ("mono8", np.uint8), ("8UC1", np.uint8), ("mono16", np.uint16), ("16UC1", np.uint16),
-    ("16SC1", np.int16), ("32SC1", np.int32), ("32FC1", np.float32), ("64FC1", np.float64),
+    ("mono8", np.uint8),
+    ("8UC1", np.uint8),
+    ("mono16", np.uint16),
+    ("16UC1", np.uint16),
+    ("16SC1", np.int16),
+    ("32SC1", np.int32),
+    ("32FC1", np.float32),
+    ("64FC1", np.float64),
 ]
 
 
@@ -145,8 +158,14 @@ def test_big_endian_bytes_on_the_wire():
     msg = convert.numpy_to_image(np.array([[0x0102, 0xA0B0]], dtype=np.uint16), "mono16", bigendian=True)
     assert bytes(msg.data) == bytes([0x01, 0x02, 0xA0, 0xB0])
     # A hand-made little-endian message with 2 bytes of row padding.
-    img = Image(height=2, width=2, encoding="16UC1", is_bigendian=0, step=6,
-                data=bytes([1, 0, 2, 0, 99, 99, 3, 0, 0, 1, 99, 99]))
+    img = Image(
+        height=2,
+        width=2,
+        encoding="16UC1",
+        is_bigendian=0,
+        step=6,
+        data=bytes([1, 0, 2, 0, 99, 99, 3, 0, 0, 1, 99, 99]),
+    )
     np.testing.assert_array_equal(convert.image_to_numpy(img), [[1, 2], [3, 256]])
 
 
@@ -160,7 +179,9 @@ def test_colour_images_become_grey():
     colour = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
     luma = colour.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     np.testing.assert_allclose(convert.image_to_numpy(convert.numpy_to_image(colour, "rgb8")), luma, rtol=1e-6)
-    np.testing.assert_allclose(convert.image_to_numpy(convert.numpy_to_image(colour[..., ::-1].copy(), "bgr8")), luma, rtol=1e-6)
+    np.testing.assert_allclose(
+        convert.image_to_numpy(convert.numpy_to_image(colour[..., ::-1].copy(), "bgr8")), luma, rtol=1e-6
+    )
 
 
 def test_image_errors_are_clear():
@@ -259,7 +280,11 @@ def test_tf_and_camera_info_project_where_the_renderer_draws():
 
     vol = phantom(shape=(48, 48, 48), spacing=(1.0, 1.0, 1.0), fn=blob)
     det = Detector(sdd=1000.0, height=40, width=56, delx=0.9, dely=0.7, x0=3.0, y0=-2.0)
-    T = carm_pose(torch.tensor([[12.0, -7.0, 4.0]], dtype=torch.float64), torch.tensor([[3.0, 600.0, -5.0]], dtype=torch.float64), degrees=True)[0]
+    T = carm_pose(
+        torch.tensor([[12.0, -7.0, 4.0]], dtype=torch.float64),
+        torch.tensor([[3.0, 600.0, -5.0]], dtype=torch.float64),
+        degrees=True,
+    )[0]
     with torch.no_grad():
         drr = Renderer(vol, method="siddon")(T[None], det)[0, 0].double().numpy()
     # Through an Image message, as a consumer would receive it.
@@ -289,7 +314,9 @@ def test_xray_from_messages_log_intensity():
     assert xray.image.shape == (1, 1, 48, 64)
     np.testing.assert_allclose(xray.image[0, 0].numpy(), L, atol=2e-3)
     assert xray.detector.x0 == pytest.approx(7.5) and xray.detector.reverse_x_axis
-    lin = convert.xray_from_messages(convert.numpy_to_image(L.astype(np.float32)), info, sdd_mm=1000.0, intensity="linear")
+    lin = convert.xray_from_messages(
+        convert.numpy_to_image(L.astype(np.float32)), info, sdd_mm=1000.0, intensity="linear"
+    )
     np.testing.assert_allclose(lin.image[0, 0].numpy(), L, rtol=1e-6)
 
 

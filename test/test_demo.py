@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import re
 
-from ros_harness import ros_domain  # noqa: F401 - fixture
-
 from xvr_ros.demo import run_demo
 
 TINY = {"model_manager": dict(height=32, batch_size=2, use_ncc=False, validation_poses=8, canonical_delx_mm=8.0,

@@ -48,13 +48,24 @@ def test_invert_compose_transform():
     X = torch.randn(8, 5, 3, dtype=T.dtype)
     torch.testing.assert_close(g.transform_points(g.invert(T), g.transform_points(T, X)), X)
     A, B = T[:4], T[4:]
-    torch.testing.assert_close(g.transform_points(g.compose(A, B), X[:4]), g.transform_points(A, g.transform_points(B, X[:4])))
+    torch.testing.assert_close(
+        g.transform_points(g.compose(A, B), X[:4]), g.transform_points(A, g.transform_points(B, X[:4]))
+    )
 
 
-@pytest.mark.parametrize("parameterization,convention", [
-    ("euler_angles", "ZXY"), ("euler_angles", "XYZ"), ("quaternion", None), ("axis_angle", None),
-    ("rotation_6d", None), ("quaternion_adjugate", None), ("matrix", None), ("se3_log", None),
-])
+@pytest.mark.parametrize(
+    "parameterization,convention",
+    [
+        ("euler_angles", "ZXY"),
+        ("euler_angles", "XYZ"),
+        ("quaternion", None),
+        ("axis_angle", None),
+        ("rotation_6d", None),
+        ("quaternion_adjugate", None),
+        ("matrix", None),
+        ("se3_log", None),
+    ],
+)
 def test_pose_parameterisations_round_trip(parameterization, convention):
     angles, xyz = random_poses(16, seed=1)
     T = g.carm_pose(angles, xyz)
@@ -67,7 +78,9 @@ def test_geometry_matches_diffdrr(height):
     fx = load_fixture(height)
     delx = {128: 2.0, 256: 1.0}[height]
     det = Detector(sdd=1020.0, height=height, width=height, delx=delx, dely=delx)
-    T = g.carm_pose(torch.from_numpy(fx["alpha_beta_gamma_deg"]).double(), torch.from_numpy(fx["xyz_mm"]).double(), degrees=True)
+    T = g.carm_pose(
+        torch.from_numpy(fx["alpha_beta_gamma_deg"]).double(), torch.from_numpy(fx["xyz_mm"]).double(), degrees=True
+    )
     torch.testing.assert_close(T, torch.from_numpy(fx["camera_to_world"]), atol=1e-4, rtol=1e-5)
     src, tgt = det.rays(T)
     torch.testing.assert_close(src, torch.from_numpy(fx["source_world"])[:, 0], atol=1e-3, rtol=0)
@@ -113,10 +126,16 @@ def test_scaled_detector_keeps_physical_size():
     assert small.width * small.delx == pytest.approx(det.width * det.delx)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(sdd=0.0), "sdd"), (dict(delx=0.0), "delx"), (dict(height=0), "height"),
-    (dict(x0=float("nan")), "principal"), (dict(orientation="LR"), "orientation"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sdd=0.0), "sdd"),
+        (dict(delx=0.0), "delx"),
+        (dict(height=0), "height"),
+        (dict(x0=float("nan")), "principal"),
+        (dict(orientation="LR"), "orientation"),
+    ],
+)
 def test_detector_rejects_bad_intrinsics(kwargs, match):
     args = dict(sdd=1020.0, height=8, width=8, delx=1.0, dely=1.0) | kwargs
     with pytest.raises(ValueError, match=match):

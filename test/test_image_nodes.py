@@ -1,4 +1,4 @@
-"""The pose_estimator and refiner nodes as separate processes over loopback (ros_harness).
+"""The pose_estimator and refiner nodes as separate processes over loopback (conftest).
 
 One module-scoped set-up: a phantom CT written as NIfTI, a tiny pose network trained on it here
 (a few steps: its poses are rough, the refiner fixes them), both nodes started with non-default
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import rclpy
 import torch
+from conftest import ros_env, start, stop, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from ros_harness import ros_env, start, stop, wait_for
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from test_convert import project_with_tf
@@ -31,10 +31,10 @@ from test_train import RANGES, blobs
 from tf2_msgs.msg import TFMessage
 
 from xvr_ros.core.geometry import Detector, carm_pose
-from xvr_ros.core.metrics import mtre
-from xvr_ros.core.simulate import simulate_xray
-from xvr_ros.core.train import TrainConfig, body_points, train
-from xvr_ros.core.volume import load_volume
+from xvr_ros.core.io.volume import load_volume
+from xvr_ros.core.metrics import body_points, mtre
+from xvr_ros.core.sim.simulate import simulate_xray
+from xvr_ros.core.train.loop import TrainConfig, train
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
 
@@ -60,7 +60,9 @@ class Client:
         rclpy.init(context=self.ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
         self.node = rclpy.create_node("test_client", context=self.ctx)
         reliable = QoSProfile(depth=10)
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        latched = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
         n = self.node
         self.image_pub = n.create_publisher(Image, "xray/image", reliable)
         self.info_pub = n.create_publisher(CameraInfo, "xray/camera_info", reliable)
@@ -82,6 +84,7 @@ class Client:
         def callback(msg):
             with self.lock:
                 self.received[kind].append(msg)
+
         return callback
 
     def messages(self, kind) -> list:
@@ -106,8 +109,20 @@ class System:
 
     def simulate(self, det: Detector) -> np.ndarray:
         """A simulated X-ray at the true pose as 16-bit detector intensity (bright = transmitted)."""
-        sim = simulate_xray(self.volume, TRUE_POSE[None].float(), det, seed=0, gamma=1.0, contrast=1.0, offset=0.0,
-                            photons=2e4, blur=0.5, background=0.0, collimation=None, foreign_object=None)
+        sim = simulate_xray(
+            self.volume,
+            TRUE_POSE[None].float(),
+            det,
+            seed=0,
+            gamma=1.0,
+            contrast=1.0,
+            offset=0.0,
+            photons=2e4,
+            blur=0.5,
+            background=0.0,
+            collimation=None,
+            foreign_object=None,
+        )
         L = sim.image[0, 0].double().numpy()
         return np.round(50000.0 * np.exp(-2.5 * L / L.max())).astype(np.uint16)
 
@@ -116,11 +131,16 @@ class System:
         return Header(stamp=rclpy.time.Time(seconds=self._sec).to_msg(), frame_id=CAMERA_FRAME)
 
     def publish_model(self, model_path=None, volume_path=None):
-        self.client.model_pub.publish(ModelInfo(
-            header=Header(frame_id=VOLUME_FRAME), model_name="phantom",
-            model_path=str(model_path or self.model_path), volume_path=str(volume_path or self.volume_path),
-            volume_frame=VOLUME_FRAME, source_frame=SOURCE_FRAME,
-        ))
+        self.client.model_pub.publish(
+            ModelInfo(
+                header=Header(frame_id=VOLUME_FRAME),
+                model_name="phantom",
+                model_path=str(model_path or self.model_path),
+                volume_path=str(volume_path or self.volume_path),
+                volume_frame=VOLUME_FRAME,
+                source_frame=SOURCE_FRAME,
+            )
+        )
 
     def send(self, image: Image | None = None, info: CameraInfo | None = True, header=None) -> Header:
         """Publish a CameraInfo and an Image with one new stamp (defaults: the good ones)."""
@@ -141,8 +161,11 @@ class System:
         def stamp_of(m):
             return m.transforms[0].header.stamp if kind == "tf" else m.header.stamp
 
-        return wait_for(lambda: next((m for m in self.client.messages(kind) if convert.stamp_key(stamp_of(m)) == key), None),
-                        timeout, what=f"{kind} for stamp {convert.stamp_to_str(key)}")
+        return wait_for(
+            lambda: next((m for m in self.client.messages(kind) if convert.stamp_key(stamp_of(m)) == key), None),
+            timeout,
+            what=f"{kind} for stamp {convert.stamp_to_str(key)}",
+        )
 
     def diag_mark(self) -> int:
         return len(self.client.messages("diag"))
@@ -154,6 +177,7 @@ class System:
                     if s.name == f"/{node}" and s.level == level and text in s.message:
                         return s
             return None
+
         return wait_for(find, timeout, what=f"{node} diagnostic containing {text!r}")
 
     def wait_ready(self):
@@ -164,15 +188,25 @@ class System:
 
     def assert_alive(self):
         for name, proc in self.procs.items():
-            assert proc.poll() is None, f"{name} exited with {proc.returncode}; log:\n{self.logs[name].read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"{name} exited with {proc.returncode}; log:\n{self.logs[name].read_text()[-3000:]}"
+            )
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("image_nodes")
     env = ros_env(tmp)
-    common = ["-p", f"volume_frame:={VOLUME_FRAME}", "-p", f"sdd_mm:={SDD}", "-p", "intensity:=log",
-              "-p", "diagnostics_period:=0.5"]
+    common = [
+        "-p",
+        f"volume_frame:={VOLUME_FRAME}",
+        "-p",
+        f"sdd_mm:={SDD}",
+        "-p",
+        "intensity:=log",
+        "-p",
+        "diagnostics_period:=0.5",
+    ]
     procs, logs = {}, {}
     for name, extra in (
         ("pose_estimator", ["-p", "camera_info_timeout:=1.0"]),
@@ -185,18 +219,35 @@ def system(tmp_path_factory):
         # While the nodes start: the phantom as a NIfTI CT (HU) and a briefly trained network.
         vol = phantom(shape=(40, 36, 48), spacing=(1.5, 1.5, 1.5), fn=blobs)
         volume_path = tmp / "phantom.nii.gz"
-        nib.save(nib.Nifti1Image((vol.data.numpy() * 1000.0 - 1000.0).astype(np.float32), vol.affine.numpy()), volume_path)
+        nib.save(
+            nib.Nifti1Image((vol.data.numpy() * 1000.0 - 1000.0).astype(np.float32), vol.affine.numpy()), volume_path
+        )
         volume = load_volume(volume_path)
-        config = TrainConfig(ranges=RANGES, height=32, delx=8.0, sdd=SDD, batch_size=4, lr=2e-3, warmup_steps=3,
-                             n_val=32, augment_p=0.0, max_steps=12, w_ncc=0.0)
+        config = TrainConfig(
+            ranges=RANGES,
+            height=32,
+            delx=8.0,
+            sdd=SDD,
+            batch_size=4,
+            lr=2e-3,
+            warmup_steps=3,
+            n_val=32,
+            augment_p=0.0,
+            max_steps=12,
+            w_ncc=0.0,
+        )
         model_path = train(volume, config, tmp / "phantom.pt").path
         client = Client(env)
         sys_ = System(client, procs, logs, model_path, volume_path, volume)
 
         def subscribed():
             sys_.assert_alive()  # fail at once, with the log, if a node died
-            return (client.image_pub.get_subscription_count() >= 2 and client.info_pub.get_subscription_count() >= 2
-                    and client.model_pub.get_subscription_count() >= 2 and client.node.count_subscribers("xray/initial_pose") >= 2)
+            return (
+                client.image_pub.get_subscription_count() >= 2
+                and client.info_pub.get_subscription_count() >= 2
+                and client.model_pub.get_subscription_count() >= 2
+                and client.node.count_subscribers("xray/initial_pose") >= 2
+            )
 
         wait_for(subscribed, TIMEOUT, what="both nodes to subscribe")
         yield sys_
@@ -242,7 +293,9 @@ def test_image_in_initial_pose_and_tf_out(system):
     tf = system.wait("tf", header).transforms[0]
     assert (tf.header.frame_id, tf.child_frame_id) == (VOLUME_FRAME, SOURCE_FRAME)
     r = result.refined_pose.pose.position
-    assert (tf.transform.translation.x, tf.transform.translation.y, tf.transform.translation.z) == pytest.approx((r.x, r.y, r.z))
+    assert (tf.transform.translation.x, tf.transform.translation.y, tf.transform.translation.z) == pytest.approx(
+        (r.x, r.y, r.z)
+    )
 
     overlay = system.wait("overlay", header)
     assert (overlay.encoding, overlay.height, overlay.width) == ("rgb8", DET.height, DET.width)
@@ -264,8 +317,10 @@ def test_image_in_initial_pose_and_tf_out(system):
     err_initial, err_refined = reprojection_px(initial, system.points), reprojection_px(refined, system.points)
     mtre_i = float(mtre(TRUE_POSE[None], initial[None], system.points)[0])
     mtre_r = float(mtre(TRUE_POSE[None], refined[None], system.points)[0])
-    print(f"\nreprojection error: initial {err_initial:.2f} px -> refined {err_refined:.2f} px; "
-          f"mTRE {mtre_i:.1f} -> {mtre_r:.1f} mm; {result.iterations} iterations, {result.registration_time:.2f} s")
+    print(
+        f"\nreprojection error: initial {err_initial:.2f} px -> refined {err_refined:.2f} px; "
+        f"mTRE {mtre_i:.1f} -> {mtre_r:.1f} mm; {result.iterations} iterations, {result.registration_time:.2f} s"
+    )
     assert err_refined < 2.0 and err_refined <= err_initial + 0.25
     system.assert_alive()
 
@@ -280,10 +335,11 @@ def test_bad_inputs_are_reported_and_the_nodes_keep_working(system):
         system.wait_diag("pose_estimator", E, text, since=mark)
 
     good = convert.numpy_to_image(system.intensity, "mono16")
-    expect("unsupported image encoding 'yuv422'",
-           image=Image(height=good.height, width=good.width, encoding="yuv422", step=good.step, data=bytes(good.data)))
-    expect("CameraInfo says 48x64", info=convert.camera_info_from_detector(
-        Detector(SDD, 48, 64, DET.delx, DET.dely)))
+    expect(
+        "unsupported image encoding 'yuv422'",
+        image=Image(height=good.height, width=good.width, encoding="yuv422", step=good.step, data=bytes(good.data)),
+    )
+    expect("CameraInfo says 48x64", info=convert.camera_info_from_detector(Detector(SDD, 48, 64, DET.delx, DET.dely)))
     nan = system.intensity.astype(np.float32)
     nan[10, 20] = np.nan
     expect("NaN", image=convert.numpy_to_image(nan, "32FC1"))
@@ -291,7 +347,12 @@ def test_bad_inputs_are_reported_and_the_nodes_keep_working(system):
     distorted = convert.camera_info_from_detector(DET)
     distorted.d = [0.2, 0.0, 0.0, 0.0, 0.0]
     expect("distortion", info=distorted)
-    expect("need", image=Image(height=good.height, width=good.width, encoding="mono16", step=good.step, data=bytes(good.data)[:-10]))
+    expect(
+        "need",
+        image=Image(
+            height=good.height, width=good.width, encoding="mono16", step=good.step, data=bytes(good.data)[:-10]
+        ),
+    )
     system.assert_alive()
 
     # The refiner got none of these (the estimator published no initial pose): it reports them too.
@@ -316,10 +377,12 @@ def test_no_model_and_unreadable_volume(system, tmp_path):
     header = system.send()
     system.wait_diag("pose_estimator", E, "no model loaded", since=mark)
     # The refiner needs an initial pose to get that far: give it one for this stamp.
-    system.client.pose_pub.publish(PoseWithCovarianceStamped(
-        header=Header(stamp=header.stamp, frame_id=VOLUME_FRAME),
-        pose=convert.pose_with_covariance_to_msg(convert.optical_from_carm(TRUE_POSE, DET)),
-    ))
+    system.client.pose_pub.publish(
+        PoseWithCovarianceStamped(
+            header=Header(stamp=header.stamp, frame_id=VOLUME_FRAME),
+            pose=convert.pose_with_covariance_to_msg(convert.optical_from_carm(TRUE_POSE, DET)),
+        )
+    )
     system.wait_diag("refiner", E, "no volume loaded", since=mark)
     system.assert_alive()
 
@@ -335,13 +398,20 @@ def test_refiner_keeps_only_the_newest_input(system):
     third, reported on /diagnostics and counted in the third's result."""
     good_model(system)
     mark = system.diag_mark()
-    headers = [system.send(image=convert.numpy_to_image(system.intensity_big), info=convert.camera_info_from_detector(BIG))]
+    headers = [
+        system.send(image=convert.numpy_to_image(system.intensity_big), info=convert.camera_info_from_detector(BIG))
+    ]
     system.wait("pose", headers[0])  # the refiner starts on this 128 px image now and takes a while
     for _ in range(2):
         headers.append(system.send())
         time.sleep(0.05)
-    system.wait_diag("refiner", DiagnosticStatus.WARN, f"image {convert.stamp_to_str(headers[1].stamp)} dropped", since=mark)
+    system.wait_diag(
+        "refiner", DiagnosticStatus.WARN, f"image {convert.stamp_to_str(headers[1].stamp)} dropped", since=mark
+    )
     result = system.wait("result", headers[2])
     assert "dropped 1 older input(s)" in result.status
-    assert not any(convert.stamp_key(r.header.stamp) == convert.stamp_key(headers[1].stamp) for r in system.client.messages("result"))
+    assert not any(
+        convert.stamp_key(r.header.stamp) == convert.stamp_key(headers[1].stamp)
+        for r in system.client.messages("result")
+    )
     system.assert_alive()

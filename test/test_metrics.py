@@ -20,7 +20,12 @@ def poses(n=4):
 def test_zero_for_identical_poses():
     T = poses()
     X = torch.randn(10, 3, dtype=torch.float64) * 50
-    for value in (metrics.mpe(T, T, X, DET), metrics.mrpe(T, T, X, DET), metrics.mtre(T, T, X), metrics.dgeo(T, T, 1020.0)):
+    for value in (
+        metrics.mpe(T, T, X, DET),
+        metrics.mrpe(T, T, X, DET),
+        metrics.mtre(T, T, X),
+        metrics.dgeo(T, T, 1020.0),
+    ):
         assert value.shape == (4,)
         torch.testing.assert_close(value, torch.zeros(4, dtype=torch.float64), atol=1e-6, rtol=0)
 
@@ -38,7 +43,10 @@ def test_translation_in_carm_parameters():
 def test_rotation_about_isocenter():
     T = poses()
     theta = 0.01
-    P = g.make_pose(g.rotations.euler_angles_to_matrix(torch.tensor([theta, 0.0, 0.0], dtype=torch.float64), "ZXY"), torch.zeros(3, dtype=torch.float64))
+    P = g.make_pose(
+        g.rotations.euler_angles_to_matrix(torch.tensor([theta, 0.0, 0.0], dtype=torch.float64), "ZXY"),
+        torch.zeros(3, dtype=torch.float64),
+    )
     pred = P @ T
     # Points on the z (rotation) axis don't move; points at radius 100 mm move by a chord.
     X = torch.tensor([[0.0, 0.0, 40.0], [100.0, 0.0, 0.0], [0.0, 100.0, 0.0]], dtype=torch.float64)

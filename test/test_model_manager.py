@@ -18,22 +18,33 @@ import numpy as np
 import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
+from conftest import ros_env, start, stop, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
-from ros_harness import ros_domain, ros_env, start, stop, wait_for  # noqa: F401 - ros_domain is a fixture
 
 from xvr_ros.action import Finetune
-from xvr_ros.core.checkpoint import config_from_model, load_checkpoint, save_checkpoint
-from xvr_ros.core.network import PoseRegressor
+from xvr_ros.core.model.checkpoint import (
+    config_from_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from xvr_ros.core.model.network import PoseRegressor
 from xvr_ros.msg import ModelInfo
-from xvr_ros.ros.model_manager import LATCHED_QOS, GoalError, ModelManager, check_model_name
+from xvr_ros.ros.model_manager import (
+    LATCHED_QOS,
+    GoalError,
+    ModelManager,
+    check_model_name,
+)
 from xvr_ros.srv import LoadModel
 
 ROS_KEYS = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY", "ROS_LOG_DIR")
 # Small and fast: what the node trains with in these tests.
-NODE_PARAMS = dict(height=32, batch_size=2, use_ncc=False, validation_poses=8, canonical_delx_mm=8.0, feedback_rate_hz=20.0)
+NODE_PARAMS = dict(
+    height=32, batch_size=2, use_ncc=False, validation_poses=8, canonical_delx_mm=8.0, feedback_rate_hz=20.0
+)
 # The chest preset in ROS units: alpha, beta, gamma lo/hi (rad), x, y, z lo/hi (m).
 CHEST_RANGES = [math.radians(v) for v in (-30, 30, -15, 15, -10, 10)] + [-0.03, 0.03, 0.75, 0.95, -0.03, 0.03]
 
@@ -123,8 +134,15 @@ def node(files):
     saved = {k: os.environ.get(k) for k in ROS_KEYS}
     os.environ.update({k: env[k] for k in ROS_KEYS})
     models = files / "models"
-    args = ["-m", "xvr_ros.ros.model_manager", "--ros-args", "-p", f"models_dir:={models}",
-            "-p", f"model:={files / 'missing_at_startup.pth'}"]  # a bad start-up model must not stop it
+    args = [
+        "-m",
+        "xvr_ros.ros.model_manager",
+        "--ros-args",
+        "-p",
+        f"models_dir:={models}",
+        "-p",
+        f"model:={files / 'missing_at_startup.pth'}",
+    ]  # a bad start-up model must not stop it
     for key, value in NODE_PARAMS.items():
         args += ["-p", f"{key}:={str(value).lower() if isinstance(value, bool) else value}"]
     proc = start(args, env, files / "model_manager.log")
@@ -150,8 +168,13 @@ def trained(node, files):
     """One successful de novo training from ROS-unit ranges, with its feedback."""
     _, client, _ = node
     feedback: list[Finetune.Feedback] = []
-    handle = client.send(feedback=lambda m: feedback.append(m.feedback), volume_path=str(files / "ct.nii.gz"),
-                         ranges=CHEST_RANGES, max_steps=3, output_name="m1")
+    handle = client.send(
+        feedback=lambda m: feedback.append(m.feedback),
+        volume_path=str(files / "ct.nii.gz"),
+        ranges=CHEST_RANGES,
+        max_steps=3,
+        output_name="m1",
+    )
     assert handle.accepted
     response = client.result(handle)
     return response, feedback
@@ -161,9 +184,18 @@ def trained(node, files):
 def test_model_names_cannot_escape():
     assert check_model_name("patient_7") == "patient_7.pth"
     assert check_model_name("p7.v2.pth") == "p7.v2.pth"
-    for bad, why in [("../x", "separator"), ("a/b", "separator"), ("/abs/model", "path"), ("..", "'..'"),
-                     ("a..b", "'..'"), (".hidden", "not allowed"), ("a b", "not allowed"), ("", "empty"),
-                     ("~/m", "path"), ("a\\b", "separator")]:
+    for bad, why in [
+        ("../x", "separator"),
+        ("a/b", "separator"),
+        ("/abs/model", "path"),
+        ("..", "'..'"),
+        ("a..b", "'..'"),
+        (".hidden", "not allowed"),
+        ("a b", "not allowed"),
+        ("", "empty"),
+        ("~/m", "path"),
+        ("a\\b", "separator"),
+    ]:
         with pytest.raises(GoalError, match=why):
             check_model_name(bad)
 
@@ -211,8 +243,13 @@ def test_finetune_feedback_result_in_metres(node, trained, files):
 def test_second_goal_rejected_and_cancel_saves(node, trained, files):
     _, client, models = node
     feedback: list[Finetune.Feedback] = []
-    handle = client.send(feedback=lambda m: feedback.append(m.feedback), volume_path=str(files / "ct.nii.gz"),
-                         preset="chest", time_budget=300.0, output_name="long")
+    handle = client.send(
+        feedback=lambda m: feedback.append(m.feedback),
+        volume_path=str(files / "ct.nii.gz"),
+        preset="chest",
+        time_budget=300.0,
+        output_name="long",
+    )
     assert handle.accepted
     wait_for(lambda: feedback, 60, what="training to start")
     # One goal at a time: a second one is rejected while the first runs.
@@ -288,8 +325,12 @@ def test_load_model(node, trained, files):
     assert ok.success and ok.model_path == str(premade), ok.message
     info = wait_for(lambda: infos[-1] if infos and infos[-1].model_path == str(premade) else None, 10, what="ModelInfo")
     assert info.heldout_mtre_median == pytest.approx(0.0125) and info.training_steps == 7
-    for ref, expected in [("../m1", "does not exist"), ("nope", "no model 'nope'"), (str(files / "garbage.pth"), "not a usable model"),
-                          ("", "empty")]:
+    for ref, expected in [
+        ("../m1", "does not exist"),
+        ("nope", "no model 'nope'"),
+        (str(files / "garbage.pth"), "not a usable model"),
+        ("", "empty"),
+    ]:
         bad = client.call_load(ref)
         assert not bad.success and expected in bad.message, (ref, bad.message)
     # A failed load leaves the active model alone; a late subscriber gets the last good one.
@@ -304,10 +345,14 @@ def test_in_process_startup_model_latched(files, tmp_path, ros_domain):
     rclpy.init(context=context)
     try:
         mm = ModelManager(
-            namespace="inproc", context=context,
-            parameter_overrides=[Parameter("models_dir", value=str(tmp_path / "models_inproc")),
-                                 Parameter("model", value=str(files / "premade.pth")),
-                                 Parameter("volume_frame", value="ct"), Parameter("source_frame", value="src_optical")],
+            namespace="inproc",
+            context=context,
+            parameter_overrides=[
+                Parameter("models_dir", value=str(tmp_path / "models_inproc")),
+                Parameter("model", value=str(files / "premade.pth")),
+                Parameter("volume_frame", value="ct"),
+                Parameter("source_frame", value="src_optical"),
+            ],
         )
         executor = MultiThreadedExecutor(context=context)
         executor.add_node(mm)

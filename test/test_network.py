@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from xvr_ros.core import network as net
-from xvr_ros.core.network import PoseRegressor, build_backbone, default_network, normalize_xray
+from xvr_ros.core.model import network as net
+from xvr_ros.core.model.network import (
+    PoseRegressor,
+    build_backbone,
+    default_network,
+    normalize_xray,
+)
 
 SMALL = 32  # input side for forward passes: keeps every test well under a second on 2 cores
 
@@ -26,7 +31,7 @@ def resnet18():
 
 
 def _randomize_norms(model):
-    """timm zero-initialises the last norm of every block (a fresh block is the identity); undo that
+    """Timm zero-initialises the last norm of every block (a fresh block is the identity); undo that
     so every parameter takes part in the forward pass."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

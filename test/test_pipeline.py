@@ -106,7 +106,7 @@ def test_number_list():
 
 
 def test_refiner_takes_array_parameters_from_a_parameters_file():
-    """rclpy types an empty-list default as a byte array; a YAML list of numbers must still be accepted."""
+    """Rclpy types an empty-list default as a byte array; a YAML list of numbers must still be accepted."""
     import rclpy
     from rclpy.parameter import Parameter
 

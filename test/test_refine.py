@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
+from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.metrics import mtre
-from xvr_ros.core.refine import auto_scales, pyramid, refine
-from xvr_ros.core.render import Renderer
-from xvr_ros.core.volume import Volume
+from xvr_ros.core.register.refine import auto_scales, pyramid, refine
+from xvr_ros.core.render.renderer import Renderer
 
 DET = Detector(sdd=1020.0, height=64, width=64, delx=2.5, dely=2.5)
 BLOBS = (  # centre (mm), radii (mm), attenuation (1/mm): deliberately asymmetric

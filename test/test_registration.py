@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from test_refine import DET, FIDUCIALS, offset, setup  # noqa: F401 - fixture
 
+from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.metrics import mtre
-from xvr_ros.core.registration import MULTISTART_OFFSETS, multistart, register
-from xvr_ros.core.xray import Xray
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, multistart, register
 
 
 def test_multistart_starts_from_the_best_candidate(setup):  # noqa: F811

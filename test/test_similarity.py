@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xvr_ros.core import similarity as S
+from xvr_ros.core.register import similarity as S
 
 NAMES = ["ncc", "mncc", "gncc", "mncc+gncc"]
 

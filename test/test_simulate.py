@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose, invert
-from xvr_ros.core.render import Renderer
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.rotations import matrix_to_euler_angles
-from xvr_ros.core.simulate import (
+from xvr_ros.core.sim.simulate import (
     CHEST_RANGES,
     _cylinder_chords,
     perturb_poses,
     random_carm_poses,
     simulate_xray,
 )
-from xvr_ros.core.volume import Volume
 
 DET = Detector(sdd=1020.0, height=48, width=56, delx=3.0, dely=3.0)
 NO_SHIFT = dict(gamma=1.0, contrast=1.0, offset=0.0, photons=None, blur=None, background=None)

@@ -4,9 +4,11 @@ import pytest
 import torch
 from test_render import phantom
 
-from xvr_ros.core.checkpoint import load_checkpoint
-from xvr_ros.core.train import PRESETS, TrainConfig, augment, resolve_ranges, sample_poses, train
 from xvr_ros.core.geometry import carm_parameters
+from xvr_ros.core.model.checkpoint import load_checkpoint
+from xvr_ros.core.train.augment import augment
+from xvr_ros.core.train.loop import TrainConfig, train
+from xvr_ros.core.train.presets import PRESETS, resolve_ranges, sample_poses
 
 RANGES = dict(alpha=(-20, 20), beta=(-10, 10), gamma=(-5, 5), x=(-10, 10), y=(500, 600), z=(-10, 10))
 
@@ -35,7 +37,9 @@ def volume():
 
 
 def config(**kw):
-    base = dict(ranges=RANGES, height=32, delx=8.0, sdd=1000.0, batch_size=4, lr=1e-3, warmup_steps=5, n_val=32, augment_p=0.0)
+    base = dict(
+        ranges=RANGES, height=32, delx=8.0, sdd=1000.0, batch_size=4, lr=1e-3, warmup_steps=5, n_val=32, augment_p=0.0
+    )
     return TrainConfig(**(base | kw))
 
 

@@ -1,14 +1,17 @@
-"""Tests of xvr_ros.core.trilinear: C++ kernel vs torch reference, analytic cases, gradients."""
+"""Tests of xvr_ros.core.render.trilinear: C++ kernel vs torch reference, analytic cases, gradients."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 import torch
 
-from xvr_ros.core import _ext
-from xvr_ros.core.trilinear import _LineIntegrals, line_integrals, line_integrals_reference
+from xvr_ros.core.render import _ext
+from xvr_ros.core.render.trilinear import (
+    _LineIntegrals,
+    line_integrals,
+    line_integrals_reference,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for xvr_ros.core.volume: geometry of NIfTI and DICOM loading, errors, HU, resampling."""
+"""Tests for xvr_ros.core.io.volume: geometry of NIfTI and DICOM loading, errors, HU, resampling."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 from pydicom.valuerep import DSfloat
 
-from xvr_ros.core import volume as V
-from xvr_ros.core.volume import (
+from xvr_ros.core.io import volume as V
+from xvr_ros.core.io.volume import (
     Volume,
     VolumeError,
     demo_ct_path,

@@ -15,19 +15,15 @@ import torch.nn.functional as F
 
 from xvr_ros.core import geometry as g
 from xvr_ros.core.geometry import Detector
-from xvr_ros.core.xray import (
-    Xray,
-    XrayError,
-    clipped_mask,
+from xvr_ros.core.imaging import save_png, to_uint8
+from xvr_ros.core.intrinsics import (
     crop_detector,
     intrinsics_homography,
-    positioner_prior,
-    read_xray_dicom,
-    read_xray_image,
     resample_to_intrinsics,
-    save_png,
-    to_uint8,
 )
+from xvr_ros.core.io.xray import Xray, XrayError, clipped_mask
+from xvr_ros.core.io.xray_dicom import positioner_prior, read_xray_dicom
+from xvr_ros.core.io.xray_image import read_xray_image
 
 SOP = {
     "XA": "1.2.840.10008.5.1.4.1.1.12.1",
@@ -318,13 +314,13 @@ def test_read_xray_image_png16_tiff_npy(tmp_path):
     from PIL import Image
 
     L = line_integrals()
-    I = intensity_image(L)
-    Image.fromarray(I).save(tmp_path / "x.png")
+    intensity = intensity_image(L)
+    Image.fromarray(intensity).save(tmp_path / "x.png")
     assert Image.open(tmp_path / "x.png").mode.startswith("I")  # really 16-bit
     x = read_xray_image(tmp_path / "x.png", sdd=1000.0, pixel_spacing=0.3)
     np.testing.assert_allclose(x.image[0, 0].numpy(), L, atol=3e-4)
     assert x.detector == Detector(1000.0, H, W, 0.3, 0.3)
-    Image.fromarray(I).save(tmp_path / "x.tif")
+    Image.fromarray(intensity).save(tmp_path / "x.tif")
     x = read_xray_image(tmp_path / "x.tif", sdd=1000.0, pixel_spacing=(0.3, 0.2), crop=2)
     np.testing.assert_allclose(x.image[0, 0].numpy(), L[2:-2, 2:-2], atol=3e-4)
     assert x.detector == Detector(1000.0, H - 4, W - 4, delx=0.2, dely=0.3)
@@ -334,13 +330,13 @@ def test_read_xray_image_png16_tiff_npy(tmp_path):
     )
     np.testing.assert_array_equal(x.image[0, 0].numpy(), L.astype(np.float32))
     assert x.detector.x0 == 1.5 and not x.detector.reverse_x_axis
-    x = read_xray_image(torch.from_numpy(I.astype(np.float32))[None, None], sdd=1000.0, pixel_spacing=0.3)
+    x = read_xray_image(torch.from_numpy(intensity.astype(np.float32))[None, None], sdd=1000.0, pixel_spacing=0.3)
     assert x.source == "<array>" and x.image.shape == (1, 1, H, W)
     with pytest.raises(XrayError, match="pixel_spacing="):
         read_xray_image(tmp_path / "x.npy", sdd=1000.0, pixel_spacing=0.0)
     with pytest.raises(XrayError, match="sdd="):
         read_xray_image(tmp_path / "x.npy", sdd=1.0, pixel_spacing=0.3)
-    rgb = np.stack([I // 256, I // 256 // 2, I // 256], -1).astype(np.uint8)
+    rgb = np.stack([intensity // 256, intensity // 256 // 2, intensity // 256], -1).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     with pytest.raises(XrayError, match="colour"):
         read_xray_image(tmp_path / "rgb.png", sdd=1000.0, pixel_spacing=0.3)

@@ -88,7 +88,7 @@ set +u
 set -u
 echo "[setup] C++ kernels"
 python - <<'PY'
-from xvr_ros.core import _ext
+from xvr_ros.core.render import _ext
 for name in ("trilinear", "siddon"):
     print(f"[setup]   {name}: {'compiled' if _ext.load(name) is not None else 'UNAVAILABLE (torch fallback)'}")
 PY

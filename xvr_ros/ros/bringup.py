@@ -65,6 +65,7 @@ class NodeSpec:
         cls: the :class:`rclpy.node.Node` subclass; it takes the node options as keyword
             arguments (``namespace``, ``parameter_overrides``, ``context``).
         executable: the executable installed in ``lib/xvr_ros`` (for ``ros2 run`` / launch).
+
     """
 
     name: str
@@ -139,7 +140,7 @@ def load_config(config: str | os.PathLike | Mapping | None = None) -> dict:
 
 
 def _key_regex(key: str) -> re.Pattern:
-    """rcl's node-key matching: '/**' = any number of segments, '*' = one segment (or part)."""
+    """Rcl's node-key matching: '/**' = any number of segments, '*' = one segment (or part)."""
     if not key.startswith("/"):
         key = "/" + key
     out, i = [], 0
@@ -378,7 +379,8 @@ def run_node(node_class: type, args: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m xvr_ros.ros.bringup",
-        description="Run the xvr_ros nodes in one process (what launch/intraop.launch.py starts as separate processes).",
+        description="Run the xvr_ros nodes in one process "
+        "(what launch/intraop.launch.py starts as separate processes).",
     )
     p.add_argument("--config", default=None, help=f"ROS 2 parameters file (default: {default_config_path()})")
     p.add_argument("--namespace", default="", help="namespace for all nodes (default: root)")

@@ -81,8 +81,11 @@ class PipelineClient:
         self.diagnostic_times: list[float] = []
         self.model_info = None
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        for kind, msg_type, qos in (("pose", PoseWithCovarianceStamped, reliable), ("result", RegistrationResult, reliable),
-                                    ("overlay", Image, reliable)):
+        for kind, msg_type, qos in (
+            ("pose", PoseWithCovarianceStamped, reliable),
+            ("result", RegistrationResult, reliable),
+            ("overlay", Image, reliable),
+        ):
             n.create_subscription(msg_type, self.topics[kind], self._keyed(kind), qos)
         n.create_subscription(TFMessage, self.topics["tf"], self._on_tf, QoSProfile(depth=100))
         n.create_subscription(DiagnosticArray, self.topics["diagnostics"], self._on_diag, QoSProfile(depth=100))
@@ -105,6 +108,7 @@ class PipelineClient:
             with self.lock:
                 self.got[kind].setdefault(stamp_key(msg.header.stamp), (t, msg))
             self._seen(kind, msg)
+
         return callback
 
     def _on_tf(self, msg):
@@ -147,8 +151,11 @@ class PipelineClient:
         """Until both image nodes subscribe to the inputs (and the Finetune server is up)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self.image_pub.get_subscription_count() >= 2 and self.info_pub.get_subscription_count() >= 2
-                    and (not action or self.finetune.server_is_ready())):
+            if (
+                self.image_pub.get_subscription_count() >= 2
+                and self.info_pub.get_subscription_count() >= 2
+                and (not action or self.finetune.server_is_ready())
+            ):
                 return True
             time.sleep(0.05)
         return False
@@ -175,12 +182,14 @@ class PipelineClient:
             return list(self.diagnostics[mark:])
 
     # ---- publishing -------------------------------------------------------------------------
-    def publish(self, counts: np.ndarray, detector, frame_id: str, encoding: str = "mono16") -> tuple[tuple[int, int], float]:
+    def publish(
+        self, counts: np.ndarray, detector, frame_id: str, encoding: str = "mono16"
+    ) -> tuple[tuple[int, int], float]:
         """CameraInfo then the Image (detector counts in ``encoding``) with one fresh stamp ->
         (stamp key, publish time)."""
         from std_msgs.msg import Header
 
-        from xvr_ros.core.session import encode_counts
+        from xvr_ros.core.sim.session import encode_counts
         from xvr_ros.ros import convert
 
         header = Header(stamp=self.node.get_clock().now().to_msg(), frame_id=frame_id)

@@ -48,8 +48,9 @@ from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from xvr_ros.core.geometry import Detector, invert
+from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.rotations import matrix_to_quaternion, quaternion_to_matrix
-from xvr_ros.core.xray import Xray, read_xray_image
 
 __all__ = [
     "MM_PER_M",
@@ -176,7 +177,8 @@ def transform_to_msg(T_mm) -> Transform:
     """(4, 4) transform in mm -> ``geometry_msgs/Transform`` in metres."""
     T = _as_pose(T_mm)
     p = mm_to_m(T[:3, 3])
-    return Transform(translation=Vector3(x=float(p[0]), y=float(p[1]), z=float(p[2])), rotation=_quaternion_msg(T[:3, :3]))
+    translation = Vector3(x=float(p[0]), y=float(p[1]), z=float(p[2]))
+    return Transform(translation=translation, rotation=_quaternion_msg(T[:3, :3]))
 
 
 def transform_from_msg(msg: Transform) -> torch.Tensor:
@@ -282,6 +284,7 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     Raises:
         ValueError: unsupported encoding, empty image, a ``step`` shorter than a row, or a data
             length other than ``step * height``.
+
     """
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     dtype, channels = _encoding_dtype(msg.encoding, bool(msg.is_bigendian))
@@ -292,9 +295,7 @@ def image_to_numpy(msg: Image) -> np.ndarray:
         raise ValueError(f"step {step} is shorter than a row of {width} {msg.encoding} pixels ({row} bytes)")
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size != step * height:
-        raise ValueError(
-            f"image data has {data.size} bytes, but {height} rows of step {step} need {step * height}"
-        )
+        raise ValueError(f"image data has {data.size} bytes, but {height} rows of step {step} need {step * height}")
     rows = np.ascontiguousarray(data.reshape(height, step)[:, :row])
     arr = rows.view(dtype).reshape(height, width, channels).astype(dtype.newbyteorder("="), copy=False)
     if channels == 1:
@@ -364,6 +365,7 @@ def detector_from_camera_info(info: CameraInfo, sdd_mm: float, *, orientation: s
     Raises:
         ValueError: non-zero distortion, binning or a partial ROI, skew, a ``K`` that is not a
             pinhole matrix with positive focal lengths, an empty size, or a bad ``sdd_mm``.
+
     """
     if not (isinstance(sdd_mm, (int, float)) and math.isfinite(sdd_mm) and sdd_mm > 0):
         raise ValueError(f"sdd_mm must be a positive distance in mm, got {sdd_mm!r}")
@@ -377,9 +379,13 @@ def detector_from_camera_info(info: CameraInfo, sdd_mm: float, *, orientation: s
             "X-ray registration needs an undistorted (rectified) image"
         )
     if int(info.binning_x) > 1 or int(info.binning_y) > 1:
-        raise ValueError(f"CameraInfo binning {info.binning_x}x{info.binning_y} is not supported (publish the binned K)")
+        raise ValueError(
+            f"CameraInfo binning {info.binning_x}x{info.binning_y} is not supported (publish the binned K)"
+        )
     roi = info.roi
-    if (roi.width or roi.height) and not (roi.x_offset == 0 and roi.y_offset == 0 and roi.width == width and roi.height == height):
+    if (roi.width or roi.height) and not (
+        roi.x_offset == 0 and roi.y_offset == 0 and roi.width == width and roi.height == height
+    ):
         raise ValueError("CameraInfo has a region of interest; publish the cropped image's own K instead")
     K = np.asarray(info.k, dtype=np.float64).reshape(3, 3)
     if not np.isfinite(K).all():
@@ -393,11 +399,22 @@ def detector_from_camera_info(info: CameraInfo, sdd_mm: float, *, orientation: s
     # Core pixel centres are at +0.5: u_core = u_ros + 0.5; K_core[0, 2] = W / 2 + x0 / delx.
     x0 = (cx + 0.5 - width / 2) * delx
     y0 = (cy + 0.5 - height / 2) * dely
-    return Detector(float(sdd_mm), height, width, float(delx), float(dely), float(x0), float(y0),
-                    reverse_x_axis=True, orientation=orientation)
+    return Detector(
+        float(sdd_mm),
+        height,
+        width,
+        float(delx),
+        float(dely),
+        float(x0),
+        float(y0),
+        reverse_x_axis=True,
+        orientation=orientation,
+    )
 
 
-def camera_info_from_detector(detector: Detector, header: Header | None = None, *, frame_id: str | None = None) -> CameraInfo:
+def camera_info_from_detector(
+    detector: Detector, header: Header | None = None, *, frame_id: str | None = None
+) -> CameraInfo:
     """Core ``Detector`` -> ``CameraInfo`` (ROS ``K``, ``P = [K | 0]``, ``R = I``, zero plumb_bob
     distortion). ``detector.reverse_x_axis`` must be True (the only proper optical frame).
     ``frame_id`` (the C-arm source's optical frame) overrides ``header.frame_id``."""
@@ -446,6 +463,7 @@ def xray_from_messages(
         ValueError: bad encoding/size/data (:func:`image_to_numpy`), bad intrinsics
             (:func:`detector_from_camera_info`), an image whose size differs from the
             ``CameraInfo``'s, NaN/inf pixels, or an intensity conversion that is impossible.
+
     """
     arr = image_to_numpy(image)
     detector = detector_from_camera_info(info, sdd_mm, orientation=orientation)

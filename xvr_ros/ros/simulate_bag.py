@@ -1,6 +1,6 @@
 """``xvr-ros simulate-bag``: a simulated fluoroscopy session written as a rosbag2 bag.
 
-The session is :mod:`xvr_ros.core.session` (a sweep, then zoomed and panned discrete shots, a
+The session is :mod:`xvr_ros.core.sim.session` (a sweep, then zoomed and panned discrete shots, a
 hand-held C-arm's jitter; Siddon at full resolution with the registration benchmark's domain
 shift). Per frame, on the topics the nodes subscribe to by default:
 
@@ -84,9 +84,9 @@ def simulate_bag(
     from geometry_msgs.msg import PoseStamped
     from std_msgs.msg import Header, String
 
-    from xvr_ros.core.render import Renderer
-    from xvr_ros.core.session import encode_counts, plan_session, render_session
-    from xvr_ros.core.volume import load_volume
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.render.renderer import Renderer
+    from xvr_ros.core.sim.session import encode_counts, plan_session, render_session
     from xvr_ros.ros import convert
 
     t0 = time.perf_counter()
@@ -99,8 +99,20 @@ def simulate_bag(
         bag.set_custom_data("xvr_ros.volume", str(volume_path))
         bag.set_custom_data("xvr_ros.volume_sha256", volume.sha256)
         bag.set_custom_data("xvr_ros.volume_frame", volume_frame)
-        bag.set_custom_data("xvr_ros.session", json.dumps(dict(frames=frames, fps=fps, size=size, seed=seed, labels=labels,
-                                                               faults=faults, labelmap=str(labelmap or ""))))
+        bag.set_custom_data(
+            "xvr_ros.session",
+            json.dumps(
+                dict(
+                    frames=frames,
+                    fps=fps,
+                    size=size,
+                    seed=seed,
+                    labels=labels,
+                    faults=faults,
+                    labelmap=str(labelmap or ""),
+                )
+            ),
+        )
         renderer = Renderer(volume, method="siddon", labels=labels, device=device)
         for fr in plan:
             render_session(renderer, [fr], seed=seed)
@@ -121,11 +133,13 @@ def simulate_bag(
                 bag.write(DEFAULT_TOPICS["image"], image, t_ns)
                 encodings[encoding] = encodings.get(encoding, 0) + 1
             optical = convert.optical_from_carm(fr.pose, fr.detector)
-            bag.write(DEFAULT_TOPICS["ground_truth"], PoseStamped(header=Header(stamp=stamp, frame_id=volume_frame),
-                                                                  pose=convert.pose_to_msg(optical)), t_ns)
+            bag.write(
+                DEFAULT_TOPICS["ground_truth"],
+                PoseStamped(header=Header(stamp=stamp, frame_id=volume_frame), pose=convert.pose_to_msg(optical)),
+                t_ns,
+            )
             if faults and fr.index % 5 == 0:
                 bag.write("/carm/status", String(data=f"frame {fr.index}: {fr.segment}"), t_ns + 1)
             if progress is not None:
                 progress(fr.index + 1, frames)
     return SimulatedBag(Path(out), frames, plan[-1].time, encodings, bad, time.perf_counter() - t0)
-

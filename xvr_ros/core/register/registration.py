@@ -21,41 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint
-from .geometry import Detector, carm_parameters, carm_pose
-from .refine import RefineResult, auto_scales, refine
-from .render import Renderer
-from .train import predict
-from .xray import Xray, positioner_prior, resample_to_intrinsics
-
-
-def canonical_detector(checkpoint: Checkpoint) -> Detector:
-    """The detector a checkpoint's network was trained on (xvr config: sdd, height, delx, ...)."""
-    c = checkpoint.config
-    meta = checkpoint.metadata.get("intrinsics", {})
-    height = int(meta.get("height", c["height"]))
-    return Detector(
-        sdd=float(meta.get("sdd", c.get("sdd", 1020.0))),
-        height=height,
-        width=int(meta.get("width", height)),
-        delx=float(meta.get("delx", c.get("delx", 2.0))),
-        dely=float(meta.get("dely", meta.get("delx", c.get("delx", 2.0)))),
-        reverse_x_axis=bool(meta.get("reverse_x_axis", c.get("reverse_x_axis", False))),
-        orientation=meta.get("orientation", c.get("orientation", "AP")),
-    )
-
-
-def predict_initial_pose(checkpoint: Checkpoint, image: torch.Tensor, detector: Detector) -> torch.Tensor:
-    """(B, 1, H, W) X-ray at ``detector``'s intrinsics -> (B, 4, 4) network pose estimate (mm).
-
-    The image is first resampled to the network's canonical intrinsics (Eq. 26; pixels that fall
-    outside the X-ray are left at zero), which also mirrors it when the network was trained with
-    the other x-axis convention.
-    """
-    device = next(checkpoint.model.parameters()).device
-    canonical = canonical_detector(checkpoint)
-    resampled, _ = resample_to_intrinsics(image.to(device=device, dtype=torch.float32), detector, canonical)
-    return predict(checkpoint, resampled)
+from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
+from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.io.xray_dicom import positioner_prior
+from xvr_ros.core.model.checkpoint import Checkpoint
+from xvr_ros.core.model.inference import predict_initial_pose
+from xvr_ros.core.register.refine import RefineResult, auto_scales, refine
+from xvr_ros.core.render.renderer import Renderer
 
 
 def initial_pose_from_positioner(xray: Xray) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rotations
-from .geometry import pose_from_parameters
+from xvr_ros.core import rotations
+from xvr_ros.core.geometry import pose_from_parameters
 
 __all__ = [
     "MODEL_NAMES",
@@ -258,6 +258,7 @@ class PoseRegressor(nn.Module):
         height: side of the square network input (recorded for :func:`normalize_xray`; the
             architecture itself accepts any size).
         unit_conversion_factor: multiplies the xyz head's output to give mm (1000: metres).
+
     """
 
     def __init__(
@@ -333,6 +334,7 @@ def normalize_xray(img: torch.Tensor, height: int, eps: float = 1e-6) -> torch.T
 
     Returns:
         (B, C, height, height) tensor of ``img``'s floating dtype.
+
     """
     if img.ndim != 4:
         raise ValueError(f"normalize_xray: expected (B, C, H, W), got shape {tuple(img.shape)}")

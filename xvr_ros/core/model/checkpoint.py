@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .files import atomic_path
-from .network import PoseRegressor
+from xvr_ros.core.io.files import atomic_path
+from xvr_ros.core.model.network import PoseRegressor
 
 __all__ = [
     "CheckpointError",
@@ -128,6 +128,7 @@ class Checkpoint:
         model_number: xvr's checkpoint counter; None if absent.
         raw: the whole loaded dict (``optimizer_state_dict``, ``scheduler_state_dict`` for resuming).
         path: the file it came from.
+
     """
 
     model: PoseRegressor
@@ -238,6 +239,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Checkpoint:
         CheckpointError: missing file; not a torch file, truncated or corrupt; a pickled global
             outside the allow-list (named); no ``config`` / ``model_state_dict``; unknown model name
             or parameterisation; weights that do not fit the network (a few keys listed).
+
     """
     path = Path(path)
     if not path.exists():
@@ -350,7 +352,7 @@ def _check_safe(obj: Any, where: str) -> None:
 
 
 def config_from_model(model: PoseRegressor, **extra) -> dict:
-    """xvr config for ``model``: :data:`DEFAULT_CONFIG`, then ``extra``, then the model's architecture.
+    """Xvr config for ``model``: :data:`DEFAULT_CONFIG`, then ``extra``, then the model's architecture.
 
     ``extra`` carries the training settings (``sdd``, ``delx``, pose ranges, ``batch_size``, ...);
     an ``extra`` architecture key that disagrees with the model raises CheckpointError.
@@ -417,6 +419,7 @@ def save_checkpoint(
     Raises:
         CheckpointError: a value that :func:`load_checkpoint` would refuse (named by its position),
             or a config that contradicts the model.
+
     """
     path = Path(path)
     if not isinstance(model, PoseRegressor):

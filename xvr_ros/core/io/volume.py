@@ -89,6 +89,7 @@ class Volume:
         sha256: hex digest of the image file bytes (for a DICOM directory: of the slice files'
             bytes in sorted slice order).
         modality: "CT" or "MR".
+
     """
 
     data: torch.Tensor
@@ -214,6 +215,7 @@ class Volume:
         ``f*i' .. f*i' + f - 1`` and is centred at old index ``f*i' + (f - 1)/2``; the affine is
         updated so that this holds in world mm. Labels take the old voxel nearest the new centre
         (the lower one on a tie, clamped to the grid).
+
         """
         f = _check_factors(factors)
         if f == (1, 1, 1):
@@ -321,6 +323,7 @@ def hu_to_attenuation(
 
     Returns:
         float32 tensor, same shape as ``hu``.
+
     """
     if method not in _HU_METHODS:
         raise VolumeError(
@@ -396,6 +399,7 @@ def load_volume(
 
     Raises:
         VolumeError: with the path and what is wrong.
+
     """
     # Validate cheap arguments before reading a possibly large file.
     want = _check_modality_arg(modality)

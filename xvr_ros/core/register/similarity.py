@@ -3,7 +3,8 @@
 All functions take two batches of images ``(B, C, H, W)`` (the fixed X-ray may have ``B = 1`` and
 is then broadcast) and an optional validity ``mask`` ``(B or 1, 1, H, W)``, bool or float in
 ``[0, 1]``, and return a ``(B,)`` similarity: higher is better, 1 for images identical up to a
-positive affine change of intensity (``a x + b``, ``a > 0``), -1 for a negated image. Channels (label channels) are averaged.
+positive affine change of intensity (``a x + b``, ``a > 0``), -1 for a negated image. Channels (label channels)
+are averaged.
 
 - :func:`ncc`: global normalised cross-correlation.
 - :func:`patch_ncc`: NCC in every ``k x k`` window (stride 1), averaged over the windows.
@@ -204,9 +205,7 @@ def gradncc(
     return _gradncc(x, y, w, patch_size, sigma, eps)
 
 
-def mncc_gradncc(
-    x: torch.Tensor, y: torch.Tensor, mask=None, sigma: float = 1.0, eps: float = EPS
-) -> torch.Tensor:
+def mncc_gradncc(x: torch.Tensor, y: torch.Tensor, mask=None, sigma: float = 1.0, eps: float = EPS) -> torch.Tensor:
     """``0.5 * mncc(9x9) + 0.5 * gradncc(11x11)``, the default. (B, C, H, W) x2 -> (B,)"""
     x, y, w = _prepare(x, y, mask)
     xc, yc, vx, vy, cxy, total = _global_stats(x, y, w)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import siddon, trilinear
-from .geometry import Detector, transform_points
-from .volume import Volume
+from xvr_ros.core.geometry import Detector, transform_points
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.render import siddon, trilinear
 
 METHODS = ("trilinear", "siddon")
 
@@ -57,6 +57,7 @@ class Renderer(torch.nn.Module):
         device, dtype: where and in what precision to render.
         backend: ``"auto"`` (the compiled kernel on the CPU when it is built, torch otherwise) or
             ``"torch"`` (always the pure-torch integrators, e.g. to compare).
+
     """
 
     def __init__(

@@ -64,9 +64,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import similarity as sim_mod
-from .geometry import Detector, carm_parameters, carm_pose, invert, make_pose
-from .rotations import se3_exp
+from xvr_ros.core.geometry import (
+    Detector,
+    carm_parameters,
+    carm_pose,
+    invert,
+    make_pose,
+)
+from xvr_ros.core.register import similarity as sim_mod
+from xvr_ros.core.rotations import se3_exp
 
 __all__ = ["LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales", "pyramid", "refine"]
 
@@ -295,6 +301,7 @@ def refine(
 
     Raises:
         ValueError: invalid input only (shapes, NaN/inf, an empty mask, bad options).
+
     """
     t_start = time.perf_counter()
     init_pose, scales = _check_inputs(xray, detector, init_pose, mask, scales, parameterization)

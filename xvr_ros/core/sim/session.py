@@ -10,7 +10,7 @@ both show the nodes the same kind of session:
 
 The C-arm is hand-held: every frame carries a slow random-walk drift plus tremor. Each frame is
 rendered with Siddon at the detector's full resolution with the registration benchmark's domain
-shift (:func:`~xvr_ros.core.simulate.simulate_xray`: noise, blur, gamma/contrast, collimation, an
+shift (:func:`~xvr_ros.core.sim.simulate.simulate_xray`: noise, blur, gamma/contrast, collimation, an
 object that is not in the CT), and turned into detector counts ``I = I0 exp(-L)`` as a flat panel
 delivers them. Everything is a function of ``seed``.
 
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import Detector, carm_pose
-from .render import Renderer
-from .simulate import CHEST_RANGES, simulate_xray
-from .volume import Volume
+from xvr_ros.core.geometry import Detector, carm_pose
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.render.renderer import Renderer
+from xvr_ros.core.sim.simulate import CHEST_RANGES, simulate_xray
 
 __all__ = ["I0", "SessionFrame", "detectors", "encode_counts", "plan_session", "render_session", "to_counts"]
 
@@ -153,10 +153,19 @@ def render_session(
     ``volume``: the CT or a Siddon renderer of it; ``labels``: render only these structures
     (needs the volume's label map).
     """
-    renderer = volume if isinstance(volume, Renderer) else Renderer(volume, method="siddon", labels=labels, device=device)
+    if isinstance(volume, Renderer):
+        renderer = volume
+    else:
+        renderer = Renderer(volume, method="siddon", labels=labels, device=device)
     for fr in frames:
-        sim = simulate_xray(renderer, fr.pose[None].to(renderer.dtype), fr.detector, seed=seed * 1000 + fr.index,
-                            collimation="random", foreign_object="random")
+        sim = simulate_xray(
+            renderer,
+            fr.pose[None].to(renderer.dtype),
+            fr.detector,
+            seed=seed * 1000 + fr.index,
+            collimation="random",
+            foreign_object="random",
+        )
         fr.intensity = to_counts(sim.image[0, 0], sim.valid_mask[0, 0])
     return frames
 

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from xvr_ros.core.render import _ext
 
 __all__ = ["line_integrals", "line_integrals_reference", "kernel_available"]
 
@@ -161,6 +161,7 @@ def line_integrals(
     :func:`line_integrals_reference`. Gradients flow to ``source`` and ``target``; a gradient for
     ``volume`` is only produced by the reference path, which is therefore used whenever
     ``volume.requires_grad`` under grad mode.
+
     """
     sp, step = _check(volume, source, target, spacing, step)
     needs_volume_grad = volume.requires_grad and torch.is_grad_enabled()
@@ -222,7 +223,7 @@ def _clip_rays(source, target, shape, spacing, step):
 
 
 def _chunk_integrals(inp, s, t, a0, a1, n, k0: int, k1: int):
-    """h * sum_{k0 <= k < min(k1, n)} f(p_k) for a chunk of rays: (R, C)."""
+    """H * sum_{k0 <= k < min(k1, n)} f(p_k) for a chunk of rays: (R, C)."""
     dtype = inp.dtype
     wd = a0.dtype
     D0, D1, D2 = inp.shape[2:]

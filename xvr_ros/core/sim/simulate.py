@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import Detector, carm_parameters, carm_pose
-from .render import Renderer
-from .volume import Volume
+from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.render.renderer import Renderer
 
 __all__ = ["CHEST_RANGES", "SimulatedXray", "perturb_poses", "random_carm_poses", "simulate_xray"]
 
@@ -264,7 +264,7 @@ def simulate_xray(
     """Render target X-rays at ``pose`` (B, 4, 4) with domain shift (see the module docstring).
 
     Args:
-        volume: the CT, or a Siddon :class:`~xvr_ros.core.render.Renderer` of it (reuse one
+        volume: the CT, or a Siddon :class:`~xvr_ros.core.render.renderer.Renderer` of it (reuse one
             across calls to skip the set-up).
         pose: (B, 4, 4) or (4, 4) true poses, mm.
         detector: rendered at its full resolution.
@@ -279,6 +279,7 @@ def simulate_xray(
 
     Returns:
         :class:`SimulatedXray` with float32 ``image`` and bool ``valid_mask``, both (B, 1, H, W).
+
     """
     if isinstance(volume, Renderer):
         renderer = volume

@@ -32,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from xvr_ros.core import _ext
+from xvr_ros.core.render import _ext
 
 __all__ = ["kernel_available", "line_integrals", "line_integrals_reference"]
 
@@ -115,6 +115,7 @@ def line_integrals(volume: torch.Tensor, source: torch.Tensor, target: torch.Ten
     :func:`line_integrals_reference`. Gradients flow to ``source`` and ``target``; a gradient
     for ``volume`` is only produced by the reference, which is therefore used whenever
     ``volume.requires_grad`` under grad mode (slow: ~50x the kernel's time).
+
     """
     _validate(volume, source, target)
     needs_volume_grad = volume.requires_grad and torch.is_grad_enabled()

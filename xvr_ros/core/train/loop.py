@@ -25,114 +25,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from . import metrics, similarity
-from .checkpoint import config_from_model, load_checkpoint, save_checkpoint
-from .geometry import Detector, carm_parameters, carm_pose, invert
-from .network import PoseRegressor, normalize_xray
-from .render import Renderer
-from .rotations import so3_log
-from .volume import Volume
-
-# Table S2 of the paper: uniform ranges per C-arm parameter, (degrees, degrees, degrees, mm, mm, mm).
-PRESETS: dict[str, dict[str, tuple[float, float]]] = {
-    "foundation": dict(alpha=(-180, 180), beta=(-60, 60), gamma=(-30, 30), x=(-150, 150), y=(450, 1000), z=(-150, 150)),
-    "pelvis": dict(alpha=(135, 225), beta=(-45, 45), gamma=(-15, 15), x=(-150, 150), y=(450, 1000), z=(-150, 150)),
-    "femur": dict(alpha=(75, 270), beta=(-20, 20), gamma=(-20, 20), x=(-75, 75), y=(650, 950), z=(-100, 100)),
-    "neuro": dict(alpha=(-45, 90), beta=(-5, 5), gamma=(-5, 5), x=(-25, 25), y=(700, 800), z=(-25, 25)),
-    "skull": dict(alpha=(55, 305), beta=(-45, 45), gamma=(-15, 15), x=(-200, 200), y=(500, 1000), z=(-200, 200)),
-    # Not in the paper: frontal chest views around AP, used by the demo and the benchmarks.
-    "chest": dict(alpha=(-30, 30), beta=(-15, 15), gamma=(-10, 10), x=(-30, 30), y=(750, 950), z=(-30, 30)),
-}
-PARAMETERS = ("alpha", "beta", "gamma", "x", "y", "z")
-
-
-def resolve_ranges(preset: str | None = None, ranges: dict | None = None) -> dict[str, tuple[float, float]]:
-    """A preset's ranges, with any of them overridden by ``ranges`` (degrees / mm)."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or give ranges")
-    out = dict(PRESETS[preset]) if preset else {}
-    for key, value in (ranges or {}).items():
-        if key not in PARAMETERS:
-            raise ValueError(f"unknown pose parameter {key!r}; ranges use {PARAMETERS}")
-        out[key] = (float(value[0]), float(value[1]))
-    missing = [p for p in PARAMETERS if p not in out]
-    if missing:
-        raise ValueError(f"pose ranges missing for {missing}: give a preset or all six ranges")
-    for key, (lo, hi) in out.items():
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise ValueError(f"pose range for {key} must be finite with lo <= hi, got ({lo}, {hi})")
-    return out
-
-
-def sample_poses(ranges: dict, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """Uniform C-arm parameters within ``ranges`` -> (n, 4, 4) poses (mm)."""
-    lo = torch.tensor([ranges[p][0] for p in PARAMETERS], dtype=torch.float64)
-    hi = torch.tensor([ranges[p][1] for p in PARAMETERS], dtype=torch.float64)
-    u = torch.rand(n, 6, generator=generator, dtype=torch.float64)
-    params = lo + u * (hi - lo)
-    return carm_pose(params[:, :3], params[:, 3:], degrees=True).to(device=device, dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Intensity augmentations (on min-max scaled images in [0, 1])
-# --------------------------------------------------------------------------------------------
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    k = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device).square() / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-
-
-def augment(img: torch.Tensor, generator: torch.Generator, p: float = 0.333) -> torch.Tensor:
-    """Random intensity augmentations of (B, 1, H, W) images scaled to [0, 1], each with probability p.
-
-    Noise, local contrast equalisation, blur, sharpen, gamma, random rectangular masking and
-    simulated collimation — never geometric.
-    """
-    B, _, H, W = img.shape
-    out = []
-    for x in img.split(1):
-        def coin():
-            return float(torch.rand((), generator=generator)) < p
-
-        def uniform(lo, hi):
-            return lo + (hi - lo) * float(torch.rand((), generator=generator))
-
-        if coin():  # gamma: detectors and post-processing bend the intensity curve
-            x = x.clamp(min=0) ** uniform(0.7, 1.8)
-        if coin():  # local contrast equalisation, as CLAHE-like post-processing does
-            local = _gaussian_blur(x, uniform(4, 12))
-            x = (x + uniform(0.5, 2.0) * (x - local)).clamp(0, 1)
-        if coin():
-            x = _gaussian_blur(x, uniform(0.5, 1.5))
-        if coin():  # sharpen (unsharp mask)
-            x = (x + uniform(0.3, 1.0) * (x - _gaussian_blur(x, 1.0))).clamp(0, 1)
-        if coin():
-            x = x + uniform(0.005, 0.03) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        if coin():  # random rectangular masking (erasing)
-            h, w = int(uniform(0.05, 0.3) * H), int(uniform(0.05, 0.3) * W)
-            r, c = int(uniform(0, H - h)), int(uniform(0, W - w))
-            x = x.clone()
-            x[..., r : r + h, c : c + w] = uniform(0, 1)
-        if coin():  # simulated collimation: zero a margin on each side
-            m = [int(uniform(0, 0.12) * s) for s in (H, H, W, W)]
-            x = x.clone()
-            x[..., : m[0], :] = 0
-            x[..., H - m[1] :, :] = 0
-            x[..., :, : m[2]] = 0
-            x[..., :, W - m[3] :] = 0
-        out.append(x)
-    return torch.cat(out)
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(1)
-    lo = flat.amin(1).view(-1, 1, 1, 1)
-    hi = flat.amax(1).view(-1, 1, 1, 1)
-    return (x - lo) / (hi - lo + 1e-6)
+from xvr_ros.core import metrics
+from xvr_ros.core.geometry import Detector, carm_parameters
+from xvr_ros.core.io.volume import Volume
+from xvr_ros.core.metrics import body_points
+from xvr_ros.core.model.checkpoint import (
+    config_from_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from xvr_ros.core.model.network import PoseRegressor, normalize_xray
+from xvr_ros.core.register import similarity
+from xvr_ros.core.render.renderer import Renderer
+from xvr_ros.core.rotations import so3_log
+from xvr_ros.core.train.augment import augment, minmax
+from xvr_ros.core.train.presets import resolve_ranges, sample_poses
 
 
 def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -206,18 +114,6 @@ def _lr(config: TrainConfig, step: int, fraction: float) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
 
-
-def body_points(volume: Volume, n: int = 200, seed: int = 0, labels: list[int] | None = None) -> torch.Tensor:
-    """(n, 3) world-mm points at random voxels inside the body (or the selected labels)."""
-    if labels:
-        inside = volume.label_mask(labels)
-    else:
-        # Above the median attenuation of non-air voxels: soft tissue and bone, not the lungs.
-        inside = volume.data > volume.data[volume.data > 0].median()
-    idx = inside.nonzero()
-    gen = torch.Generator().manual_seed(seed)
-    pick = idx[torch.randint(len(idx), (n,), generator=gen)].to(torch.float64)
-    return volume.index_to_world(pick)
 
 
 def _render_pair(renderer: Renderer, pose: torch.Tensor, detector: Detector, channels: bool):
@@ -316,7 +212,9 @@ def train(
     elif base is not None:
         model = load_checkpoint(base, map_location=device).model
     else:
-        model = PoseRegressor(config.model_name, config.parameterization, config.convention, config.norm_layer, config.height)
+        model = PoseRegressor(
+            config.model_name, config.parameterization, config.convention, config.norm_layer, config.height
+        )
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if raw.get("optimizer_state_dict"):
@@ -330,11 +228,26 @@ def train(
 
     def metadata(validation=None):
         return {
-            "volume": {"path": volume.source, "sha256": volume.sha256, "shape": list(volume.shape), "spacing_mm": volume.spacing.tolist()},
+            "volume": {
+                "path": volume.source,
+                "sha256": volume.sha256,
+                "shape": list(volume.shape),
+                "spacing_mm": volume.spacing.tolist(),
+            },
             "labels": config.labels,
             "preset": config.preset,
             "ranges": {k: list(v) for k, v in config.ranges.items()},
-            "intrinsics": {"sdd": detector.sdd, "height": detector.height, "width": detector.width, "delx": detector.delx, "dely": detector.dely, "x0": 0.0, "y0": 0.0, "reverse_x_axis": detector.reverse_x_axis, "orientation": detector.orientation},
+            "intrinsics": {
+                "sdd": detector.sdd,
+                "height": detector.height,
+                "width": detector.width,
+                "delx": detector.delx,
+                "dely": detector.dely,
+                "x0": 0.0,
+                "y0": 0.0,
+                "reverse_x_axis": detector.reverse_x_axis,
+                "orientation": detector.orientation,
+            },
             "network": model.architecture,
             "train_config": {k: v for k, v in asdict(config).items() if k != "ranges"},
             "base_checkpoint": str(base) if base else None,
@@ -349,10 +262,23 @@ def train(
 
     def write(validation=None):
         xvr_config = config_from_model(
-            model, delx=detector.delx, sdd=detector.sdd, orientation=detector.orientation,
-            reverse_x_axis=detector.reverse_x_axis, batch_size=config.batch_size, lr=config.lr,
-            **{f"{k}{m}": (config.ranges[k][0] if m == "min" else config.ranges[k][1]) for k in ("alpha", "beta", "gamma") for m in ("min", "max")},
-            **{f"t{k}{m}": (config.ranges[k][0] if m == "min" else config.ranges[k][1]) for k in ("x", "y", "z") for m in ("min", "max")},
+            model,
+            delx=detector.delx,
+            sdd=detector.sdd,
+            orientation=detector.orientation,
+            reverse_x_axis=detector.reverse_x_axis,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            **{
+                f"{k}{m}": (config.ranges[k][0] if m == "min" else config.ranges[k][1])
+                for k in ("alpha", "beta", "gamma")
+                for m in ("min", "max")
+            },
+            **{
+                f"t{k}{m}": (config.ranges[k][0] if m == "min" else config.ranges[k][1])
+                for k in ("x", "y", "z")
+                for m in ("min", "max")
+            },
         )
         save_checkpoint(out, model, xvr_config, metadata=metadata(validation), optimizer=optimizer, itr=step)
 
@@ -383,7 +309,7 @@ def train(
         true = sample_poses(config.ranges, config.batch_size, gen, device)
         with torch.no_grad():
             img, masks = _render_pair(renderer, true, detector, channels)
-        x = normalize_xray(augment(_minmax(img), gen, config.augment_p), config.height)
+        x = normalize_xray(augment(minmax(img), gen, config.augment_p), config.height)
         pred = model(x)
         losses = {"dgeo": metrics.dgeo(true, pred, config.sdd, eps=1e-4).mean()}
         if config.w_ncc > 0 or channels:
@@ -392,7 +318,11 @@ def train(
                 losses["ncc"] = (1 - similarity.mncc(img_hat, img)).mean()
             if channels:
                 losses["dice"] = soft_dice_loss(masks_hat, masks).mean()
-        loss = config.w_geo * losses["dgeo"] + config.w_ncc * losses.get("ncc", 0.0) + config.w_dice * losses.get("dice", 0.0)
+        loss = (
+            config.w_geo * losses["dgeo"]
+            + config.w_ncc * losses.get("ncc", 0.0)
+            + config.w_dice * losses.get("dice", 0.0)
+        )
         optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -403,7 +333,16 @@ def train(
             done = fraction()
             elapsed = elapsed_before + time.perf_counter() - t0
             eta = elapsed / done * (1 - done) if done > 0 else None
-            progress(Progress(step, config.max_steps, elapsed, eta, {k: float(v.detach()) for k, v in losses.items()} | {"total": float(loss.detach())}, lr))
+            progress(
+                Progress(
+                    step,
+                    config.max_steps,
+                    elapsed,
+                    eta,
+                    {k: float(v.detach()) for k, v in losses.items()} | {"total": float(loss.detach())},
+                    lr,
+                )
+            )
         if config.validation_interval and time.perf_counter() - last_validation > config.validation_interval:
             history.append(curve_point(validate(model, renderer, config, points)))
             last_validation = time.perf_counter()
@@ -415,19 +354,3 @@ def train(
     history.append(curve_point(validation))
     write(validation)
     return TrainResult(out, step, elapsed_before + time.perf_counter() - t0, cancelled, validation, history)
-
-
-def predict(checkpoint, image: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) X-rays already at the checkpoint's canonical intrinsics -> (B, 4, 4) poses (mm).
-
-    Poses of a foundation model are in its template's frame; they are mapped into the patient's
-    world through the inverse of the checkpoint's ``patient_to_template`` transform.
-    """
-    model = checkpoint.model
-    with torch.no_grad():
-        pose = model(normalize_xray(image, model.height))
-    p2t = checkpoint.metadata.get("patient_to_template")
-    if p2t is not None:
-        pose = invert(torch.as_tensor(p2t, dtype=pose.dtype, device=pose.device)) @ pose
-    return pose
-

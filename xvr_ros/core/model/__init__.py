@@ -1,0 +1,1 @@
+"""The pose-regression network, its checkpoints and inference."""

@@ -1,0 +1,1 @@
+"""Intraoperative registration: similarity, refinement, the registration entry point."""

@@ -1,0 +1,1 @@
+"""The differentiable DRR renderer and its ray-integration kernels (C++ and torch)."""

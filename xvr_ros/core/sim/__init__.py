@@ -1,0 +1,1 @@
+"""The X-ray simulator: single degraded X-rays and fluoroscopy sessions."""

@@ -1,0 +1,1 @@
+"""Self-supervised training: pose presets, augmentations, the training loop."""
