@@ -4,12 +4,16 @@ ENV := source tools/env.sh &&
 # Run from outside the repo root so the source tree never shadows the colcon-installed package.
 PYTEST := $(ENV) cd test && python -m pytest -p no:cacheprovider --import-mode=importlib
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup:
 	@tools/setup.sh
 
-test: setup
+# Lint first: pycodestyle, pyflakes, import order and pep257 docstrings, as ament_flake8/ament_pep257 (ruff.toml).
+lint: setup
+	@$(ENV) ruff check --no-cache . && echo "lint: clean"
+
+test: setup lint
 	@$(PYTEST) -q $(PYTEST_ARGS) .
 
 demo: setup

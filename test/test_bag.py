@@ -1,4 +1,4 @@
-"""Tests for xvr_ros.ros.bag (rosbag2 I/O) and xvr_ros.ros.simulate_bag."""
+"""Tests for xvr_ros.ros.tools.bag (rosbag2 I/O) and xvr_ros.ros.tools.simulate_bag."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from tf2_msgs.msg import TFMessage
 from xvr_ros.core.geometry import Detector, carm_pose
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
-from xvr_ros.ros.bag import BagError, BagWriter, bag_info, msgtype_of, read_messages
-from xvr_ros.ros.simulate_bag import (
+from xvr_ros.ros.tools.bag import BagError, BagWriter, bag_info, msgtype_of, read_messages
+from xvr_ros.ros.tools.simulate_bag import (
     DEFAULT_TOPICS,
     encoding_of,
     fault_frames,

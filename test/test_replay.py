@@ -1,4 +1,4 @@
-"""Tests for xvr_ros.ros.replay (``xvr-ros replay``): a simulated bag through the in-process nodes."""
+"""Tests for xvr_ros.ros.tools.replay (``xvr-ros replay``): a simulated bag through the in-process nodes."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from test_train import RANGES, blobs
 
 from xvr_ros.core.io.volume import load_volume
 from xvr_ros.core.train.loop import TrainConfig, train
-from xvr_ros.ros.bag import BagWriter, bag_info, read_messages
-from xvr_ros.ros.replay import ReplayError, replay
-from xvr_ros.ros.simulate_bag import simulate_bag
+from xvr_ros.ros.tools.bag import BagWriter, bag_info, read_messages
+from xvr_ros.ros.tools.replay import ReplayError, replay
+from xvr_ros.ros.tools.simulate_bag import simulate_bag
 
 FAST_NODES = {"refiner": {"time_budget": 1.5, "overlay_max_size": 64}, "pose_estimator": {"camera_info_timeout": 0.5}}
 

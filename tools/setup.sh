@@ -80,6 +80,8 @@ colcon --log-base log build --symlink-install --event-handlers console_direct- \
   --base-paths . "${extra_paths[@]}" \
   --cmake-args -DPython3_EXECUTABLE="$(which python)" -DPython3_NumPy_INCLUDE_DIR="$NPLINK" -DBUILD_TESTING=OFF >/dev/null 2>&1 \
   || { echo "[setup] colcon build failed; see log/latest_build"; exit 1; }
+# A symlink install keeps links to sources that were moved or deleted since: drop them.
+find install -xtype l -delete
 
 # colcon's setup scripts read unset variables.
 set +u

@@ -243,8 +243,8 @@ def cmd_demo(a) -> int:
 
 
 def cmd_simulate_bag(a) -> int:
-    from xvr_ros.ros.bag import BagError
-    from xvr_ros.ros.simulate_bag import simulate_bag
+    from xvr_ros.ros.tools.bag import BagError
+    from xvr_ros.ros.tools.simulate_bag import simulate_bag
 
     def progress(i, n):
         print(f"\rrendering frame {i}/{n}", end="" if i < n else "\n", flush=True)
@@ -278,7 +278,7 @@ def cmd_simulate_bag(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from xvr_ros.ros.replay import ReplayError, format_summary, format_table, replay
+    from xvr_ros.ros.tools.replay import ReplayError, format_summary, format_table, replay
 
     try:
         report = replay(

@@ -15,7 +15,7 @@
    are measured from the image's publication. A table, a summary and overlay PNGs are written.
 
 The rclpy side of a user's application (publishers, subscribers, the action client) is
-:class:`xvr_ros.ros.client.PipelineClient`.
+:class:`xvr_ros.ros.tools.client.PipelineClient`.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def run_demo(
     from xvr_ros.core.metrics import body_points, mtre, smsr
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import running
-    from xvr_ros.ros.client import PipelineClient, isolated_ros_default, overlay_rgb
-    from xvr_ros.ros.replay import number, percentile
+    from xvr_ros.ros.tools.client import PipelineClient, isolated_ros_default, overlay_rgb
+    from xvr_ros.ros.tools.replay import number, percentile
 
     t_start = time.perf_counter()
     out = Path(out)

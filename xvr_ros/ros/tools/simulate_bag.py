@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from xvr_ros.ros.bag import BagWriter
+from xvr_ros.ros.tools.bag import BagWriter
 
 __all__ = ["DEFAULT_TOPICS", "EPOCH_NS", "SimulatedBag", "simulate_bag"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xvr_ros.ros.bag import BagError, BagWriter, bag_info, read_messages
+from xvr_ros.ros.tools.bag import BagError, BagWriter, bag_info, read_messages
 
 __all__ = ["FrameReport", "ReplayError", "ReplayReport", "replay"]
 
@@ -341,7 +341,7 @@ def replay(
     from xvr_ros.core.metrics import body_points
     from xvr_ros.ros import convert
     from xvr_ros.ros.bringup import ConfigError, plan, running
-    from xvr_ros.ros.client import (
+    from xvr_ros.ros.tools.client import (
         INPUT_TOPICS,
         PipelineClient,
         isolated_ros_default,

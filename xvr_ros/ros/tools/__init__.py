@@ -1,0 +1,1 @@
+"""Tools around the nodes: bags, simulated sessions, replay with scoring, a pipeline client."""
