@@ -1,84 +1,68 @@
-"""Registration benchmark (``make bench``): accuracy and speed of ``refine`` on simulated targets.
+"""Registration benchmark (``make bench``): accuracy and speed of ``register`` on X-rays as a C-arm delivers them.
 
 Prints one ``BENCH <name> <value> <unit>`` line per figure.
 
 Set-up (all seeded, so every run sees the same cases):
 
 - Volume: the demo chest CT (``load_volume(*demo_ct_path())``, linear HU -> attenuation).
-- Detector: 256 x 256 pixels of 1.0 mm, SDD 1020 mm (a 256 mm panel; ~210 mm field of view at
-  the isocenter).
-- Targets: ``--n`` (default 50) poses uniform in alpha ±30°, beta ±15°, gamma ±10°, x, z ±30 mm,
-  y 750..950 mm (``simulate.CHEST_RANGES``), rendered with Siddon at full resolution with the
-  default domain shift of ``simulate.simulate_xray`` (gamma 0.8..1.25, contrast, offset, Poisson
-  noise 3e3..3e4 photons, PSF blur 0.3..1 px, a background ramp, a random collimator edge or
-  rectangle, a random wire or screw that is not in the CT). The refinement renders with the
-  trilinear renderer (a different integrator on a coarser volume level: no inverse crime).
-- Initial poses: the truth perturbed in the C-arm frame as a pose-regression network errs
-  (``simulate.perturb_poses``: rotations ±5° per axis, in-plane ±15 mm, depth ±40 mm).
-- Fiducials: 100 voxel centres drawn (seed 0) from the CT's label map (anatomical structures).
-- mTRE (``metrics.mtre``), SMSR = % of cases with mTRE < 1 mm, time = wall time of one
-  ``refine`` call (one target at a time, after a warm-up that builds the renderer's volume
-  levels).
-- Baseline, in the same process: xvr's ``register`` defaults (one scale at 1/8 resolution,
-  mNCC + gradNCC with no smoothing, Euler ZXY, Adam 1e-2 rad / 1.0 mm, plateau patience 5,
-  threshold 1e-4, stop after 2 plateaus, at most 500 iterations), with the same renderer and
-  similarity code (``baseline_xvr``: 32 px here), and the same at 64 px (``baseline_xvr_64px``:
-  the image size xvr's defaults give a 512 px X-ray).
+- Detectors: ``512`` (512 x 512 px of 0.582 mm), ``448x512`` (448 x 512 px of 0.582 mm, as
+  DeepFluoro) and ``1024`` (a 1024 x 1024 px flat panel of 0.3 mm), SDD 1020 mm, each case with
+  its own principal point up to 10 mm off centre.
+- Targets: ``--n`` (default 20) poses per detector from the ``chest`` preset
+  (``presets.sample_poses``), rendered with Siddon at full resolution through the simulator's
+  image chain (``simulate.simulate_xray``: a wire or screw that is not in the CT, PSF blur,
+  collimator blades (any subset, rotated, soft-edged, leaking 1-5 % with noise) or an image
+  intensifier's circle or both, heel ramp, Poisson noise, gamma 0.8-1.25, saturation, burned-in
+  text), delivered as 12-bit detector counts. The refinement renders with the trilinear renderer
+  (another integrator on a coarser volume level: no inverse crime).
+- What the method gets: the counts read through ``read_xray_image`` (the nodes' reading path:
+  ``-log(I / I0)``, I0 the 99.9th percentile), the detector's intrinsics, and the initial pose:
+  the truth perturbed in the C-arm frame as a pose-regression network errs
+  (``simulate.perturb_poses``: rotations ±6° per axis, in-plane ±20 mm, depth ±50 mm). The
+  simulator's true field of view and pose score only.
+- Methods, same cases, same renderer: ``register`` with its defaults (``<size>_register``);
+  without field-of-view detection (``_no_fov``, what the registration did before); with the
+  simulator's true field of view handed over instead of detected (``_oracle_fov``: the old bench's
+  set-up, printed once so the difference shows); with the instrument left in the similarity
+  (``_no_outliers``); xvr's single-scale defaults (``_baseline_xvr``: 1/8 resolution, mNCC +
+  gradNCC, no mask, no multi-start).
+- Scores: mTRE (``metrics.mtre``) on 100 voxel centres of the CT's labelled structures; SMSR =
+  % of cases with mTRE < 1 mm; wall time per registration, one at a time, after a warm-up.
+- ``fov_iou``: intersection over union of the detected field of view with the simulator's.
 
-Closing the loop: the same targets and refinement started from a patient-specific network's
-predictions (``registration.predict_initial_pose``: Eq. 26 resampling from this 256 px / 1 mm
-detector to the network's 128 px / 2 mm canonical one, then the network) instead of perturbed
-truths (``network_*`` figures). The network is ``bench_train.NETWORK``, written by the training
-benchmark's accuracy run (``make bench`` runs that first); without one it is trained here with the
-same settings (``--train-budget`` s, default 600). ``--network PATH`` takes any other checkpoint.
-
-Timing: wall time per registration, one at a time, with ``OMP_WAIT_POLICY=PASSIVE`` (the
-package's default, see ``xvr_ros/__init__.py``), and the CPU time next to it.
-
-Run: ``python bench/bench_register.py [--n 50] [--skip-baseline] [--skip-network] [--network PATH]``.
+Run: ``python bench/bench_register.py [--n 20] [--quick] [--sizes 512 1024] [--skip-variants]``.
 """
 
 from __future__ import annotations
 
-import argparse  # noqa: E402
+import argparse
 import os
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import xvr_ros  # noqa: E402, F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
-from xvr_ros.core.geometry import Detector  # noqa: E402
-from xvr_ros.core.io.volume import demo_ct_path, load_volume  # noqa: E402
-from xvr_ros.core.metrics import mtre, smsr  # noqa: E402
-from xvr_ros.core.model.checkpoint import load_checkpoint  # noqa: E402
-from xvr_ros.core.register.refine import auto_scales, refine  # noqa: E402
-from xvr_ros.core.register.registration import predict_initial_pose  # noqa: E402
-from xvr_ros.core.render.renderer import Renderer  # noqa: E402
-from xvr_ros.core.sim.simulate import (  # noqa: E402
-    CHEST_RANGES,
-    perturb_poses,
-    random_carm_poses,
-    simulate_xray,
-)
+import xvr_ros  # noqa: F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
+from xvr_ros.core.geometry import Detector
+from xvr_ros.core.io.volume import demo_ct_path, load_volume
+from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.io.xray_image import read_xray_image
+from xvr_ros.core.metrics import mtre, smsr
+from xvr_ros.core.register.refine import refine
+from xvr_ros.core.register.registration import field_of_view, register
+from xvr_ros.core.render.renderer import Renderer
+from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
+from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 
-DETECTOR = Detector(sdd=1020.0, height=256, width=256, delx=1.0, dely=1.0)
+SDD = 1020.0
+#: name -> (height, width, pixel spacing mm)
+DETECTORS = {"512": (512, 512, 0.582), "448x512": (448, 512, 0.582), "1024": (1024, 1024, 0.3)}
+MAX_PRINCIPAL_POINT_MM = 10.0
 N_FIDUCIALS = 100
-# xvr's ``register`` defaults. At 1/8 of this 256 px detector it works on 32 px images; xvr's
-# own figures (method.md §7) are for 512 px images, i.e. 64 px, so the bench runs both.
+# xvr's ``register`` defaults: one scale at 1/8 resolution, no mask, no multi-start.
 BASELINE = dict(
-    scales=(8.0,),
-    similarity="mncc+gncc",
-    sigma=0.0,
-    parameterization="euler_zxy",
-    lr_rot=1e-2,
-    lr_xyz=1.0,
-    patience=5,
-    threshold=1e-4,
-    max_plateaus=2,
-    max_iterations=500,
+    scales=(8.0,), similarity="mncc+gncc", sigma=0.0, parameterization="euler_zxy", lr_rot=1e-2, lr_xyz=1.0,
+    patience=5, threshold=1e-4, max_plateaus=2, max_iterations=500,
 )
 
 
@@ -94,147 +78,113 @@ def fiducials(volume, n: int = N_FIDUCIALS, seed: int = 0) -> torch.Tensor:
     return volume.index_to_world(idx[pick].to(torch.float64))
 
 
-class Cases:
-    """The benchmark's targets, initial poses and fiducials."""
+class Case:
+    """One target: what the method gets (``xray``, ``init``) and what scores it (``true``, ``fov``)."""
 
-    def __init__(self, n: int, seed: int = 0):
-        t0 = time.perf_counter()
-        self.volume = load_volume(*demo_ct_path())
-        self.renderer = Renderer(self.volume)
-        siddon = Renderer(self.volume, method="siddon")
-        self.true = random_carm_poses(n, CHEST_RANGES, seed=seed, dtype=torch.float64)
-        self.init = perturb_poses(self.true, 5.0, 15.0, 40.0, seed=seed + 1)
-        self.targets = [simulate_xray(siddon, self.true[i : i + 1], DETECTOR, seed=seed + 1000 + i) for i in range(n)]
-        self.points = fiducials(self.volume)
-        self.setup_seconds = time.perf_counter() - t0
-
-    def __len__(self) -> int:
-        return len(self.true)
-
-    def warm_up(self, scales=None, **kwargs) -> None:
-        """Build the renderer's volume levels for every scale and source distance of the cases,
-        as a refinement node does once at start-up, so no registration pays for them."""
-        scales = scales or auto_scales(DETECTOR)
-        sources = torch.cat([self.true[:, :3, 3], self.init[:, :3, 3]]).to(torch.float32)
-        for f in scales:
-            det = DETECTOR.scaled(f) if f != 1 else DETECTOR
-            for src in sources:
-                self.renderer.level(self.renderer.level_factors(det, src[None]))
-        t = self.targets[0]
-        kwargs = {**kwargs, "scales": scales, "max_iterations": 20}
-        refine(self.renderer, t.image, DETECTOR, self.init[:1], mask=t.valid_mask, **kwargs)
-
-    def run(self, init: torch.Tensor | None = None, **kwargs) -> dict:
-        """Refine every target from ``init`` (default: the perturbed truths), (n, 4, 4) mm."""
-        init = self.init if init is None else init
-        errors, seconds, cpu, iters = [], [], [], []
-        for i, t in enumerate(self.targets):
-            t0, c0 = time.perf_counter(), time.process_time()
-            res = refine(self.renderer, t.image, DETECTOR, init[i : i + 1], mask=t.valid_mask, **kwargs)
-            seconds.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-            errors.append(float(mtre(self.true[i : i + 1], res.pose.to(torch.float64), self.points)))
-            iters.append(res.iterations)
-        return {
-            "mtre": torch.tensor(errors),
-            "seconds": torch.tensor(seconds),
-            "cpu_seconds": torch.tensor(cpu),
-            "iterations": torch.tensor(iters),
-        }
-
-    def initial_mtre(self, init: torch.Tensor | None = None) -> torch.Tensor:
-        return mtre(self.true, self.init if init is None else init, self.points)
-
-    def network_poses(self, checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's (n, 4, 4) pose for every target (float64 mm) and the seconds each took."""
-        poses, seconds = [], []
-        for t in self.targets:
-            t0 = time.perf_counter()
-            poses.append(predict_initial_pose(checkpoint, t.image, DETECTOR).to(torch.float64))
-            seconds.append(time.perf_counter() - t0)
-        return torch.cat(poses), torch.tensor(seconds)
+    def __init__(self, xray: Xray, init: torch.Tensor, true: torch.Tensor, fov: torch.Tensor, obj: dict | None):
+        self.xray, self.init, self.true, self.fov, self.object = xray, init, true, fov, obj
 
 
-def network_checkpoint(path: str | None, train_budget: float):
-    """The network to start from: ``path``, else the training benchmark's (trained here if absent)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import ensure_network
-
-    path = Path(path) if path else ensure_network(train_budget)
-    checkpoint = load_checkpoint(path)
-    checkpoint.model.eval()
-    print(f"# network: {path} ({checkpoint.itr} steps, held-out mTRE "
-          f"{checkpoint.metadata.get('validation', {}).get('mtre_median_mm', float('nan')):.1f} mm)", flush=True)
-    return checkpoint
-
-
-def quantiles(x: torch.Tensor) -> tuple[float, float, float, float]:
-    q = torch.quantile(x.to(torch.float64), torch.tensor([0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
-    return tuple(float(v) for v in q)
+def make_cases(siddon: Renderer, name: str, n: int, seed: int) -> list[Case]:
+    H, W, spacing = DETECTORS[name]
+    rng = np.random.default_rng([seed, H, W])
+    true = sample_poses(resolve_ranges("chest"), n, pose_generator(seed), dtype=torch.float64)
+    init = perturb_poses(true, 6.0, 20.0, 50.0, seed=seed + 1)
+    cases = []
+    for i in range(n):
+        x0, y0 = rng.uniform(-MAX_PRINCIPAL_POINT_MM, MAX_PRINCIPAL_POINT_MM, 2)
+        det = Detector(sdd=SDD, height=H, width=W, delx=spacing, dely=spacing, x0=float(x0), y0=float(y0))
+        sim = simulate_xray(siddon, true[i : i + 1], det, seed=seed + 1000 + i)
+        xray = read_xray_image(sim.counts[0, 0].numpy(), sdd=SDD, pixel_spacing=spacing, x0=float(x0), y0=float(y0))
+        cases.append(Case(xray, init[i : i + 1], true[i : i + 1], sim.fov, sim.params["foreign_object"][0]))
+    return cases
 
 
-def report_initial(prefix: str, errors: torch.Tensor) -> None:
-    q25, q50, q75, _ = quantiles(errors)
-    bench(f"{prefix}_mtre_median", q50, "mm")
-    bench(f"{prefix}_mtre_iqr_low", q25, "mm")
-    bench(f"{prefix}_mtre_iqr_high", q75, "mm")
-    bench(f"{prefix}_under_10mm", float((errors < 10).double().mean() * 100), "%")
+def run(renderer, cases, points, method) -> dict:
+    errors, seconds, cpu = [], [], []
+    for c in cases:
+        t0, c0 = time.perf_counter(), time.process_time()
+        pose = method(renderer, c)
+        seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        errors.append(float(mtre(c.true, pose.to(torch.float64), points)))
+    return {"mtre": torch.tensor(errors), "seconds": torch.tensor(seconds), "cpu_seconds": torch.tensor(cpu)}
+
+
+def ours(renderer, c: Case, **options) -> torch.Tensor:
+    return register(renderer, c.xray, init_pose=c.init, **options).pose
+
+
+def oracle_fov(renderer, c: Case) -> torch.Tensor:
+    xray = Xray(image=c.xray.image, detector=c.xray.detector, valid_mask=c.fov)
+    return register(renderer, xray, init_pose=c.init, detect_fov=False).pose
+
+
+def baseline(renderer, c: Case) -> torch.Tensor:
+    return refine(renderer, c.xray.image, c.xray.detector, c.init.float(), **BASELINE).pose
+
+
+def quantiles(x: torch.Tensor) -> tuple[float, float]:
+    q = torch.quantile(x.to(torch.float64), torch.tensor([0.5, 0.95], dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 def report(prefix: str, out: dict) -> None:
-    q25, q50, q75, _ = quantiles(out["mtre"])
-    _, t50, _, t95 = quantiles(out["seconds"])
-    bench(f"{prefix}_mtre_median", q50, "mm")
-    bench(f"{prefix}_mtre_iqr_low", q25, "mm")
-    bench(f"{prefix}_mtre_iqr_high", q75, "mm")
+    m50, m95 = quantiles(out["mtre"])
+    t50, t95 = quantiles(out["seconds"])
     bench(f"{prefix}_smsr", smsr(out["mtre"]), "%")
+    bench(f"{prefix}_mtre_median", m50, "mm")
+    bench(f"{prefix}_mtre_p95", m95, "mm")
     bench(f"{prefix}_time_median", t50, "s")
     bench(f"{prefix}_time_p95", t95, "s")
     # CPU time of all threads: unlike wall time, it does not grow when other processes share the cores.
-    bench(f"{prefix}_cpu_time_median", quantiles(out["cpu_seconds"])[1], "s")
-    bench(f"{prefix}_iterations_median", float(out["iterations"].double().median()), "iterations")
+    bench(f"{prefix}_cpu_time_median", quantiles(out["cpu_seconds"])[0], "s")
+
+
+def fov_iou(cases: list[Case]) -> torch.Tensor:
+    ious = []
+    for c in cases:
+        det = field_of_view(c.xray)
+        det = torch.ones_like(c.fov) if det is None else det
+        ious.append(float((det & c.fov).sum() / (det | c.fov).sum()))
+    return torch.tensor(ious)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50, help="number of targets (default 50)")
+    parser.add_argument("--n", type=int, default=20, help="targets per detector (default 20)")
+    parser.add_argument("--quick", action="store_true", help="6 targets per detector, 512 and 1024 only")
+    parser.add_argument("--sizes", nargs="+", choices=list(DETECTORS), default=list(DETECTORS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-baseline", action="store_true", help="do not run the xvr-default baseline")
-    parser.add_argument("--skip-network", action="store_true", help="do not start from a network's predictions")
-    parser.add_argument("--network", help="checkpoint to start from (default: the training benchmark's)")
-    parser.add_argument("--train-budget", type=float, default=600.0,
-                        help="seconds to train the network when there is none (default 600)")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="only register's defaults and the baseline (no no-fov / oracle / no-outlier runs)")
     args = parser.parse_args()
+    n, sizes = (6, ["512", "1024"]) if args.quick else (args.n, args.sizes)
 
     torch.manual_seed(0)
     bench("threads", torch.get_num_threads(), "threads")
     bench("omp_wait_policy_passive", float(os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"), "bool")
-    cases = Cases(args.n, args.seed)
-    bench("cases", len(cases), "targets")
-    bench("setup", cases.setup_seconds, "s")
-    report_initial("initial", cases.initial_mtre())
-
-    cases.warm_up()
-    report("refine", cases.run())
-    if not args.skip_network:
-        checkpoint = network_checkpoint(args.network, args.train_budget)
-        init, seconds = cases.network_poses(checkpoint)
-        report_initial("network_initial", cases.initial_mtre(init))
-        bench("network_predict_time_median", float(seconds.median()), "s")
-        out = cases.run(init)
-        report("network_refine", out)
-        # Refinement only captures starts near the truth: how its outcome splits by the start.
-        start = cases.initial_mtre(init)
-        for lo, hi in ((0, 20), (20, 40), (40, float("inf"))):
-            sel = (start >= lo) & (start < hi)
-            if sel.any():
-                print(f"# network starts {lo}-{hi} mm: {int(sel.sum())} targets, SMSR {smsr(out['mtre'][sel]):.0f} %, "
-                      f"refined mTRE median {float(out['mtre'][sel].median()):.2f} mm", flush=True)
-    if not args.skip_baseline:
-        for name, factor in (("baseline_xvr", 8.0), ("baseline_xvr_64px", 4.0)):
-            config = {**BASELINE, "scales": (factor,)}
-            cases.warm_up(**config)
-            report(name, cases.run(**config))
+    # Other processes on the CPU slow every timing down: say how busy it was.
+    bench("load_average_1min", os.getloadavg()[0], "processes")
+    volume = load_volume(*demo_ct_path())
+    renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
+    points = fiducials(volume)
+    for name in sizes:
+        cases = make_cases(siddon, name, n, args.seed)
+        bench(f"{name}_cases", len(cases), "targets")
+        bench(f"{name}_initial_mtre_median", float(torch.stack([mtre(c.true, c.init, points) for c in cases]).median()),
+              "mm")
+        ious = fov_iou(cases)
+        bench(f"{name}_fov_iou_median", float(ious.median()), "")
+        bench(f"{name}_fov_iou_min", float(ious.min()), "")
+        ours(renderer, cases[0], max_iterations=20)  # warm-up: volume levels, kernels
+        report(f"{name}_register", run(renderer, cases, points, ours))
+        if not args.skip_variants and name == sizes[0]:
+            report(f"{name}_no_fov", run(renderer, cases, points, lambda r, c: ours(r, c, detect_fov=False)))
+            report(f"{name}_oracle_fov", run(renderer, cases, points, oracle_fov))
+            report(f"{name}_no_outliers", run(renderer, cases, points, lambda r, c: ours(r, c, mask_outliers=False)))
+        report(f"{name}_baseline_xvr", run(renderer, cases, points, baseline))
+    bench("load_average_1min_end", os.getloadavg()[0], "processes")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     from bench_train import ensure_network
 
     from xvr_ros.core.io.volume import demo_ct_path
-    from xvr_ros.ros.tools.replay import format_summary, replay
+    from xvr_ros.ros.tools.replay import replay
+    from xvr_ros.ros.tools.report import format_summary
     from xvr_ros.ros.tools.simulate_bag import simulate_bag
 
     network = ensure_network()

@@ -58,11 +58,15 @@ def ros_domain(tmp_path, monkeypatch):
     return env
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start ``python <args>`` (e.g. ``["-m", "xvr_ros.ros.bringup", ...]``) with output to ``log``."""
+def start(
+    args: list[str], env: dict[str, str] | None, log: Path, *, cwd: Path | None = None, python: bool = True
+) -> subprocess.Popen:
+    """Start ``python <args>`` (e.g. ``["-m", "xvr_ros.ros.bringup", ...]``), or ``<args>`` itself when
+    ``python=False``, in its own process group, with output to ``log``; ``env=None`` inherits ours."""
     out = open(log, "w")  # noqa: SIM115 - closed in stop()
+    command = [sys.executable, *args] if python else list(args)
     proc = subprocess.Popen(
-        [sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
     proc._log_file = out  # type: ignore[attr-defined]
     return proc

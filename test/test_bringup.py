@@ -327,3 +327,16 @@ def test_spin_nodes_stops_on_event(config, context):
     finally:
         executor.shutdown()
         probe.destroy_node()
+
+
+def test_large_image_profile_is_used_unless_the_user_chose():
+    env: dict[str, str] = {}
+    path = bringup.use_large_image_profile(env)
+    assert path is not None and path.name == "fastdds_large_images.xml" and path.is_file()
+    assert env["FASTRTPS_DEFAULT_PROFILES_FILE"] == str(path)
+    assert "<segment_size>" in path.read_text()
+    mine = {"FASTRTPS_DEFAULT_PROFILES_FILE": "/etc/my_profile.xml"}
+    assert bringup.use_large_image_profile(mine) is None
+    assert mine["FASTRTPS_DEFAULT_PROFILES_FILE"] == "/etc/my_profile.xml"
+    cyclone = {"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}
+    assert bringup.use_large_image_profile(cyclone) is None and "FASTRTPS_DEFAULT_PROFILES_FILE" not in cyclone

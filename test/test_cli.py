@@ -164,6 +164,57 @@ def test_register_plain_image(tmp_path, capsys):
     assert overlay.shape == (64, 64, 3) and (overlay[..., 1] == 255).any()
 
 
+def test_register_collimated_counts_with_principal_point(tmp_path, capsys):
+    """Detector counts with two collimator blades (dark, noisy, rotated) and an off-centre principal
+    point: the record keeps pose_mm, seconds and the detected field of view (fraction + RLE), and
+    the overlay draws the field's boundary."""
+    import json
+
+    import torch
+
+    from xvr_ros.core.geometry import Detector, carm_pose
+    from xvr_ros.core.io.volume import load_volume
+    from xvr_ros.core.metrics import mtre
+    from xvr_ros.core.render.renderer import Renderer
+    from xvr_ros.core.sim.appearance import AppearanceModel
+
+    ct = tmp_path / "ct.nii.gz"
+    write_phantom(ct)
+    det = Detector(sdd=1000.0, height=96, width=96, delx=1.2, dely=1.2, x0=6.0, y0=-4.0)
+    truth = carm_pose(torch.tensor([[4.0, -3.0, 2.0]]), torch.tensor([[2.0, 600.0, -1.0]]), degrees=True)
+    with torch.no_grad():
+        lines = Renderer(load_volume(ct), method="siddon")(truth, det)[0, 0].double().numpy()
+    model = AppearanceModel(field="blades", saturation=None, text=False, photons=1e5, leakage=0.03)
+    out = model.apply(np.exp(-2.5 * lines / lines.max()), det, np.random.default_rng(2))
+    assert 0.05 < 1 - out.fov.mean() < 0.5
+    np.save(tmp_path / "shot.npy", out.counts)
+    args = ["register", "--volume", str(ct), "--xray", str(tmp_path / "shot.npy"), "--sdd", "1000",
+            "--pixel-spacing", "1.2", "--principal-point", "6", "-4", "--init", "6", "-1", "0", "0", "590", "3",
+            "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "shot_registration.json").read_text())
+    assert record["detector"]["x0"] == 6.0 and record["detector"]["y0"] == -4.0 and record["seconds"] > 0
+    fov = record["field_of_view"]
+    assert fov["detected"] and fov["shape"] == [96, 96] and sum(fov["rle"]) == 96 * 96
+    values = np.concatenate([np.full(n, i % 2 == 1) for i, n in enumerate(fov["rle"])]).reshape(96, 96)
+    assert abs(values.mean() - fov["fraction"]) < 1e-9
+    assert (values & out.fov).sum() / (values | out.fov).sum() > 0.95
+    corners = torch.tensor(
+        [[x, y, z] for x in (-30.0, 30.0) for y in (-30.0, 30.0) for z in (-28.0, 28.0)], dtype=torch.float64
+    )
+    before = mtre(truth.double(), torch.tensor([record["initial_pose_mm"]], dtype=torch.float64), corners)
+    after = mtre(truth.double(), torch.tensor([record["pose_mm"]], dtype=torch.float64), corners)
+    assert after < 0.5 * before, (before, after)
+    overlay = np.asarray(Image.open(tmp_path / "shot_overlay.png"))
+    assert ((overlay == (255, 128, 0)).all(-1)).any() and (overlay[..., 1] == 255).any()
+    # --no-detect-fov: nothing detected, every pixel scored
+    assert main([*args, "--no-detect-fov"]) == 0
+    record = json.loads((tmp_path / "shot_registration.json").read_text())
+    assert not record["field_of_view"]["detected"] and record["field_of_view"]["fraction"] == 1.0
+    # a DICOM's principal point comes from the file
+    capsys.readouterr()
+
+
 def test_register_plain_image_needs_intrinsics(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8)))
     assert (
@@ -218,3 +269,49 @@ def test_simulate_bag_then_replay_errors(tmp_path, capsys):
     assert main(["replay", str(bag), "--image-topic", "/camera/image_raw"]) == 2
     err = capsys.readouterr().err
     assert "/camera/image_raw (sensor_msgs/msg/Image)" in err and "/xray/image (sensor_msgs/msg/Image, 3)" in err
+
+
+# --------------------------------------------------------------------------------------------
+# bringup: the nodes in one process, from any directory
+# --------------------------------------------------------------------------------------------
+def test_bringup_bad_config_is_one_clear_error(tmp_path, capsys):
+    assert main(["bringup", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read the parameters file" in capsys.readouterr().err
+    assert main(["bringup", "--only", "planner"]) == 2
+    assert "unknown node(s) ['planner']" in capsys.readouterr().err
+
+
+def test_bringup_from_another_directory(tmp_path, ros_domain):
+    """The installed ``xvr-ros bringup`` from a directory that is not the repository, ROS args forwarded."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import yaml
+    from conftest import start, stop, wait_for
+
+    from xvr_ros.ros.bringup import default_config_path
+
+    config = yaml.safe_load(default_config_path().read_text())
+    config["/**/model_manager"]["ros__parameters"]["models_dir"] = str(tmp_path / "models")
+    (tmp_path / "intraop.yaml").write_text(yaml.safe_dump(config))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    log = tmp_path / "bringup.log"
+    args = ["bringup", "--config", "../intraop.yaml", "--only", "model_manager", "--ros-args", "--log-level", "debug"]
+    proc = start([shutil.which("xvr-ros"), *args], None, log, cwd=work)
+    try:
+        wait_for(lambda: proc.poll() is not None or "bringup: running /model_manager" in log.read_text(), 120,
+                 what="xvr-ros bringup to come up")
+        assert proc.poll() is None, f"xvr-ros bringup exited ({proc.returncode}):\n{log.read_text()}"
+        assert "[DEBUG]" in log.read_text()  # --ros-args reached rclpy
+        assert (tmp_path / "models").is_dir()  # the relative --config was read from the working directory
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"no clean exit on SIGINT ({code}):\n{log.read_text()}"
+    finally:
+        stop(proc)

@@ -17,7 +17,9 @@ from std_msgs.msg import Header
 from test_render import phantom
 
 from xvr_ros.core.geometry import Detector, carm_pose
+from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render.renderer import Renderer
+from xvr_ros.core.rotations import se3_exp
 from xvr_ros.ros import convert
 
 GOOD_DET = Detector(sdd=1000.0, height=48, width=64, delx=1.6, dely=1.2, x0=7.5, y0=-4.0)
@@ -101,6 +103,37 @@ def test_covariance_scaling():
     np.testing.assert_allclose(cov2, cov_mm)
     with pytest.raises(ValueError, match="36"):
         convert.covariance_mm_to_m(np.eye(3))
+
+
+def test_refined_pose_covariance_in_ros_units_order_and_frame():
+    """The refiner's chain: a covariance of the C-arm pose's right perturbation (core: mm, rad,
+    C-arm axes) -> ``world_axes_covariance`` -> ``pose_with_covariance_to_msg`` of the *optical*
+    frame's pose. Checked against what a ROS consumer means: the covariance of (dp m, dtheta rad)
+    with p_true = p + dp, R_true = exp(dtheta) R along the volume's axes, propagated here by finite
+    differences of the optical frame's pose itself (first order, independent of the code's maps)."""
+    T = random_pose(5)
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 3.0, 0.01, 0.02, 0.005])[:, None]
+    C = A @ A.T  # mm^2, mm rad, rad^2; a full matrix, so the order of rows and columns matters
+    msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(T, GOOD_DET), world_axes_covariance(T, C))
+
+    def optical_error(xi: torch.Tensor) -> np.ndarray:
+        """(dp m, dtheta rad) of the optical frame for the true pose T exp(xi), along the volume's axes."""
+        F0 = convert.optical_from_carm(T, GOOD_DET).numpy()
+        F = convert.optical_from_carm(T @ se3_exp(xi[None])[0], GOOD_DET).numpy()
+        dR = F[:3, :3] @ F0[:3, :3].T
+        dtheta = 0.5 * np.array([dR[2, 1] - dR[1, 2], dR[0, 2] - dR[2, 0], dR[1, 0] - dR[0, 1]])
+        return np.concatenate([(F[:3, 3] - F0[:3, 3]) / 1000.0, dtheta])
+
+    eps = 1e-5
+    J = np.stack([(optical_error(eps * e) - optical_error(-eps * e)) / (2 * eps)
+                  for e in torch.eye(6, dtype=torch.float64)], axis=1)
+    expected = J @ C.numpy() @ J.T
+    got = np.asarray(msg.covariance).reshape(6, 6)  # row-major
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-15)
+    # Units: a translation variance of mm^2 is 1e-6 m^2; the rotation block is radians, untouched.
+    assert np.trace(got[:3, :3]) == pytest.approx(float(C[:3, :3].trace()) * 1e-6)
+    assert np.trace(got[3:, 3:]) == pytest.approx(float(C[3:, 3:].trace()))
 
 
 def test_bad_poses_are_refused():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 
@@ -33,11 +34,11 @@ from xvr_ros.core.model.checkpoint import (
 from xvr_ros.core.model.network import PoseRegressor
 from xvr_ros.msg import ModelInfo
 from xvr_ros.ros.model_manager import (
-    LATCHED_QOS,
     GoalError,
     ModelManager,
     check_model_name,
 )
+from xvr_ros.ros.qos import LATCHED
 from xvr_ros.srv import LoadModel
 
 ROS_KEYS = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY", "ROS_LOG_DIR")
@@ -95,7 +96,7 @@ class Client:
     def model_infos(self) -> list[ModelInfo]:
         """A *new* subscription to the latched ModelInfo: what a late subscriber receives."""
         got: list[ModelInfo] = []
-        self.node.create_subscription(ModelInfo, f"{self.ns}/xvr/model_info", got.append, LATCHED_QOS)
+        self.node.create_subscription(ModelInfo, f"{self.ns}/xvr/model_info", got.append, LATCHED)
         return got
 
     def send(self, timeout=20.0, feedback=None, **fields):
@@ -124,6 +125,9 @@ def files(tmp_path_factory):
     (tmp / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file" * 10)
     (tmp / "garbage.pth").write_bytes(b"not a checkpoint")
     write_checkpoint(tmp / "premade.pth", tmp / "ct.nii.gz")
+    (tmp / "allowed").mkdir()  # the node's model_dirs_allowed
+    write_checkpoint(tmp / "allowed" / "kept_elsewhere.pth", tmp / "ct.nii.gz")
+    (tmp / "allowed" / "garbage.pth").write_bytes(b"not a checkpoint")
     return tmp
 
 
@@ -141,8 +145,10 @@ def node(files):
         "-p",
         f"models_dir:={models}",
         "-p",
-        f"model:={files / 'missing_at_startup.pth'}",
-    ]  # a bad start-up model must not stop it
+        f"model:={files / 'missing_at_startup.pth'}",  # a bad start-up model must not stop it
+        "-p",
+        f"model_dirs_allowed:=[{files / 'allowed'}]",
+    ]
     for key, value in NODE_PARAMS.items():
         args += ["-p", f"{key}:={str(value).lower() if isinstance(value, bool) else value}"]
     proc = start(args, env, files / "model_manager.log")
@@ -290,7 +296,9 @@ BAD_GOALS = [
     (dict(output_name="../evil"), "path separator"),
     (dict(output_name="/tmp/evil"), "is a path"),
     (dict(output_name=".."), "'..'"),
-    (dict(base_checkpoint="{tmp}/garbage.pth"), "bad base checkpoint"),
+    (dict(base_checkpoint="{tmp}/allowed/garbage.pth"), "not a readable torch checkpoint"),
+    (dict(base_checkpoint="{tmp}/premade.pth"), "bad base checkpoint: '{tmp}/premade.pth' resolves to"),
+    (dict(base_checkpoint="../premade.pth"), "outside the models directory"),
     (dict(base_checkpoint="no_such_model"), "bad base checkpoint: no model 'no_such_model'"),
     (dict(labels=[1, 2]), "no labelmap_path"),
     (dict(device="bogus_device"), "unknown device"),
@@ -306,7 +314,7 @@ def test_bad_goals_fail_with_a_message(node, trained, files):
         response = client.run(timeout=60, **goal)
         assert response.status == GoalStatus.STATUS_ABORTED, (fields, response.result.message)
         assert not response.result.success and response.result.model_path == ""
-        assert expected in response.result.message, (fields, response.result.message)
+        assert expected.format(tmp=files) in response.result.message, (fields, response.result.message)
         assert proc.poll() is None, "the node died"
     assert sorted(p.name for p in models.iterdir()) == before  # nothing written
     assert not (files / "evil.pth").exists() and not (files / "evil").exists()
@@ -320,23 +328,86 @@ def test_load_model(node, trained, files):
     infos = client.model_infos()
     ok = client.call_load("long")  # by name
     assert ok.success and ok.model_path == str(models / "long.pth"), ok.message
-    premade = files / "premade.pth"
-    ok = client.call_load(str(premade))  # by path
-    assert ok.success and ok.model_path == str(premade), ok.message
-    info = wait_for(lambda: infos[-1] if infos and infos[-1].model_path == str(premade) else None, 10, what="ModelInfo")
+    (models / "alias.pth").symlink_to(models / "long.pth")  # a symlink inside to a model inside
+    ok = client.call_load("alias")
+    assert ok.success and ok.model_path == str(models / "long.pth"), ok.message
+    kept = files / "allowed" / "kept_elsewhere.pth"
+    ok = client.call_load(str(kept))  # by path, in an allow-listed directory
+    assert ok.success and ok.model_path == str(kept), ok.message
+    info = wait_for(lambda: infos[-1] if infos and infos[-1].model_path == str(kept) else None, 10, what="ModelInfo")
     assert info.heldout_mtre_median == pytest.approx(0.0125) and info.training_steps == 7
+    (models / "escape.pth").symlink_to(files / "premade.pth")  # a symlink inside to a model outside
+    outside = f"outside the models directory {models} and the allowed directories [{files / 'allowed'}]"
     for ref, expected in [
-        ("../m1", "does not exist"),
+        ("../premade.pth", outside),
+        ("../../../../../../etc/passwd", "resolves to /etc/passwd, " + outside),
+        ("/etc/passwd", outside),
+        (str(files / "premade.pth"), outside),  # a real checkpoint, but not where models may come from
+        ("escape", f"'escape' resolves to {files / 'premade.pth'}, {outside}"),
+        ("..", outside),
         ("nope", "no model 'nope'"),
-        (str(files / "garbage.pth"), "not a usable model"),
+        (str(files / "allowed" / "garbage.pth"), "not a usable model"),
         ("", "empty"),
     ]:
         bad = client.call_load(ref)
         assert not bad.success and expected in bad.message, (ref, bad.message)
     # A failed load leaves the active model alone; a late subscriber gets the last good one.
     late = client.model_infos()
-    assert wait_for(lambda: late[-1] if late else None, 10, what="latched ModelInfo").model_path == str(premade)
+    assert wait_for(lambda: late[-1] if late else None, 10, what="latched ModelInfo").model_path == str(kept)
     assert proc.poll() is None
+
+
+_OPENED: list[str] | None = None  # while a list: every path this process opens is appended
+
+
+def _record_opens(event, args):
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_opens)  # audit hooks cannot be removed; this one is idle unless _OPENED is a list
+
+
+def test_refused_models_are_never_opened(files, tmp_path, ros_domain, monkeypatch):
+    """The containment check comes before any open(): a refused reference leaves no trace in the audit log.
+
+    Empty or relative allow-list entries are ignored (they would allow the node's working directory).
+    """
+    global _OPENED
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "escape.pth").symlink_to(files / "premade.pth")
+    (models / "dangling.pth").symlink_to(tmp_path / "not_there.pth")
+    write_checkpoint(models / "inside.pth")
+    write_checkpoint(tmp_path / "in_cwd.pth")
+    monkeypatch.chdir(tmp_path)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        mm = ModelManager(
+            context=context,
+            parameter_overrides=[
+                Parameter("models_dir", value=str(models)),
+                Parameter("model_dirs_allowed", value=["", ".", str(files / "allowed")]),
+            ],
+        )
+        try:
+            assert mm.activate(str(files / "allowed" / "kept_elsewhere.pth")).model_name == "kept_elsewhere"
+            _OPENED = []
+            refs = ["escape", "dangling", str(files / "premade.pth"), "../premade.pth", "../../etc/passwd"]
+            for ref in [*refs, str(tmp_path / "in_cwd.pth")]:
+                with pytest.raises(GoalError, match="resolves to .*, outside the models directory"):
+                    mm.activate(ref)
+            outside = ("premade", "passwd", "not_there", "in_cwd")
+            assert not [p for p in _OPENED if any(x in p for x in outside)], _OPENED
+            _OPENED = []
+            assert mm.activate("inside").model_path == str(models / "inside.pth")
+            assert str(models / "inside.pth") in _OPENED  # the recorder does see opens
+        finally:
+            _OPENED = None
+            mm.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
 
 
 def test_in_process_startup_model_latched(files, tmp_path, ros_domain):
@@ -361,7 +432,7 @@ def test_in_process_startup_model_latched(files, tmp_path, ros_domain):
         time.sleep(0.5)  # published well before anyone subscribes
         sub = rclpy.create_node("late_subscriber", context=context)
         got: list[ModelInfo] = []
-        sub.create_subscription(ModelInfo, "/inproc/xvr/model_info", got.append, LATCHED_QOS)
+        sub.create_subscription(ModelInfo, "/inproc/xvr/model_info", got.append, LATCHED)
         executor.add_node(sub)
         info = wait_for(lambda: got[-1] if got else None, 10, what="latched ModelInfo")
         assert info.model_path == str(files / "premade.pth") and info.model_name == "premade"

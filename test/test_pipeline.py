@@ -9,6 +9,7 @@ import pytest
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import CameraInfo, Image
 
+from xvr_ros.ros import qos
 from xvr_ros.ros.pipeline import LatestWorker, StampPairer, number_list
 
 
@@ -57,6 +58,34 @@ def test_bounded_buffer_evicts_the_oldest():
         StampPairer(("camera_info",), timeout=1.0)  # no image to anchor on
     with pytest.raises(ValueError):
         StampPairer(("image",), timeout=0.0)
+
+
+def test_discarded_stamps_are_forgotten_with_their_late_messages():
+    pairer = StampPairer(("image", "camera_info", "initial_pose"), timeout=1.0)
+    pairer.add("image", stamped(Image, 1), now=0.0)
+    pairer.discard((1, 0), now=0.1)  # dropped upstream while its image waits
+    pairer.discard((2, 0), now=0.1)  # dropped upstream before its image arrived here
+    assert len(pairer) == 0
+    assert pairer.add("image", stamped(Image, 2), now=0.2) is None
+    assert pairer.add("camera_info", stamped(CameraInfo, 1), now=0.3) is None
+    assert len(pairer) == 0 and pairer.expire(now=5.0) == []  # nothing waits, nothing is reported
+    pairer.add("image", stamped(Image, 2), now=5.0)  # long after: an ordinary stamp again
+    assert len(pairer) == 1
+
+
+def test_offered_reliability_follows_the_publishers():
+    from rclpy.qos import ReliabilityPolicy
+
+    class Info:
+        def __init__(self, reliability):
+            self.qos_profile = qos.image_qos(reliability)
+
+    assert qos.offered_reliability([]) is None
+    assert qos.offered_reliability([Info("reliable"), Info("reliable")]) == "reliable"
+    assert qos.offered_reliability([Info("reliable"), Info("best_effort")]) == "best_effort"
+    assert qos.image_qos("best_effort").reliability == ReliabilityPolicy.BEST_EFFORT
+    with pytest.raises(ValueError, match="reliability"):
+        qos.image_qos("sensor_data")
 
 
 def test_latest_worker_keeps_only_the_newest_and_survives_errors():
@@ -124,5 +153,68 @@ def test_refiner_takes_array_parameters_from_a_parameters_file():
         default.destroy_node()
         with pytest.raises(ValueError, match="scales must be a list of numbers"):
             Refiner(context=context, parameter_overrides=[Parameter("scales", value=["fine"])])
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def test_image_node_parameters_are_typed_with_ranges():
+    import rclpy
+    from rcl_interfaces.msg import ParameterType
+    from rclpy.exceptions import InvalidParameterValueException
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.ros.pose_estimator import PoseEstimator
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = PoseEstimator(context=context)
+        (sdd,) = node.describe_parameters(["sdd_mm"])
+        assert sdd.type == ParameterType.PARAMETER_DOUBLE and sdd.read_only
+        assert sdd.floating_point_range[0].from_value > 0 and "mm" in sdd.description
+        (size,) = node.describe_parameters(["min_image_size"])
+        assert size.type == ParameterType.PARAMETER_INTEGER and size.integer_range[0].from_value >= 2
+        (image_qos,) = node.describe_parameters(["image_qos"])
+        assert "best_effort" in image_qos.additional_constraints
+        node.destroy_node()
+        with pytest.raises(InvalidParameterValueException):
+            PoseEstimator(context=context, parameter_overrides=[Parameter("sdd_mm", value=-5.0)])
+        with pytest.raises(ValueError, match="intensity must be one of"):
+            PoseEstimator(context=context, parameter_overrides=[Parameter("intensity", value="exp")])
+        with pytest.raises(ValueError, match="image_qos must be one of"):
+            PoseEstimator(context=context, parameter_overrides=[Parameter("image_qos", value="sensor_data")])
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def test_an_incompatible_image_publisher_is_reported(ros_domain):
+    """image_qos=reliable and a best-effort driver: no image can arrive, and the node says why."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.ros.pose_estimator import PoseEstimator
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = PoseEstimator(context=context, parameter_overrides=[Parameter("image_qos", value="reliable")])
+        driver = rclpy.create_node("driver", context=context)
+        driver.create_publisher(Image, "xray/image", qos.image_qos("best_effort"))
+        errors = []
+        driver.create_subscription(
+            DiagnosticArray,
+            "/diagnostics",
+            lambda m: errors.extend(s.message for s in m.status if s.level == DiagnosticStatus.ERROR),
+            50,
+        )
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        executor.add_node(driver)
+        deadline = time.monotonic() + 10.0
+        while not errors and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+        assert errors and "RELIABILITY" in errors[0] and "image_qos" in errors[0], errors
     finally:
         rclpy.try_shutdown(context=context)

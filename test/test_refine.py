@@ -148,6 +148,20 @@ def test_invalid_input_raises(setup):
         refine(renderer, xray, DET, init, scales=(1, 2))  # fine to coarse
     with pytest.raises(ValueError):
         refine(renderer, xray, DET, init, parameterization="quaternion")
+    with pytest.raises(ValueError, match="num_threads"):
+        refine(renderer, xray, DET, init, num_threads=0)
+
+
+def test_num_threads_applies_during_the_refinement_only(setup):
+    renderer, truth, xray = setup
+    before = torch.get_num_threads()
+    seen = []
+    refine(renderer, xray, DET, offset(truth), max_iterations=2, num_threads=1,
+           callback=lambda info: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    refine(renderer, xray, DET, offset(truth), max_iterations=1, num_threads=None,
+           callback=lambda info: seen.append(torch.get_num_threads()))
+    assert seen[-1] == before
 
 
 def test_pyramid_keeps_the_physical_detector_and_masks_partial_pixels():

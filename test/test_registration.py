@@ -22,13 +22,47 @@ def test_multistart_starts_from_the_best_candidate(setup):  # noqa: F811
     assert after < before / 2, (before, after, similarity)
 
 
-def test_register_with_and_without_multistart(setup):  # noqa: F811
+def test_register_runs_the_multistart_only_below_its_threshold(setup):  # noqa: F811
+    """Forced (threshold above any similarity), the multi-start runs and the answer is the better
+    of the two refinements; with a threshold the first refinement clears, it is skipped."""
     renderer, truth, xray = setup
     init = offset(truth, (-15.0, 1.0, 0.5), (3.0, -4.0, 2.0)).float()
     x = Xray(image=xray.float(), detector=DET)
-    with_ms = register(renderer, x, init_pose=init)
-    assert torch.equal(with_ms.initial_pose, init), "the reported initial pose stays the caller's"
-    assert float(mtre(truth, with_ms.pose.double(), FIDUCIALS)[0]) < 2.0, with_ms.refinement.message
     single = register(renderer, x, init_pose=init, multistart_offsets=())
     assert torch.equal(single.refinement.init_pose, init)
-    assert not torch.equal(with_ms.refinement.init_pose, init)
+    forced = register(renderer, x, init_pose=init, multistart_below=2.0)
+    assert torch.equal(forced.initial_pose, init), "the reported initial pose stays the caller's"
+    assert float(mtre(truth, forced.pose.double(), FIDUCIALS)[0]) < 2.0, forced.refinement.message
+    assert float(forced.refinement.similarity[0]) >= float(single.refinement.similarity[0])
+    skipped = register(renderer, x, init_pose=init, multistart_below=float(single.refinement.similarity[0]) - 0.1)
+    assert torch.equal(skipped.refinement.init_pose, init)
+    assert torch.equal(skipped.pose, single.pose)
+
+
+def test_register_detects_a_leaking_collimator_and_masks_metal(setup):  # noqa: F811
+    """Counts behind two rotated blades (3 % leakage, noisy) and a dense wire: the registration
+    finds the field (IoU with the truth), leaves the wire out of the similarity, and lands near
+    the truth; with detection off the record says nothing was detected."""
+    import numpy as np
+
+    from xvr_ros.core.io.xray_image import read_xray_image
+    from xvr_ros.core.register.fov import detect_outliers
+    from xvr_ros.core.sim.appearance import AppearanceModel
+
+    renderer, truth, xray = setup
+    lines = xray[0, 0].double().numpy()
+    lines = 3.0 * lines / lines.max()
+    wire = np.zeros_like(lines, dtype=bool)
+    wire[20:44, 30:32] = True  # 2 px wide, far denser than the phantom
+    lines[wire] += 3.0
+    model = AppearanceModel(field="blades", leakage=0.03, photons=1e5, saturation=None, text=False, gamma=None,
+                            background=None)
+    out = model.apply(np.exp(-lines), DET, np.random.default_rng(4))
+    x = read_xray_image(out.counts, sdd=DET.sdd, pixel_spacing=DET.delx)
+    assert detect_outliers(x.image, out.fov, width_px=6.0)[wire & out.fov].mean() > 0.9
+    init = offset(truth).float()
+    reg = register(renderer, x, init_pose=init)
+    fov = reg.field_of_view[0, 0].numpy()
+    assert (fov & out.fov).sum() / (fov | out.fov).sum() > 0.95
+    assert float(mtre(truth, reg.pose.double(), FIDUCIALS)[0]) < 2.0, reg.refinement.message
+    assert register(renderer, x, init_pose=init, detect_fov=False, max_iterations=0).field_of_view is None

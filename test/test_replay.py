@@ -7,12 +7,17 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from sensor_msgs.msg import Image
 from test_render import phantom
 from test_train import RANGES, blobs
 
 from xvr_ros.core.io.volume import load_volume
+from xvr_ros.core.metrics import body_points, mtre
+from xvr_ros.core.model.checkpoint import load_checkpoint
+from xvr_ros.core.model.inference import canonical_detector, predict_initial_pose
 from xvr_ros.core.train.loop import TrainConfig, train
+from xvr_ros.ros import convert
 from xvr_ros.ros.tools.bag import BagWriter, bag_info, read_messages
 from xvr_ros.ros.tools.replay import ReplayError, replay
 from xvr_ros.ros.tools.simulate_bag import simulate_bag
@@ -34,8 +39,33 @@ def setup(tmp_path_factory):
     return tmp, volume_path, model, bag
 
 
+def offline_initial_mtre(bag_path, model_path, volume_path) -> dict[str, float]:
+    """The mTRE (mm) of the network's initial pose for each scorable image of the bag, computed with
+    the core alone (no ROS transport, no message round trip): what the replay must reproduce. By stamp."""
+    checkpoint = load_checkpoint(model_path)
+    orientation = canonical_detector(checkpoint).orientation
+    points = body_points(load_volume(volume_path), n=200)
+    msgs: dict[str, dict] = {"/xray/image": {}, "/xray/camera_info": {}, "/xray/ground_truth": {}}
+    for m in read_messages(bag_path, list(msgs)):
+        if m.msg is not None:
+            msgs[m.topic][convert.stamp_to_str(m.msg.header.stamp)] = m.msg
+    out = {}
+    for stamp, image in msgs["/xray/image"].items():
+        info, truth = msgs["/xray/camera_info"].get(stamp), msgs["/xray/ground_truth"].get(stamp)
+        if info is None or truth is None:
+            continue
+        try:
+            xray = convert.xray_from_messages(image, info, sdd_mm=1020.0, orientation=orientation)
+        except ValueError:
+            continue
+        pose = predict_initial_pose(checkpoint, xray.image, xray.detector).to(torch.float64)
+        true = convert.carm_from_optical(convert.pose_from_msg(truth.pose), xray.detector)
+        out[stamp] = float(mtre(true[None], pose, points)[0])
+    return out
+
+
 def test_replay_scores_and_records(setup, ros_domain):  # noqa: F811
-    tmp, _, model, bag = setup
+    tmp, volume_path, model, bag = setup
     report = replay(bag.path, out=tmp / "out_fast", model=model, fast=True, node_overrides=FAST_NODES)
     frames = report.frames
     assert len(frames) == 8
@@ -46,19 +76,41 @@ def test_replay_scores_and_records(setup, ros_domain):  # noqa: F811
         assert {"corrupt": "corrupt message", "no_camera_info": "no camera_info",
                 "bad_encoding": "unsupported image encoding 'yuv422'"}[fault] in f.message
     good = [f for i, f in enumerate(frames) if i not in bag.faults]
-    assert all(f.status == "registered" for f in good), [(f.index, f.status, f.message) for f in good]
+    # Registered = accepted by the refiner's quality gate (TF out); the CI network's poor starts are
+    # mostly rejected (no TF), and a rejected frame's refined pose is still scored (from its result).
+    assert all(f.status in ("registered", "rejected") for f in good), [(f.index, f.status, f.message) for f in good]
     for f in good:  # scored: finite errors and latencies
-        for x in (f.init_mtre, f.ref_mtre, f.ref_rot, f.ref_trans, f.lat_pose, f.lat_tf):
+        accepted = f.status == "registered"
+        for x in (f.init_mtre, f.ref_mtre, f.ref_rot, f.ref_trans, f.lat_pose, *([f.lat_tf] if accepted else [])):
             assert x is not None and np.isfinite(x) and x >= 0, f
-        assert f.lat_tf >= f.lat_pose and f.iterations is not None
+        assert f.accepted == accepted and 0.0 <= f.p_success <= 1.0 and f.iterations is not None
+        assert (f.lat_tf >= f.lat_pose) if accepted else (f.lat_tf is None and f.message.startswith("rejected")), f
     s = report.summary
-    assert (s["frames"], s["registered"], s["error"], s["dropped"], s["scored"]) == (8, 5, 3, 0, 5)
+    assert (s["frames"], s["registered"] + s["rejected"], s["error"], s["dropped"], s["scored"]) == (8, 5, 3, 0, 5)
+    # Every frame the nodes saw and gave no result for is counted in the next result's ``dropped``
+    # (the corrupt one never reached them).
+    assert sum(f.dropped for f in good) == sum(1 for fault in bag.faults.values() if fault != "corrupt"), good
+
+    # Accuracy. The CI network (4 training steps, trained on other source distances than the
+    # session's) starts hundreds of mm off (measured 385-650 mm) and a 1.5 s refinement cannot
+    # capture that (measured: refined 0.4-1.4 mm worse). A unit or frame error anywhere on the
+    # way (CameraInfo -> detector, pose and TF in metres, optical vs C-arm frame) moves a pose by
+    # metres; a diverging refinement moves it away from its start.
+    assert s["init_mtre_mm"]["median"] < 1000.0, s["init_mtre_mm"]
+    for f in good:
+        assert f.ref_mtre < f.init_mtre + 5.0, f
+    # The initial poses that crossed ROS (image and CameraInfo in, pose in metres out, back to the
+    # C-arm frame for scoring) are the core's own to 0.01 mm.
+    offline = offline_initial_mtre(bag.path, model, volume_path)
+    assert sorted(offline) == sorted(f.stamp for f in good)
+    for f in good:
+        assert f.init_mtre == pytest.approx(offline[f.stamp], abs=0.01), (f, offline[f.stamp])
     assert any("ignored topics: /carm/status" in n for n in report.notes)
 
     # The output bag holds what the nodes published: TF in metres, in the configured frames.
     out_bag = tmp / "out_fast" / "outputs"
     topics = bag_info(out_bag).topics
-    assert topics["/tf"] == ("tf2_msgs/msg/TFMessage", 5)
+    assert topics.get("/tf", ("tf2_msgs/msg/TFMessage", 0)) == ("tf2_msgs/msg/TFMessage", s["registered"])
     assert topics["/xray/registration"][1] == 5 and topics["/xray/initial_pose"][1] == 5
     assert "/diagnostics" in topics and "/xray/overlay" in topics and "/xvr/model_info" in topics
     for m in read_messages(out_bag, ["/tf"]):
@@ -67,7 +119,7 @@ def test_replay_scores_and_records(setup, ros_domain):  # noqa: F811
         d = np.linalg.norm([t.transform.translation.x, t.transform.translation.y, t.transform.translation.z])
         assert 0.05 < d < 5.0, f"TF translation {d}: not metres"
     data = json.loads((tmp / "out_fast" / "report.json").read_text())
-    assert data["summary"]["registered"] == 5 and len(data["frames"]) == 8
+    assert data["summary"]["registered"] + data["summary"]["rejected"] == 5 and len(data["frames"]) == 8
     png = (tmp / "out_fast" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -77,7 +129,11 @@ def test_replay_at_recorded_rate(setup, ros_domain):  # noqa: F811
     report = replay(bag.path, out=tmp / "out_rate", model=model, rate=4.0, node_overrides=FAST_NODES)
     s = report.summary
     assert s["frames"] == 8 and s["error"] == 3 and s["lost"] == 0
-    assert s["registered"] + s["dropped"] == 5 and s["registered"] >= 1
+    assert s["registered"] + s["rejected"] + s["dropped"] == 5 and s["registered"] + s["rejected"] >= 1
+    # The results' ``dropped`` counts add up to the frames the nodes saw and did not register.
+    assert sum(f.dropped or 0 for f in report.frames) == s["dropped"] + sum(
+        1 for fault in bag.faults.values() if fault != "corrupt"
+    ), [(f.index, f.status, f.dropped) for f in report.frames]
     assert all(f.ref_mtre is None or np.isfinite(f.ref_mtre) for f in report.frames)
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from scipy.spatial.transform import Rotation
 
 from xvr_ros.core import rotations
@@ -576,26 +577,51 @@ def test_wrong_shape_in_direct_calls():
 
 
 # ----------------------------------------------------- compatibility with diffdrr/xvr
+# Reference outputs of diffdrr 0.6.1's pose module are stored in data/diffdrr_pose.npz (made by
+# data/make_diffdrr_pose.py), so the parity is checked in any clone; where diffdrr.pose imports,
+# the same inputs are also run through it live (which also catches a stale reference file).
+
+
+def diffdrr_pose():
+    """diffdrr.pose, or None where diffdrr's dependencies (roma, einops, ...) are not installed."""
+    try:
+        from diffdrr import pose
+    except ImportError:
+        return None
+    return pose
+
+
+@pytest.fixture(scope="module")
+def diffdrr_reference():
+    return dict(np.load(FIXTURES / "diffdrr_pose.npz"))
 
 
 @pytest.mark.parametrize(
     "parameterization", [p for p in rotations.PARAMETERIZATIONS if p != "matrix"]
 )
-def test_matches_diffdrr_convert(parameterization):
+def test_matches_diffdrr_convert(parameterization, diffdrr_reference):
     # Same parameters -> same matrix as diffdrr, so xvr checkpoints and configs carry over.
-    pose = pytest.importorskip("diffdrr.pose")
-    g = torch.Generator().manual_seed(24)
+    x = torch.from_numpy(diffdrr_reference[f"convert_{parameterization}_x"])
+    theirs = torch.from_numpy(diffdrr_reference[f"convert_{parameterization}_matrix"])
     # float32: diffdrr's adjugate path only supports the default dtype.
-    x = torch.randn(8, *TRAILING[parameterization], generator=g)
-    name = "axis_angle" if parameterization == "so3_log" else parameterization
-    theirs = pose.convert(x, torch.zeros(8, 3), parameterization=name, convention="ZXY")
+    g = torch.Generator().manual_seed(24)
+    assert_close(x, torch.randn(8, *TRAILING[parameterization], generator=g))  # the reference's inputs
     ours = rotations.to_matrix(x, parameterization, "ZXY")
-    assert_close(ours, theirs.matrix[..., :3, :3], atol=1e-5)
+    assert_close(ours, theirs, atol=1e-5)
+    pose = diffdrr_pose()
+    if pose is not None:
+        name = "axis_angle" if parameterization == "so3_log" else parameterization
+        live = pose.convert(x, torch.zeros(8, 3), parameterization=name, convention="ZXY").matrix[..., :3, :3]
+        assert_close(live, theirs, atol=1e-6)
 
 
-def test_se3_exp_matches_diffdrr_se3_log_map():
-    pose = pytest.importorskip("diffdrr.pose")
+def test_se3_exp_matches_diffdrr_se3_log_map(diffdrr_reference):
+    xi = torch.from_numpy(diffdrr_reference["se3_xi"])
+    theirs = torch.from_numpy(diffdrr_reference["se3_matrix"])
     # pytorch3d (inside diffdrr) clamps the angle at 0.01 in V, so it is only exact above.
-    xi = random_twists(10, seed=25, min_angle=0.01)
-    theirs = pose.convert(xi[:, 3:], xi[:, :3], parameterization="se3_log_map").matrix
+    assert (xi[:, 3:].norm(dim=-1) >= 0.01).all()
+    assert_close(xi, random_twists(10, seed=25, min_angle=0.01))  # the reference's inputs are this file's
     assert_close(rotations.se3_exp(xi), theirs, atol=1e-10)
+    pose = diffdrr_pose()
+    if pose is not None:
+        assert_close(pose.convert(xi[:, 3:], xi[:, :3], parameterization="se3_log_map").matrix, theirs, atol=1e-12)

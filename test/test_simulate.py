@@ -1,9 +1,10 @@
-"""Simulated targets with domain shift, random and perturbed C-arm poses (core/simulate.py)."""
+"""Simulated targets through the image chain (sim/simulate.py, sim/appearance.py), perturbed C-arm poses."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,16 +12,14 @@ from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose, invert
 from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.rotations import matrix_to_euler_angles
-from xvr_ros.core.sim.simulate import (
-    CHEST_RANGES,
-    _cylinder_chords,
-    perturb_poses,
-    random_carm_poses,
-    simulate_xray,
-)
+from xvr_ros.core.sim.appearance import FULL_SCALE, AppearanceModel
+from xvr_ros.core.sim.simulate import _cylinder_chords, perturb_poses, simulate_xray
+from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 
 DET = Detector(sdd=1020.0, height=48, width=56, delx=3.0, dely=3.0)
-NO_SHIFT = dict(gamma=1.0, contrast=1.0, offset=0.0, photons=None, blur=None, background=None)
+#: Only the field of view: no noise, gain, ramp, saturation or text, hard edges.
+FIELD_ONLY = dict(penumbra_mm=None, photons=None, gamma=None, background=None, saturation=None, text=False,
+                  exposure=1.0)
 
 
 def phantom(n: int = 40, spacing: float = 3.0) -> Volume:
@@ -42,7 +41,7 @@ def siddon():
 
 @pytest.fixture(scope="module")
 def poses():
-    return random_carm_poses(3, seed=4)
+    return sample_poses(resolve_ranges("chest"), 3, pose_generator(4))
 
 
 def test_seeded_determinism(siddon, poses):
@@ -50,53 +49,85 @@ def test_seeded_determinism(siddon, poses):
     b = simulate_xray(siddon, poses, DET, seed=11)
     c = simulate_xray(siddon, poses, DET, seed=12)
     assert a.image.shape == (3, 1, 48, 56) and a.image.dtype == torch.float32
-    assert a.valid_mask.shape == (3, 1, 48, 56) and a.valid_mask.dtype == torch.bool
-    assert torch.equal(a.image, b.image) and torch.equal(a.valid_mask, b.valid_mask)
+    assert a.counts.shape == (3, 1, 48, 56) and a.fov.dtype == torch.bool and a.fov.shape == (3, 1, 48, 56)
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.fov, b.fov)
     assert a.params == b.params
-    assert not torch.equal(a.image, c.image)
-    assert torch.isfinite(a.image).all()
+    assert not torch.equal(a.counts, c.counts)
+    # detector counts: integers within the full scale; the image is their log transform
+    assert (a.counts == a.counts.round()).all() and a.counts.min() >= 0 and a.counts.max() <= FULL_SCALE
+    torch.testing.assert_close(a.image, (-torch.log(a.counts.clamp_min(0.5) / FULL_SCALE)).float())
     torch.testing.assert_close(a.pose, poses)
-    # the images of one batch differ in their domain shift (each has its own draws)
-    assert len(set(a.params["gamma"])) == 3
+    # the images of one batch differ in their appearance (each has its own draws)
+    assert len({p["gamma"] for p in a.params["appearance"]}) == 3
     # a Volume works as well as a prepared renderer, and gives the same images
     d = simulate_xray(siddon.volume, poses, DET, seed=11)
-    torch.testing.assert_close(d.image, a.image)
+    torch.testing.assert_close(d.counts, a.counts)
 
 
-def test_domain_shift_changes_the_image_but_not_the_anatomy(siddon, poses):
-    clean = simulate_xray(siddon, poses, DET, seed=1, collimation=None, foreign_object=None, **NO_SHIFT)
+def test_ideal_detector_is_the_exponential_of_the_line_integrals(siddon, poses):
+    clean = simulate_xray(siddon, poses, DET, seed=1, appearance=None, foreign_object=None, blur=None)
     with torch.no_grad():
-        reference = siddon(poses, DET)
-    torch.testing.assert_close(clean.image, reference.float(), atol=1e-5, rtol=1e-5)
-    shifted = simulate_xray(siddon, poses, DET, seed=1, collimation=None, foreign_object=None)
-    diff = (shifted.image - clean.image).abs().flatten(1).amax(1)
-    assert (diff > 1e-3 * clean.image.flatten(1).amax(1)).all()
+        L = siddon(poses, DET).sum(1, keepdim=True).double()
+    scale = 4.0 / L.flatten(1).amax(1)  # attenuation_range nepers on the densest ray
+    torch.testing.assert_close(clean.counts, FULL_SCALE * torch.exp(-scale[:, None, None, None] * L))
+    assert clean.fov.all()
+    shifted = simulate_xray(siddon, poses, DET, seed=1, foreign_object=None)
+    assert ((shifted.image - clean.image).abs().flatten(1).amax(1) > 1e-2).all()
 
 
-@pytest.mark.parametrize("kind", ["edge", "rectangle", "random"])
-def test_mask_marks_collimated_pixels(siddon, poses, kind):
-    sim = simulate_xray(siddon, poses, DET, seed=3, collimation=kind)
+@pytest.mark.parametrize("field", ["blades", "circle", "iris"])
+def test_field_of_view_leaks_outside_and_keeps_the_inside(siddon, poses, field):
+    """With every other effect off, a pixel inside the field keeps its counts and one outside
+    keeps the leakage fraction of them (hard edges; up to one exposure gain per image, as the
+    automatic exposure meters the field): the shutter is dark, not one constant value."""
+    full = simulate_xray(siddon, poses, DET, seed=3, foreign_object=None, blur=None,
+                         appearance=AppearanceModel(field=None, **FIELD_ONLY))
+    sim = simulate_xray(siddon, poses, DET, seed=3, foreign_object=None, blur=None,
+                        appearance=AppearanceModel(field=field, **FIELD_ONLY))
     for b in range(3):
-        valid = sim.valid_mask[b, 0]
-        blocked = ~valid
-        assert 0.02 < blocked.float().mean() < 0.6
-        assert (sim.image[b, 0][blocked] == 0).all()
-        assert sim.params["collimation"][b]["kind"] in ("edge", "rectangle")
-        if kind != "random":
-            assert sim.params["collimation"][b]["kind"] == kind
-        if sim.params["collimation"][b]["kind"] == "rectangle":
-            # the blocked pixels frame the image: every border has some
-            assert blocked[0].any() and blocked[-1].any() and blocked[:, 0].any() and blocked[:, -1].any()
-    none = simulate_xray(siddon, poses, DET, seed=3, collimation=None)
-    assert none.valid_mask.all()
-    # collimation does not change the valid pixels
-    m = sim.valid_mask
-    torch.testing.assert_close(sim.image[m], none.image[m])
+        drawn = sim.params["appearance"][b]["field"]
+        assert drawn["kind"] == field and 0.01 <= drawn["leakage"] <= 0.05
+        inside, outside = sim.fov[b, 0], ~sim.fov[b, 0]
+        assert 0.02 < outside.float().mean() < 0.7
+        # away from rounding (low counts) and clipping (full scale)
+        usable = (full.counts[b, 0] > 200) & (full.counts[b, 0] < FULL_SCALE) & (sim.counts[b, 0] < FULL_SCALE)
+        ratio = sim.counts[b, 0] / full.counts[b, 0]
+        gain = float(ratio[inside & usable].max())
+        if field == "blades":
+            torch.testing.assert_close(ratio[inside & usable], torch.full_like(ratio[inside & usable], gain),
+                                       rtol=5e-3, atol=0)
+        else:  # vignetting: brightness falls towards the rim
+            assert float(ratio[inside & usable].min()) >= gain * (1 - drawn["vignetting"]) - 5e-3
+        far = outside & usable & (sim.counts[b, 0] > 20)
+        if far.any():
+            leak = ratio[far] / gain
+            assert float(leak.max()) <= drawn["leakage"] * 1.05 and float(leak.min()) >= drawn["leakage"] * 0.6
+        if field == "blades":
+            assert len(drawn["blades"]) >= 1 and all(abs(bl["angle_deg"]) <= 6.0 for bl in drawn["blades"])
+        assert float(sim.counts[b, 0][outside].std()) > 0  # not one constant value
+
+
+def test_appearance_effects_draw_independently():
+    """Switching one effect off leaves the others' draws as they were; text and saturation are
+    outside the true field of view."""
+    T = np.exp(-np.linspace(0.2, 3.0, 64 * 80).reshape(64, 80))
+    det = Detector(sdd=1000.0, height=64, width=80, delx=1.0, dely=1.0)
+    full = AppearanceModel(field="blades", saturation=0.05).apply(T, det, np.random.default_rng(5))
+    quiet = AppearanceModel(field="blades", saturation=0.05, photons=None).apply(T, det, np.random.default_rng(5))
+    assert full.params["field"] == quiet.params["field"] and full.params["gamma"] == quiet.params["gamma"]
+    assert quiet.params["photons"] == 0.0 and full.params["photons"] >= 3e3
+    top = full.counts >= full.params["clip"]
+    assert top.any() and not (top & full.fov).any()
+    assert full.params["text"]["pixels"] > 0
+    with pytest.raises(ValueError, match="field"):
+        AppearanceModel(field="hexagon")
+    with pytest.raises(ValueError, match="shape"):
+        AppearanceModel().apply(T[:10], det, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("kind", ["wire", "screw"])
 def test_foreign_object_raises_line_integrals_only_where_drawn(siddon, poses, kind):
-    common = dict(seed=5, collimation=None, gamma=(0.8, 1.2), photons=None, blur=None)
+    common = dict(seed=5, appearance=None, blur=None)
     without = simulate_xray(siddon, poses, DET, foreign_object=None, **common)
     with_obj = simulate_xray(siddon, poses, DET, foreign_object=kind, **common)
     diff = (with_obj.image - without.image)[:, 0].double()
@@ -137,24 +168,8 @@ def test_cylinder_chord_is_exact():
     torch.testing.assert_close(along[0, 0], torch.tensor(10.0, dtype=torch.float64), atol=0.01, rtol=0)
 
 
-def test_random_carm_poses_respect_ranges():
-    ranges = {"alpha": (-10.0, 20.0), "y": (800.0, 900.0)}
-    T = random_carm_poses(200, ranges, seed=2)
-    assert T.shape == (200, 4, 4)
-    angles, xyz = carm_parameters(T.double(), degrees=True)
-    bounds = {**CHEST_RANGES, **ranges}
-    values = torch.cat([angles, xyz], dim=-1)
-    for k, name in enumerate(["alpha", "beta", "gamma", "x", "y", "z"]):
-        lo, hi = bounds[name]
-        assert values[:, k].min() >= lo - 1e-3 and values[:, k].max() <= hi + 1e-3
-        assert values[:, k].max() - values[:, k].min() > 0.8 * (hi - lo)  # spans the range
-    assert torch.equal(T, random_carm_poses(200, ranges, seed=2))
-    with pytest.raises(ValueError):
-        random_carm_poses(2, {"delta": (0, 1)})
-
-
 def test_perturb_poses_respects_bounds_in_the_carm_frame():
-    T = random_carm_poses(300, seed=9, dtype=torch.float64)
+    T = sample_poses(resolve_ranges("chest"), 300, pose_generator(9), dtype=torch.float64)
     P = perturb_poses(T, rot_deg=5.0, inplane_mm=15.0, depth_mm=40.0, seed=1)
     assert P.shape == T.shape and P.dtype == T.dtype
     # the relative transform, in the C-arm frame
@@ -188,7 +203,7 @@ def test_invalid_arguments(siddon, poses):
     with pytest.raises(ValueError):
         simulate_xray(Renderer(siddon.volume), poses, DET)  # not Siddon
     with pytest.raises(ValueError):
-        simulate_xray(siddon, poses, DET, collimation="circle")
+        simulate_xray(siddon, poses, DET, appearance=AppearanceModel(field="hexagon"))
     with pytest.raises(ValueError):
         simulate_xray(siddon, poses, DET, foreign_object="stent")
     bad = poses.clone()

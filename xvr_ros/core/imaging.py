@@ -1,4 +1,4 @@
-"""Display: line integrals -> 8-bit pictures, PNG files, the registration overlay."""
+"""Display: line integrals -> 8-bit pictures, PNG files, the one registration overlay."""
 
 from __future__ import annotations
 
@@ -35,26 +35,49 @@ def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
         Image.fromarray(data).save(tmp, format="PNG")
 
 
-def overlay_edges(xray: torch.Tensor | np.ndarray, drr: torch.Tensor | np.ndarray, quantile: float = 0.9) -> np.ndarray:
-    """(H, W) X-ray and (H, W) DRR -> (H, W, 3) uint8: the X-ray in gray with the DRR's edges in green.
+#: Overlay colours: the DRR's edges and the boundary of the pixels the registration scored.
+EDGE_RGB = (0, 255, 0)
+FOV_RGB = (255, 128, 0)
 
-    Edges are the DRR's strongest Sobel gradients (above the ``quantile`` of the gradient
-    magnitude), so a person sees at a glance whether the registered anatomy lines up.
+
+@torch.no_grad()
+def registration_overlay(
+    renderer,
+    xray,
+    pose_mm: torch.Tensor,
+    max_size: int = 512,
+    field_of_view: torch.Tensor | np.ndarray | None = None,
+    edge_fraction: float = 0.08,
+) -> np.ndarray:
+    """The registration overlay -> (H, W, 3) uint8 at the X-ray's size.
+
+    The X-ray (bone white), the strongest ``edge_fraction`` of the gradient magnitude of the DRR
+    at ``pose_mm`` ((4, 4) or (1, 4, 4) mm) in green, and the boundary of ``field_of_view`` ((H, W)
+    bool, any leading singleton dims; e.g. ``Registration.field_of_view``) in orange. The DRR is
+    rendered by ``renderer`` (``renderer(pose, detector) -> (1, C, h, w)``) at most ``max_size`` px
+    on a side (the same physical detector, coarser pixels) and its edges upsampled.
     """
-    gray = to_uint8(xray)
-    d = torch.as_tensor(np.asarray(drr.detach().cpu() if isinstance(drr, torch.Tensor) else drr), dtype=torch.float32)[
-        None, None
-    ]
-    if d.shape[-2:] != gray.shape:
-        raise ValueError(f"overlay: X-ray {gray.shape} and DRR {tuple(d.shape[-2:])} differ in size")
+    det = xray.detector
+    factor = max(1.0, max(det.height, det.width) / max(1, int(max_size)))
+    small = det.scaled(factor) if factor > 1 else det
+    drr = renderer(pose_mm.reshape(1, 4, 4).to(renderer.dtype), small).sum(1, keepdim=True).to(torch.float32).cpu()
+    drr = gaussian_blur(drr, 1.0)
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    pad = torch.nn.functional.pad(d, (1, 1, 1, 1), mode="replicate")
-    gx = torch.nn.functional.conv2d(pad, kx.view(1, 1, 3, 3))
-    gy = torch.nn.functional.conv2d(pad, kx.T.reshape(1, 1, 3, 3))
-    mag = (gx.square() + gy.square()).sqrt()[0, 0]
-    edges = (mag > torch.quantile(mag.flatten(), quantile)) & (mag > 0)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    rgb[edges.numpy()] = (0, 255, 0)
+    pad = F.pad(drr, (1, 1, 1, 1), mode="replicate")
+    mag = (F.conv2d(pad, kx.view(1, 1, 3, 3)).square() + F.conv2d(pad, kx.T.reshape(1, 1, 3, 3)).square()).sqrt()
+    if small.shape != det.shape:
+        mag = F.interpolate(mag, size=det.shape, mode="bilinear", align_corners=False)
+    mag = mag[0, 0].numpy()
+    rgb = np.repeat(to_uint8(xray.image[0, 0])[..., None], 3, axis=-1)
+    if (mag > 0).any():
+        rgb[mag >= max(float(np.quantile(mag[mag > 0], 1 - edge_fraction)), 1e-12)] = EDGE_RGB
+    if field_of_view is not None:
+        fov = np.asarray(field_of_view.cpu() if isinstance(field_of_view, torch.Tensor) else field_of_view, dtype=bool)
+        fov = fov.reshape(det.shape)
+        if not fov.all():
+            p = np.pad(fov, 1, mode="edge")  # the image's own border is not a boundary
+            inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+            rgb[fov & ~inner] = FOV_RGB
     return rgb
 
 

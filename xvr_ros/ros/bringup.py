@@ -2,9 +2,10 @@
 
 This module is the single definition. It is used three ways:
 
-* ``python -m xvr_ros.ros.bringup --config config/intraop.yaml [--namespace NS] [--device cpu]
-  [--only model_manager,refiner]`` runs the nodes in **one process** on one
-  ``MultiThreadedExecutor`` and shuts down cleanly on SIGINT/SIGTERM;
+* ``xvr-ros bringup [--config FILE] [--namespace NS] [--device cpu] [--only model_manager,refiner]``
+  (or ``python -m xvr_ros.ros.bringup`` with the same options, from outside the source tree)
+  runs the nodes in **one process** on one ``MultiThreadedExecutor`` and shuts down cleanly on
+  SIGINT/SIGTERM; the default config is the installed ``share/xvr_ros/config/intraop.yaml``;
 * :func:`make_nodes`, :func:`running` and :func:`spin_nodes` do the same from Python (the demo,
   the tests);
 * ``launch/intraop.launch.py`` (``ros2 launch xvr_ros intraop.launch.py``, real ROS installs)
@@ -48,11 +49,14 @@ __all__ = [
     "running",
     "spin_nodes",
     "run_node",
+    "add_arguments",
+    "run",
     "main",
 ]
 
 PACKAGE = "xvr_ros"
 CONFIG_NAME = "intraop.yaml"
+LARGE_IMAGE_PROFILE = "fastdds_large_images.xml"
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,37 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-def default_config_path() -> Path:
-    """``share/xvr_ros/config/intraop.yaml`` of the first install prefix that has it, else the
-    source tree's ``config/intraop.yaml``."""
+def share_path(name: str) -> Path:
+    """``share/xvr_ros/config/<name>`` of the first install prefix that has it, else the source
+    tree's ``config/<name>``."""
     for prefix in filter(None, os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep)):
-        path = Path(prefix) / "share" / PACKAGE / "config" / CONFIG_NAME
+        path = Path(prefix) / "share" / PACKAGE / "config" / name
         if path.is_file():
             return path
-    return Path(__file__).resolve().parents[2] / "config" / CONFIG_NAME
+    return Path(__file__).resolve().parents[2] / "config" / name
+
+
+def default_config_path() -> Path:
+    """The parameters file the nodes start from: ``config/intraop.yaml`` (see :func:`share_path`)."""
+    return share_path(CONFIG_NAME)
+
+
+def use_large_image_profile(env: dict | None = None) -> Path | None:
+    """Point Fast DDS at the package's profile for large images (shared memory big enough for a
+    2048x2048 mono16 frame) unless the user chose a profile or another middleware -> the path set.
+
+    Must run before ``rclpy.init``: Fast DDS reads it when the participant is created.
+    """
+    env = os.environ if env is None else env
+    if env.get("FASTRTPS_DEFAULT_PROFILES_FILE") or env.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") != (
+        "rmw_fastrtps_cpp"
+    ):
+        return None
+    path = share_path(LARGE_IMAGE_PROFILE)
+    if not path.is_file():
+        return None
+    env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(path)
+    return path
 
 
 def load_config(config: str | os.PathLike | Mapping | None = None) -> dict:
@@ -355,6 +382,7 @@ def _init(args: list[str] | None):
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
+    use_large_image_profile()
     # Signals are handled in spin_nodes (Python-level, main thread).
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
 
@@ -376,32 +404,42 @@ def run_node(node_class: type, args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m xvr_ros.ros.bringup",
-        description="Run the xvr_ros nodes in one process "
-        "(what launch/intraop.launch.py starts as separate processes).",
+DESCRIPTION = "Run the xvr_ros nodes in one process (what launch/intraop.launch.py starts as separate processes)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bringup options, shared by ``python -m xvr_ros.ros.bringup`` and ``xvr-ros bringup``."""
+    p.add_argument(
+        "--config",
+        default=None,
+        help="ROS 2 parameters file (default: the installed share/xvr_ros/config/intraop.yaml, "
+        f"else the source tree's; here {default_config_path()})",
     )
-    p.add_argument("--config", default=None, help=f"ROS 2 parameters file (default: {default_config_path()})")
     p.add_argument("--namespace", default="", help="namespace for all nodes (default: root)")
     p.add_argument("--device", default=None, help="override every node's 'device' parameter (cpu, cuda, ...)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(s.name for s in NODES)}")
     p.add_argument("--threads", type=int, default=None, help="executor threads (default: max(4, nodes + 1))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xvr_ros.ros.bringup", description=DESCRIPTION)
+    add_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import rclpy
-    from rclpy.utilities import remove_ros_args
+def run(args: argparse.Namespace, ros_argv: list[str]) -> int:
+    """Run the nodes ``args`` (from :func:`add_arguments`) select until SIGINT/SIGTERM -> exit code.
 
-    argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
-    args = build_parser().parse_args(remove_ros_args(argv)[1:])
+    ``ros_argv`` goes to ``rclpy.init`` (``[program, "--ros-args", ...]`` or just ``[program]``).
+    """
+    import rclpy
+
     try:
         entries = plan(args.config, namespace=args.namespace, device=args.device, only=args.only)
     except ConfigError as exc:
         print(f"bringup: error: {exc}", file=sys.stderr)
         return 2
-    _init(argv)
+    _init(ros_argv)
     try:
         try:
             nodes = make_nodes(args.config, namespace=args.namespace, device=args.device, only=args.only)
@@ -414,6 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         rclpy.try_shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xvr_ros.ros.bringup [options] [--ros-args ...]``."""
+    from rclpy.utilities import remove_ros_args
+
+    argv = list(sys.argv if argv is None else [sys.argv[0], *argv])
+    args = build_parser().parse_args(remove_ros_args(argv)[1:])
+    return run(args, argv)
 
 
 if __name__ == "__main__":

@@ -190,8 +190,11 @@ def transform_from_msg(msg: Transform) -> torch.Tensor:
 def pose_with_covariance_to_msg(T_mm, covariance_mm=None) -> PoseWithCovariance:
     """Pose (mm) and optional 6x6 covariance (x, y, z mm^2; rotation rad^2) -> metres.
 
-    The covariance's rotation part is a rotation vector in the parent (volume) frame, as the
-    core's validation computes it; ``None`` gives all zeros.
+    The covariance is ROS's: of the error (dp, dtheta) with ``p_true = p + dp`` and
+    ``R_true = exp(dtheta) R``, both along the parent (volume) frame's fixed axes, ordered
+    (x, y, z, rotation about x, y, z), row-major in the message. Such a covariance does not
+    depend on the child frame's axes, only on its origin: the C-arm frame and the source's
+    optical frame share theirs. ``None`` gives all zeros (unknown).
     """
     msg = PoseWithCovariance(pose=pose_to_msg(T_mm))
     if covariance_mm is not None:

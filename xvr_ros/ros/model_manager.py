@@ -5,12 +5,22 @@ Interfaces (names are parameters; relative names follow the node's namespace):
 * action ``xvr/finetune`` (:class:`xvr_ros.action.Finetune`): train or finetune a pose regressor
   on a CT/MR and write it into the models directory.
 * service ``xvr/load_model`` (:class:`xvr_ros.srv.LoadModel`): make a checkpoint the active model
-  (a model name in the models directory, or a path).
+  (a model name in the models directory, or a path; see "Where models may come from").
 * topic ``xvr/model_info`` (:class:`xvr_ros.msg.ModelInfo`, latched: reliable + transient local,
   depth 1): the active model, its volume, the frames and the network's canonical intrinsics. A
   subscriber that starts later still gets the last one. Nothing is published before a model is
   active.
 * ``/diagnostics``: node status once a second.
+
+Where models may come from
+--------------------------
+Any node on the ROS graph can send a request, so a model named in one (``LoadModel.model``,
+``Finetune.base_checkpoint``) must resolve, symlinks followed, inside the models directory
+(``models_dir``) or one of the directories listed in ``model_dirs_allowed`` (default: none). A
+plain name is looked up in the models directory (with or without ``.pth``); a relative path is
+taken from the models directory, ``~`` is the node user's home. The check comes before the file
+is opened, and a refusal names the rule. Finetune outputs are written to the models directory
+only. The start-up ``model`` parameter is the operator's own and may be any path.
 
 Goal policy (one goal at a time)
 --------------------------------
@@ -81,7 +91,7 @@ from rcl_interfaces.msg import (
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.parameter import Parameter
 from rclpy.task import Future
 from std_msgs.msg import Header
 
@@ -89,7 +99,7 @@ from xvr_ros.action import Finetune
 from xvr_ros.msg import ModelInfo
 from xvr_ros.srv import LoadModel
 
-from . import convert
+from . import convert, qos
 from .diagnostics import Diagnostics
 
 __all__ = ["ModelManager", "GoalError", "MODEL_SUFFIX", "check_model_name", "main"]
@@ -100,15 +110,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 # The order of the 12 ``ranges`` values (lo, hi per parameter).
 _RANGE_PARAMETERS = ("alpha", "beta", "gamma", "x", "y", "z")
 _ANGLES = ("alpha", "beta", "gamma")
-
-#: Latched topic: the last message is kept for late subscribers.
-LATCHED_QOS = QoSProfile(
-    depth=1,
-    history=HistoryPolicy.KEEP_LAST,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
-
 
 class GoalError(ValueError):
     """A goal or request that cannot be run; the message says what is wrong."""
@@ -174,6 +175,110 @@ def _param(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Finetune goal checks: each takes the goal, returns core values or raises GoalError
+# --------------------------------------------------------------------------------------------
+def _limits(g: Finetune.Goal) -> tuple[float, int]:
+    """-> (time budget in s, max steps); 0 = no limit, but not both."""
+    budget, steps = float(g.time_budget), int(g.max_steps)
+    if not math.isfinite(budget) or budget < 0:
+        raise GoalError(f"time_budget must be a finite number of seconds >= 0 (0 = no limit), got {g.time_budget}")
+    if steps < 0:
+        raise GoalError(f"max_steps must be >= 0 (0 = no limit), got {steps}")
+    if budget == 0 and steps == 0:
+        raise GoalError("no time or step limit: set time_budget (s) and/or max_steps; training must be bounded")
+    return budget, steps
+
+
+def _torch_device(name: str):
+    """A torch.device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise GoalError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GoalError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GoalError(f"device {name!r} requested but MPS is not available on this machine")
+    return device
+
+
+def _pose_distribution(g: Finetune.Goal) -> tuple[str | None, dict]:
+    """-> (preset or None, the core's ranges in degrees and mm) from ``preset`` and/or ``ranges`` (rad, m)."""
+    from xvr_ros.core.train.presets import PRESETS, resolve_ranges
+
+    preset = g.preset.strip() or None
+    values = [float(x) for x in g.ranges]
+    if values and len(values) != 12:
+        raise GoalError(
+            f"ranges must have 12 values (alpha, beta, gamma lo/hi in rad; x, y, z lo/hi in m), got {len(values)}"
+        )
+    if preset is None and not values:
+        raise GoalError(f"no pose distribution: give a preset ({', '.join(sorted(PRESETS))}) or 12 ranges")
+    overrides = {}
+    for i, key in enumerate(_RANGE_PARAMETERS if values else ()):
+        lo, hi = values[2 * i], values[2 * i + 1]
+        # convert.py has lengths only; angles: radians -> the core's preset degrees.
+        to_core = math.degrees if key in _ANGLES else convert.m_to_mm
+        overrides[key] = (float(to_core(lo)), float(to_core(hi)))
+    try:
+        return preset, resolve_ranges(preset, overrides)
+    except ValueError as exc:
+        raise GoalError(str(exc)) from None
+
+
+def _labels(g: Finetune.Goal) -> tuple[list[int] | None, str | None]:
+    """-> (labels or None, labelmap path or None); labels need a labelmap."""
+    labels = [int(x) for x in g.labels] or None
+    labelmap = g.labelmap_path.strip() or None
+    if labels and labelmap is None:
+        raise GoalError(f"labels {labels} given but no labelmap_path")
+    return labels, labelmap
+
+
+def _volume_path(g: Finetune.Goal) -> str:
+    """The goal's volume path, checked to exist (it is read only after the other checks)."""
+    volume_path = g.volume_path.strip()
+    if not volume_path:
+        raise GoalError("volume_path is empty: give a NIfTI file or a DICOM series directory")
+    if not Path(volume_path).expanduser().exists():
+        raise GoalError(f"volume {volume_path} does not exist")
+    return volume_path
+
+
+def _load_volume(volume_path: str, labelmap: str | None, labels: list[int] | None):
+    """The core's Volume (with its label mask when ``labels`` are given); unreadable -> GoalError."""
+    from xvr_ros.core.io.volume import VolumeError, load_volume
+
+    try:
+        volume = load_volume(volume_path, labelmap)
+        if labels:
+            volume.label_mask(labels)
+    except VolumeError as exc:
+        raise GoalError(f"unreadable volume: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - nibabel/pydicom fail in many ways on bad files
+        raise GoalError(f"unreadable volume {volume_path}: {type(exc).__name__}: {exc}") from None
+    return volume
+
+
+def _allowed_directories(entries: list[str]) -> tuple[list[Path], list[str]]:
+    """``model_dirs_allowed`` as the containment check compares it -> (directories, refused entries).
+
+    Each directory is absolute with its symlinks resolved; an empty or relative entry is refused
+    (it would silently allow the node's working directory).
+    """
+    dirs, refused = [], []
+    for entry in entries:
+        path = Path(os.path.expandvars(entry.strip())).expanduser()
+        if entry.strip() and path.is_absolute():
+            dirs.append(path.resolve())
+        else:
+            refused.append(entry)
+    return dirs, refused
+
+
 class ModelManager(Node):
     """Owns the models directory, serves ``Finetune`` and ``LoadModel``, publishes ``ModelInfo``.
 
@@ -197,6 +302,17 @@ class ModelManager(Node):
                     type_=S,
                 ),
             ).value,
+            "model_dirs_allowed": declare(
+                "model_dirs_allowed",
+                # No default value: an empty list literal would be typed as a byte array.
+                Parameter.Type.STRING_ARRAY,
+                _param(
+                    "Extra directories that xvr/load_model and Finetune base_checkpoint may read models "
+                    "from (symlinks are resolved before the check); unset = the models directory only.",
+                    type_=T.PARAMETER_STRING_ARRAY,
+                ),
+            ).value
+            or [],
             "model": declare(
                 "model",
                 "",
@@ -331,6 +447,7 @@ class ModelManager(Node):
         self._p = p
         self._models_dir = Path(os.path.expandvars(p["models_dir"])).expanduser().resolve()
         self._models_dir.mkdir(parents=True, exist_ok=True)
+        self._dirs_allowed, refused_dirs = _allowed_directories(p["model_dirs_allowed"])
 
         self._lock = threading.Lock()  # guards _job and the status fields below
         self._job: _Job | None = None
@@ -339,7 +456,7 @@ class ModelManager(Node):
         self._rejected = 0
         self._finished = 0
 
-        self._info_pub = self.create_publisher(ModelInfo, p["model_info_topic"], LATCHED_QOS)
+        self._info_pub = self.create_publisher(ModelInfo, p["model_info_topic"], qos.LATCHED)
         self._action = ActionServer(
             self,
             Finetune,
@@ -357,9 +474,11 @@ class ModelManager(Node):
         )
         self._update_status()
 
+        if refused_dirs:
+            self._error(f"model_dirs_allowed: ignored {refused_dirs}: give absolute directory paths")
         if p["model"]:
             try:
-                self.activate(p["model"])
+                self.activate(self.resolve_model(p["model"], confined=False))
             except GoalError as exc:  # a bad start-up model leaves the node running without one
                 self._error(f"start-up model not loaded: {exc}")
         self.get_logger().info(
@@ -389,31 +508,49 @@ class ModelManager(Node):
             )
         return path
 
-    def resolve_model(self, ref: str) -> Path:
-        """A model reference -> an existing checkpoint file (or GoalError).
+    def resolve_model(self, ref: str, *, confined: bool = True) -> Path:
+        """A model reference -> an existing checkpoint file, symlinks resolved (or GoalError).
 
-        A reference with a path separator (or starting with ``~``) is a path (relative paths are
-        taken from the node's working directory); otherwise it is a name in the models directory,
-        with or without ``.pth``.
+        A reference with a path separator (or starting with ``~``) is a path; otherwise it is a name
+        in the models directory, with or without ``.pth``. ``confined`` (every reference that comes
+        in a request): relative paths are taken from the models directory and the resolved path
+        must lie in it or in a ``model_dirs_allowed`` directory, checked before anything is opened
+        (so a refusal says nothing about what exists outside). Unconfined (the operator's start-up
+        ``model``): relative paths are taken from the working directory, ``$VARS`` are expanded.
         """
         ref = ref.strip()
         if not ref:
             raise GoalError("empty model reference: give a model name or a checkpoint path")
-        if "/" in ref or os.sep in ref or ref.startswith("~"):
-            path = Path(os.path.expandvars(ref)).expanduser()
-            if not path.is_file():
-                raise GoalError(f"checkpoint {path} does not exist or is not a file")
-            return path.resolve()
-        candidates = [self._models_dir / ref, self._models_dir / (ref + MODEL_SUFFIX)]
-        for path in candidates:
+        if "\x00" in ref:
+            raise GoalError(f"model reference {ref!r} contains a NUL byte")
+        is_path = "/" in ref or os.sep in ref or ref.startswith("~")
+        if is_path:
+            candidates = [Path(ref if confined else os.path.expandvars(ref)).expanduser()]
+        else:
+            candidates = [self._models_dir / ref, self._models_dir / (ref + MODEL_SUFFIX)]
+        base = self._models_dir if confined else Path.cwd()
+        for candidate in candidates:
+            path = (base / candidate).resolve()
+            if confined:
+                self._check_confined(ref, path)
             if path.is_file():
-                if path.resolve().parent != self._models_dir:
-                    raise GoalError(f"model {ref!r} resolves outside the models directory (a symlink?)")
                 return path
+        if is_path:
+            raise GoalError(f"checkpoint {ref!r} ({path}) does not exist or is not a file")
         check_model_name(ref)  # a bad name gets the specific reason
         known = self.list_models()
         listing = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "none"
         raise GoalError(f"no model {ref!r} in {self._models_dir} (models there: {listing})")
+
+    def _check_confined(self, ref: str, path: Path) -> None:
+        """GoalError unless the resolved ``path`` lies in the models directory or an allowed one."""
+        if any(path.is_relative_to(d) for d in (self._models_dir, *self._dirs_allowed)):
+            return
+        allowed = "[" + ", ".join(str(d) for d in self._dirs_allowed) + "]"
+        raise GoalError(
+            f"{ref!r} resolves to {path}, outside the models directory {self._models_dir} and the allowed "
+            f"directories {allowed} (parameter model_dirs_allowed)"
+        )
 
     def list_models(self) -> list[str]:
         """Model names in the models directory (without ``.pth``), sorted."""
@@ -583,113 +720,73 @@ class ModelManager(Node):
         return result
 
     def _prepare(self, job: _Job):
-        """Check a goal and load what it needs -> (volume, TrainConfig, output path, base path)."""
-        import torch
+        """Check a goal and load what it needs -> (volume, TrainConfig, output path, base path).
 
-        from xvr_ros.core.io.volume import VolumeError, load_volume
+        Cheap checks come first, so a bad goal fails before anything is read.
+        """
+        g = job.request
+        budget, steps = _limits(g)
+        out = self.output_path(g.output_name.strip() or datetime.datetime.now().strftime("model_%Y%m%d_%H%M%S"))
+        job.name = out.name
+        device = _torch_device(g.device.strip() or self._p["device"])
+        preset, ranges = _pose_distribution(g)
+        labels, labelmap = _labels(g)
+        volume_path = _volume_path(g)
+        arch, base = self._architecture(g.base_checkpoint.strip(), device)
+        job.phase = "loading the volume"
+        volume = _load_volume(volume_path, labelmap, labels)
+        config = self._train_config(arch, device, preset, ranges, labels, budget, steps)
+        return volume, config, out, base
+
+    def _architecture(self, base_ref: str, device) -> tuple[dict, Path | None]:
+        """The network and canonical detector to train -> (arch, base checkpoint path or None).
+
+        Finetuning takes them from the base checkpoint (a confined model reference); de novo from
+        the node's parameters and the device's defaults.
+        """
         from xvr_ros.core.model.checkpoint import CheckpointError, load_checkpoint
         from xvr_ros.core.model.inference import canonical_detector
         from xvr_ros.core.model.network import default_network
-        from xvr_ros.core.train.loop import TrainConfig
-        from xvr_ros.core.train.presets import PRESETS, resolve_ranges
 
-        g = job.request
-        # Cheap checks first, so a bad goal fails before anything is read.
-        budget, steps = float(g.time_budget), int(g.max_steps)
-        if not math.isfinite(budget) or budget < 0:
-            raise GoalError(f"time_budget must be a finite number of seconds >= 0 (0 = no limit), got {g.time_budget}")
-        if steps < 0:
-            raise GoalError(f"max_steps must be >= 0 (0 = no limit), got {steps}")
-        if budget == 0 and steps == 0:
-            raise GoalError("no time or step limit: set time_budget (s) and/or max_steps; training must be bounded")
-
-        name = g.output_name.strip() or datetime.datetime.now().strftime("model_%Y%m%d_%H%M%S")
-        out = self.output_path(name)
-        job.name = out.name
-
-        device = g.device.strip() or self._p["device"]
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise GoalError(f"unknown device {device!r}: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise GoalError(f"device {device!r} requested but CUDA is not available on this machine")
-        if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise GoalError(f"device {device!r} requested but MPS is not available on this machine")
-
-        preset = g.preset.strip() or None
-        values = [float(x) for x in g.ranges]
-        if values and len(values) != 12:
-            raise GoalError(
-                f"ranges must have 12 values (alpha, beta, gamma lo/hi in rad; x, y, z lo/hi in m), got {len(values)}"
-            )
-        if preset is None and not values:
-            raise GoalError(f"no pose distribution: give a preset ({', '.join(sorted(PRESETS))}) or 12 ranges")
-        overrides = {}
-        for i, key in enumerate(_RANGE_PARAMETERS if values else ()):
-            lo, hi = values[2 * i], values[2 * i + 1]
-            # convert.py has lengths only; angles: radians -> the core's preset degrees.
-            to_core = math.degrees if key in _ANGLES else convert.m_to_mm
-            overrides[key] = (float(to_core(lo)), float(to_core(hi)))
-        try:
-            ranges = resolve_ranges(preset, overrides)
-        except ValueError as exc:
-            raise GoalError(str(exc)) from None
-
-        labels = [int(x) for x in g.labels] or None
-        labelmap = g.labelmap_path.strip() or None
-        if labels and labelmap is None:
-            raise GoalError(f"labels {labels} given but no labelmap_path")
-
-        base = None
-        net = default_network(dev)
-        arch = dict(
-            model_name=self._p["model_name"] or net["model_name"],
-            height=self._p["height"] or net["height"],
-            sdd=self._p["canonical_sdd_mm"],
-            delx=self._p["canonical_delx_mm"],
-            reverse_x_axis=False,
-        )
-        if g.base_checkpoint.strip():
-            try:
-                base = self.resolve_model(g.base_checkpoint)
-                ckpt = load_checkpoint(base, map_location="cpu")
-                det = canonical_detector(ckpt)
-            except (GoalError, CheckpointError, KeyError, TypeError, ValueError) as exc:
-                raise GoalError(f"bad base checkpoint: {exc}") from None
-            if det.height != det.width or det.delx != det.dely:
-                raise GoalError(f"bad base checkpoint {base}: its canonical detector is not square ({det})")
+        if not base_ref:
+            net = default_network(device)
             arch = dict(
-                model_name=ckpt.model.architecture["model_name"],
-                height=det.height,
-                sdd=det.sdd,
-                delx=det.delx,
-                reverse_x_axis=det.reverse_x_axis,
+                model_name=self._p["model_name"] or net["model_name"],
+                height=self._p["height"] or net["height"],
+                sdd=self._p["canonical_sdd_mm"],
+                delx=self._p["canonical_delx_mm"],
+                reverse_x_axis=False,
             )
-            del ckpt
-
-        volume_path = g.volume_path.strip()
-        if not volume_path:
-            raise GoalError("volume_path is empty: give a NIfTI file or a DICOM series directory")
-        if not Path(volume_path).expanduser().exists():
-            raise GoalError(f"volume {volume_path} does not exist")
-        job.phase = "loading the volume"
+            return arch, None
         try:
-            volume = load_volume(volume_path, labelmap)
-            if labels:
-                volume.label_mask(labels)
-        except VolumeError as exc:
-            raise GoalError(f"unreadable volume: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - nibabel/pydicom fail in many ways on bad files
-            raise GoalError(f"unreadable volume {volume_path}: {type(exc).__name__}: {exc}") from None
+            base = self.resolve_model(base_ref)
+            ckpt = load_checkpoint(base, map_location="cpu")
+            det = canonical_detector(ckpt)
+        except (GoalError, CheckpointError, KeyError, TypeError, ValueError) as exc:
+            raise GoalError(f"bad base checkpoint: {exc}") from None
+        if det.height != det.width or det.delx != det.dely:
+            raise GoalError(f"bad base checkpoint {base}: its canonical detector is not square ({det})")
+        arch = dict(
+            model_name=ckpt.model.architecture["model_name"],
+            height=det.height,
+            sdd=det.sdd,
+            delx=det.delx,
+            reverse_x_axis=det.reverse_x_axis,
+        )
+        return arch, base
 
-        config = TrainConfig(
+    def _train_config(self, arch: dict, device, preset, ranges, labels, budget: float, steps: int):
+        """The core's TrainConfig from the goal's checked values and the node's parameters."""
+        from xvr_ros.core.model.network import default_network
+        from xvr_ros.core.train.loop import TrainConfig
+
+        return TrainConfig(
             ranges=ranges,
             preset=preset,
             labels=labels,
             model_name=arch["model_name"],
             height=int(arch["height"]),
-            batch_size=self._p["batch_size"] or net["batch_size"],
+            batch_size=self._p["batch_size"] or default_network(device)["batch_size"],
             max_steps=steps or None,
             time_budget=budget or None,
             w_ncc=1.0 if self._p["use_ncc"] else 0.0,
@@ -700,9 +797,8 @@ class ModelManager(Node):
             checkpoint_interval=self._p["checkpoint_interval"],
             n_val=self._p["validation_poses"],
             seed=self._p["seed"],
-            device=str(dev),
+            device=str(device),
         )
-        return volume, config, out, base
 
     def _run(self, job: _Job) -> _Outcome:
         """Worker thread: check the goal, train, and say what happened."""

@@ -1,14 +1,17 @@
 """``pose_estimator`` node: X-ray image + CameraInfo -> initial C-arm pose from the network.
 
-Inputs: ``sensor_msgs/Image`` and ``sensor_msgs/CameraInfo`` (sensor-data QoS, paired here by
-header stamp), ``xvr_ros/ModelInfo`` (transient local: which checkpoint to use). Output:
-``geometry_msgs/PoseWithCovarianceStamped`` in the volume frame, stamped with the image's stamp:
-the pose of the C-arm source's optical frame (the frame of the ``CameraInfo``), metres, with the
-covariance of the checkpoint's held-out validation.
+Inputs: ``sensor_msgs/Image`` and ``sensor_msgs/CameraInfo`` (paired here by header stamp;
+reliability as offered, parameter ``image_qos``), ``xvr_ros/ModelInfo`` (transient local: which
+checkpoint to use). Outputs: ``geometry_msgs/PoseWithCovarianceStamped`` in the volume frame,
+stamped with the image's stamp: the pose of the C-arm source's optical frame (the frame of the
+``CameraInfo``), metres, with the covariance of the checkpoint's held-out validation; for every
+frame that gets no pose, a ``std_msgs/Header`` with its stamp on ``dropped_topic`` (the refiner
+then releases it at once).
 
 Work happens in worker threads (the callbacks only hand messages on): one loads checkpoints, one
 runs inference on the newest complete image (a queue of one). Bad input never stops the node: it
-is logged, reported on ``/diagnostics`` and dropped.
+is logged, reported on ``/diagnostics`` and dropped: superseded frames as WARN, refused ones
+(bad or too small images, no model) as ERROR, each with the key-values ``outcome`` and ``reason``.
 
 The pairing, the workers and the drop reporting are :class:`xvr_ros.ros.pipeline.ImageNode`'s.
 """
@@ -31,8 +34,8 @@ from xvr_ros.ros import convert
 from xvr_ros.ros.pipeline import (
     IMAGE_NODE_PARAMETERS,
     ImageNode,
+    Param,
     Pending,
-    check_image_parameters,
     declare_parameters,
     file_key,
 )
@@ -43,14 +46,19 @@ __all__ = ["PARAMETERS", "PoseEstimator", "main"]
 # --------------------------------------------------------------------------------------------
 # The node
 # --------------------------------------------------------------------------------------------
-#: name -> (default, description with units). Read once at start-up (read-only parameters).
-PARAMETERS: dict[str, tuple[Any, str]] = {
+#: Read once at start-up (read-only parameters).
+PARAMETERS: dict[str, Param] = {
     **IMAGE_NODE_PARAMETERS,
-    "model_info_topic": ("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the checkpoint to use"),
-    "initial_pose_topic": ("xray/initial_pose", "geometry_msgs/PoseWithCovarianceStamped output (metres)"),
-    "volume_frame": ("volume", "frame_id of the output pose: the CT/MR volume's frame"),
-    "device": ("cpu", "torch device for the network (cpu, cuda, cuda:1, ...)"),
-    "camera_info_timeout": (1.0, "s an image waits for the CameraInfo with its stamp before it is dropped"),
+    "model_info_topic": Param("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the checkpoint to use"),
+    "initial_pose_topic": Param("xray/initial_pose", "geometry_msgs/PoseWithCovarianceStamped output (metres)"),
+    "dropped_topic": Param(
+        "xray/initial_pose/dropped", "std_msgs/Header output: the stamp of every frame that gets no initial pose"
+    ),
+    "volume_frame": Param("volume", "frame_id of the output pose: the CT/MR volume's frame"),
+    "device": Param("cpu", "torch device for the network (cpu, cuda, cuda:1, ...)"),
+    "camera_info_timeout": Param(
+        1.0, "s an image waits for the CameraInfo with its stamp before it is dropped", low=0.01, high=3600.0
+    ),
 }
 
 _KINDS = ("image", "camera_info")
@@ -72,12 +80,10 @@ class PoseEstimator(ImageNode):
     def __init__(self, node_name: str = "pose_estimator", **kwargs):
         super().__init__(node_name, **kwargs)
         p = self.params = declare_parameters(self, PARAMETERS)
-        check_image_parameters(p)
         self._model: _Model | None = None
         self._model_lock = threading.Lock()
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["initial_pose_topic"], 10)
-        self.start_pipeline(_KINDS, p["camera_info_timeout"], p["max_pending"], self._load_model, self._estimate,
-                            "an estimate")
+        self.start_pipeline(_KINDS, p["camera_info_timeout"], self._load_model, self._estimate, "an estimate")
         self.diagnostics.set_state("WARN", f"no model loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
 
     # ---- worker: model loading --------------------------------------------------------------
@@ -128,33 +134,20 @@ class PoseEstimator(ImageNode):
     # ---- worker: inference --------------------------------------------------------------------
     def _estimate(self, entry: Pending) -> None:
         p = self.params
-        image, info = entry.parts["image"], entry.parts["camera_info"]
+        image = entry.parts["image"]
         stamp = convert.stamp_to_str(entry.key)
         with self._model_lock:
             model = self._model
         if model is None:
-            self.diagnostics.error(
-                f"image {stamp} dropped: no model loaded (waiting for a loadable ModelInfo on {p['model_info_topic']})",
-                stamp=stamp,
+            self.drop(
+                entry.key,
+                "no_model",
+                f"no model loaded (waiting for a loadable ModelInfo on {p['model_info_topic']})",
+                "ERROR",
             )
             return
-        try:
-            xray = convert.xray_from_messages(
-                image,
-                info,
-                sdd_mm=p["sdd_mm"],
-                intensity=p["intensity"],
-                i0=p["i0"] or None,
-                orientation=model.canonical.orientation,
-            )
-        except ValueError as exc:
-            self.diagnostics.error(
-                f"image {stamp} dropped: {exc}",
-                stamp=stamp,
-                encoding=image.encoding,
-                image_size=f"{image.height}x{image.width}",
-                camera_info_size=f"{info.height}x{info.width}",
-            )
+        xray = self.read_xray(entry, orientation=model.canonical.orientation)
+        if xray is None:
             return
         pose = predict_initial_pose(model.checkpoint, xray.image, xray.detector)
         try:
@@ -165,7 +158,7 @@ class PoseEstimator(ImageNode):
                 pose=convert.pose_with_covariance_to_msg(optical, cov),
             )
         except ValueError as exc:
-            self.diagnostics.error(f"image {stamp}: the network gave no usable pose ({exc})", stamp=stamp)
+            self.drop(entry.key, "refused", f"the network gave no usable pose ({exc})", "ERROR")
             return
         self._pose_pub.publish(msg)
         latency = time.monotonic() - entry.arrived["image"]

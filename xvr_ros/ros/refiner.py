@@ -1,138 +1,144 @@
-"""``refiner`` node: X-ray + CameraInfo + initial pose -> refined pose, TF and an overlay.
+"""``refiner`` node: X-ray + CameraInfo + initial pose -> refined pose, its verdict, TF and an overlay.
 
-Inputs: ``sensor_msgs/Image`` and ``sensor_msgs/CameraInfo`` (sensor-data QoS), the pose
-estimator's ``geometry_msgs/PoseWithCovarianceStamped`` (all three paired by header stamp) and
+Inputs: ``sensor_msgs/Image`` and ``sensor_msgs/CameraInfo`` (reliability as offered, parameter
+``image_qos``), the pose estimator's ``geometry_msgs/PoseWithCovarianceStamped`` (all three paired
+by header stamp), the stamps the pose estimator dropped (``std_msgs/Header``: such a frame is
+released at once instead of waiting ``pairing_timeout`` for its initial pose) and
 ``xvr_ros/ModelInfo`` (transient local: which volume to render). Outputs, stamped with the image's
 stamp:
 
-- ``xvr_ros/RegistrationResult`` (initial and refined pose of the C-arm source optical frame in
-  the volume frame, metres; similarities, iterations, time, converged, status text);
-- the TF ``volume frame -> source optical frame`` as ``tf2_msgs/TFMessage`` on ``/tf`` (what
-  ``tf2_ros.TransformBroadcaster`` does: QoS depth 100), consistent with the ``CameraInfo``;
+- ``xvr_ros/RegistrationResult`` for every registration (initial and refined pose of the C-arm
+  source optical frame in the volume frame, metres, the refined one with its covariance;
+  similarities, iterations, time, converged, the verdict ``accepted`` / ``p_success`` /
+  ``rejection_reason``, ``dropped``: frames dropped by either node since the previous result, and
+  a status text);
+- for *accepted* registrations only: the refined pose with its covariance
+  (``geometry_msgs/PoseWithCovarianceStamped`` on ``refined_pose_topic``) and the TF
+  ``volume frame -> source optical frame`` as ``tf2_msgs/TFMessage`` on ``/tf`` (what
+  ``tf2_ros.TransformBroadcaster`` does: QoS depth 100), consistent with the ``CameraInfo``. A
+  rejected registration publishes neither (a TF consumer keeps the last accepted transform, whose
+  stamp says how old it is; nothing is republished as if new) and is a WARN on ``/diagnostics``
+  with the reason (``outcome=rejected``);
 - an ``rgb8`` overlay ``sensor_msgs/Image`` for RViz: the X-ray with the edges of the DRR rendered
-  at the refined pose (green).
+  at the refined pose (green) and the boundary of the scored field of view (orange): the core's
+  one overlay (``core.imaging.registration_overlay``, as ``xvr-ros register`` draws it), rendered
+  only while someone subscribes;
+- the stamp of every frame that gets no result (dropped here or upstream), ``std_msgs/Header`` on
+  ``dropped_topic``: results + these stamps account for every frame once.
 
 The refinement (``core.registration.register``) renders at the image's original intrinsics under
-a time budget, in a worker thread. Only the newest input is worked on: while a refinement runs, a
-newer complete input replaces the waiting one (a queue of one) and every replaced input is
-reported (log, ``/diagnostics`` and a counter in the next result's status). Bad input never stops
-the node: it is logged, reported on ``/diagnostics`` and dropped.
+a time budget, in a worker thread; then ``core.register.quality`` assesses it (a calibrated
+covariance and ``p_success``, the probability that the pose is within 1 mm mTRE, from one batched
+render at the refinement's finest scale) and it is accepted when ``p_success >= accept_threshold``.
+The quality model is loaded once at start; if it cannot be, the node reports ERROR on
+``/diagnostics`` and accepts nothing (results still flow, with ``accepted`` false).
+
+Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
+waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
+``/diagnostics`` with ``outcome=superseded``, counted in the next result). Bad input never stops
+the node: it is logged, reported on ``/diagnostics`` (ERROR, ``outcome=refused``) and dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from geometry_msgs.msg import PoseWithCovarianceStamped
-from rcl_interfaces.msg import ParameterType
-from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from tf2_msgs.msg import TFMessage
 
-from xvr_ros.core.imaging import to_uint8
+from xvr_ros.core.imaging import registration_overlay
 from xvr_ros.core.io.volume import load_volume
-from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.register.quality import QualityModel, QualityModelError, assess_registration, load_model
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, register
-from xvr_ros.core.register.similarity import sobel
+from xvr_ros.core.register.uncertainty import world_axes_covariance
+from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.msg import ModelInfo, RegistrationResult
-from xvr_ros.ros import convert
-from xvr_ros.ros.pipeline import (
-    IMAGE_NODE_PARAMETERS,
-    ImageNode,
-    Pending,
-    check_image_parameters,
-    declare_parameters,
-    file_key,
-    number_list,
-)
+from xvr_ros.ros import convert, qos
+from xvr_ros.ros.pipeline import IMAGE_NODE_PARAMETERS, ImageNode, Param, Pending, declare_parameters, file_key
 
-__all__ = ["PARAMETERS", "Refiner", "main", "overlay_image", "tf_qos"]
+__all__ = ["PARAMETERS", "Refiner", "main"]
 
-#: name -> (default, description with units). Read once at start-up (read-only parameters).
-PARAMETERS: dict[str, tuple] = {
+#: Read once at start-up (read-only parameters).
+PARAMETERS: dict[str, Param] = {
     **IMAGE_NODE_PARAMETERS,
-    "initial_pose_topic": (
-        "xray/initial_pose",
-        "geometry_msgs/PoseWithCovarianceStamped input from the pose estimator",
+    "initial_pose_topic": Param(
+        "xray/initial_pose", "geometry_msgs/PoseWithCovarianceStamped input from the pose estimator"
     ),
-    "model_info_topic": ("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the volume to render"),
-    "result_topic": ("xray/registration", "xvr_ros/RegistrationResult output"),
-    "overlay_topic": ("xray/overlay", "sensor_msgs/Image output (rgb8): the X-ray with the registered DRR's edges"),
-    "tf_topic": ("/tf", "tf2_msgs/TFMessage output (dynamic TF)"),
-    "volume_frame": ("volume", "TF parent frame and frame_id of the result: the CT/MR volume's frame"),
-    "source_frame": (
-        "carm_source_optical",
-        "TF child frame: the C-arm source's optical frame (the CameraInfo's frame)",
+    "initial_pose_dropped_topic": Param(
+        "xray/initial_pose/dropped", "std_msgs/Header input: stamps the pose estimator dropped (released at once)"
     ),
-    "device": ("cpu", "torch device for rendering (cpu, cuda, ...)"),
-    "time_budget": (10.0, "s allowed for the refinement of one image (0 = no limit)"),
-    "max_iterations": (500, "iteration cap of the refinement (count)"),
-    "scales": (
+    "dropped_topic": Param(
+        "xray/registration/dropped", "std_msgs/Header output: the stamp of every frame that gets no result"
+    ),
+    "model_info_topic": Param("xvr/model_info", "xvr_ros/ModelInfo input (transient local): the volume to render"),
+    "result_topic": Param("xray/registration", "xvr_ros/RegistrationResult output"),
+    "overlay_topic": Param(
+        "xray/overlay", "sensor_msgs/Image output (rgb8): the X-ray with the registered DRR's edges"
+    ),
+    "tf_topic": Param("/tf", "tf2_msgs/TFMessage output (dynamic TF): accepted registrations only"),
+    "refined_pose_topic": Param(
+        "xray/refined_pose",
+        "geometry_msgs/PoseWithCovarianceStamped output: the refined pose with its covariance, accepted "
+        "registrations only",
+    ),
+    "accept_threshold": Param(
+        0.5,
+        "a registration is accepted (TF published) when its p_success, the calibrated probability of mTRE < 1 mm, "
+        "is at least this; unset = the quality model file's threshold; 0 = accept every registration",
+        low=0.0,
+        high=1.0,
+    ),
+    "volume_frame": Param("volume", "TF parent frame and frame_id of the result: the CT/MR volume's frame"),
+    "source_frame": Param(
+        "carm_source_optical", "TF child frame: the C-arm source's optical frame (the CameraInfo's frame)"
+    ),
+    "device": Param("cpu", "torch device for rendering (cpu, cuda, ...)"),
+    "time_budget": Param(10.0, "s allowed for the refinement of one image (0 = no limit)", low=0.0, high=3600.0),
+    "max_iterations": Param(500, "iteration cap of the refinement (count)", low=0, high=100000),
+    "scales": Param(
         [],
         "refinement downsampling factors, coarsest first (e.g. [16., 8., 4., 2.]); "
         "[] = the core's choice for the image size",
-        ParameterType.PARAMETER_DOUBLE_ARRAY,
+        items=float,
     ),
-    "labelmap": ("", "label map file of the volume (same grid); empty = none"),
-    "labels": (
-        [],
-        "render only these labels (needs labelmap); [] = the whole volume",
-        ParameterType.PARAMETER_INTEGER_ARRAY,
-    ),
-    "multistart": (
+    "labelmap": Param("", "label map file of the volume (same grid); empty = none"),
+    "labels": Param([], "render only these labels (needs labelmap); [] = the whole volume", items=int),
+    "multistart": Param(
         True,
         "before refining, try the initial pose turned by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) "
         "on the two coarsest scales and start from the best (widens the capture range, ~1 s)",
     ),
-    "mask_clipped": (
+    "mask_clipped": Param(
         True,
         "leave pixels at the image's extreme value (shutters delivered as a constant, saturation; "
         "when they cover >= 0.5 % of it) out of the similarity",
     ),
-    "hu_to_mu": ("linear", "CT HU -> attenuation mapping used to load the volume ('linear' or 'diffdrr')"),
-    "pairing_timeout": (5.0, "s an image waits for its CameraInfo and initial pose before it is dropped"),
-    "publish_overlay": (True, "publish the overlay image"),
-    "overlay_max_size": (512, "px: the overlay's DRR is rendered at most this large (then upsampled)"),
+    "detect_fov": Param(
+        True,
+        "score only the detected field of view (collimator blades, image-intensifier circle, clipped values, "
+        "burned-in text), a few mm inside its edges; false = only pixels the image itself marks invalid",
+    ),
+    "hu_to_mu": Param(
+        "linear", "CT HU -> attenuation mapping used to load the volume", choices=("linear", "diffdrr")
+    ),
+    "pairing_timeout": Param(
+        5.0, "s an image waits for its CameraInfo and initial pose before it is dropped", low=0.01, high=3600.0
+    ),
+    "publish_overlay": Param(True, "publish the overlay image (rendered only while someone subscribes)"),
+    "overlay_max_size": Param(
+        512, "px: the overlay's DRR is rendered at most this large (then upsampled)", low=16, high=65536
+    ),
 }
 
 _KINDS = ("image", "camera_info", "initial_pose")
-
-
-def tf_qos() -> QoSProfile:
-    """QoS of ``/tf`` as ``tf2_ros.TransformBroadcaster`` uses it: reliable, volatile, depth 100."""
-    return QoSProfile(depth=100)
-
-
-@torch.no_grad()
-def overlay_image(
-    renderer: Renderer, xray: Xray, pose_mm: torch.Tensor, max_size: int = 512, edge_fraction: float = 0.08
-) -> np.ndarray:
-    """(H, W, 3) uint8: the X-ray (bone white) with the strongest ``edge_fraction`` of the DRR's
-    gradient magnitude at ``pose_mm`` drawn in green. The DRR is rendered at most ``max_size`` px
-    on a side (same physical detector) and upsampled."""
-    det = xray.detector
-    factor = max(1.0, max(det.height, det.width) / max(1, max_size))
-    small = det.scaled(factor) if factor > 1 else det
-    drr = renderer(pose_mm.reshape(1, 4, 4).to(renderer.dtype), small).sum(1, keepdim=True).to(torch.float32)
-    grad, weight = sobel(drr, sigma=1.0)
-    mag = grad.square().sum(1, keepdim=True).sqrt() * weight
-    if small.shape != det.shape:
-        mag = F.interpolate(mag, size=det.shape, mode="bilinear", align_corners=False)
-    mag = mag[0, 0].cpu().numpy()
-    gray = to_uint8(xray.image[0, 0])
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    if (mag > 0).any():
-        edges = mag >= max(float(np.quantile(mag[mag > 0], 1 - edge_fraction)), 1e-12)
-        rgb[edges] = (0, 255, 0)
-    return rgb
 
 
 @dataclass
@@ -142,18 +148,23 @@ class _Volume:
     key: Any
 
 
+@dataclass
+class _Verdict:
+    accepted: bool
+    p_success: float
+    reason: str  # one line, for the result and /diagnostics
+    covariance: Any  # (6, 6) mm / rad along the volume frame's axes, or None (unknown: all zeros on ROS)
+
+
 class Refiner(ImageNode):
     """The ``refiner`` node (see the module docstring). ``kwargs`` go to ``rclpy.node.Node``
     (``parameter_overrides``, ``context``, ``namespace``, ...)."""
 
     def __init__(self, node_name: str = "refiner", **kwargs):
         super().__init__(node_name, **kwargs)
-        p = self.params = declare_parameters(self, PARAMETERS)
-        check_image_parameters(p)
-        if not p["time_budget"] >= 0:
-            raise ValueError(f"parameter time_budget must be >= 0 s, got {p['time_budget']}")
-        self._scales = tuple(number_list("scales", p["scales"], float))
-        self._labels = number_list("labels", p["labels"], int)
+        self._quality, self._quality_error = self._load_quality_model()
+        p = self.params = declare_parameters(self, self._parameter_table())
+        self._scales, self._labels = tuple(p["scales"]), p["labels"]
         if self._scales and (min(self._scales) < 1 or any(b >= a for a, b in zip(self._scales, self._scales[1:]))):
             raise ValueError(f"parameter scales must be >= 1 and strictly decreasing, got {list(p['scales'])}")
         self._volume: _Volume | None = None
@@ -161,17 +172,54 @@ class Refiner(ImageNode):
         self._stopping = threading.Event()
         self._warned_frames: set[str] = set()
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
-        self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], tf_qos())
+        self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
+        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
-        self.start_pipeline(
-            _KINDS, p["pairing_timeout"], p["max_pending"], self._load_volume, self._refine, "a refinement"
-        )
+        self.start_pipeline(_KINDS, p["pairing_timeout"], self._load_volume, self._refine, "a refinement")
         self.create_subscription(PoseWithCovarianceStamped, p["initial_pose_topic"], self._on_initial_pose, 10)
-        self.diagnostics.set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
+        self.create_subscription(Header, p["initial_pose_dropped_topic"], self._on_upstream_drop, qos.DROPPED)
+        self._set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
+        # Compile (or load) the render kernels now, beside the volume loading, not in the first refinement.
+        threading.Thread(target=self._warm_kernels, name=f"{self.get_name()}-warm", daemon=True).start()
+
+    def _load_quality_model(self) -> tuple[QualityModel | None, str]:
+        """(model, "") or (None, why: the message of the node's standing ERROR)."""
+        try:
+            return load_model(), ""
+        except QualityModelError as exc:
+            return None, f"no quality model ({exc}): no registration can be accepted, no TF is published"
+
+    def _parameter_table(self) -> dict[str, Param]:
+        """:data:`PARAMETERS`, with the loaded quality model's threshold as ``accept_threshold``'s default."""
+        if self._quality is None:
+            return PARAMETERS
+        return {**PARAMETERS, "accept_threshold": dataclasses.replace(
+            PARAMETERS["accept_threshold"], default=float(self._quality.threshold))}
+
+    def _set_state(self, level: str, message: str, **kv) -> None:
+        """The standing status; ERROR, naming the cause, while there is no quality model."""
+        if self._quality_error:
+            level, message = "ERROR", f"{message}; {self._quality_error}"
+        self.diagnostics.set_state(level, message, **kv)
+
+    def _warm_kernels(self) -> None:
+        t0 = time.perf_counter()
+        kernels = _ext.warm()
+        fallback = [k for k in kernels.values() if not k.available]
+        self.diagnostics.report(
+            "WARN" if fallback else "OK",
+            "render kernels: " + "; ".join(map(str, kernels.values())),
+            {f"kernel_{name}": k.state + (f": {k.reason}" if k.reason else "") for name, k in kernels.items()},
+            warm_time_s=time.perf_counter() - t0,
+        )
 
     # ---- callbacks: hand work on (image, CameraInfo and ModelInfo: ImageNode's) --------------
     def _on_initial_pose(self, msg: PoseWithCovarianceStamped) -> None:
         self.pair("initial_pose", msg)
+
+    def _on_upstream_drop(self, msg: Header) -> None:
+        # The pose estimator reported it: counted and passed on here, not reported twice.
+        self.drop(convert.stamp_key(msg.stamp), "upstream", "dropped by the pose estimator", report=False)
 
     # ---- worker: volume loading --------------------------------------------------------------
     def _load_volume(self, info: ModelInfo) -> None:
@@ -185,7 +233,7 @@ class Refiner(ImageNode):
         path = info.volume_path
         if not path:
             self._set_volume(None)
-            self.diagnostics.set_state("WARN", "ModelInfo names no volume (empty volume_path): no volume loaded")
+            self._set_state("WARN", "ModelInfo names no volume (empty volume_path): no volume loaded")
             return
         key = (file_key(path), info.volume_sha256, p["labelmap"])
         with self._lock:
@@ -198,11 +246,11 @@ class Refiner(ImageNode):
             renderer = Renderer(volume, labels=self._labels or None, device=p["device"])
         except Exception as exc:  # noqa: BLE001 - any unreadable volume is reported, never fatal
             self._set_volume(None)
-            self.diagnostics.set_state("ERROR", f"cannot load volume {path}: {exc}; no volume loaded", volume_path=path)
+            self._set_state("ERROR", f"cannot load volume {path}: {exc}; no volume loaded", volume_path=path)
             return
         self._set_volume(_Volume(renderer, path, key))
         mismatch = bool(info.volume_sha256 and volume.sha256 and info.volume_sha256 != volume.sha256)
-        self.diagnostics.set_state(
+        self._set_state(
             "WARN" if mismatch else "OK",
             f"volume loaded: {path}" + (" (its sha256 differs from the ModelInfo's)" if mismatch else ""),
             volume_path=path,
@@ -222,10 +270,11 @@ class Refiner(ImageNode):
         with self._lock:
             volume = self._volume
         if volume is None:
-            self.diagnostics.error(
-                f"image {stamp} dropped: no volume loaded "
-                f"(waiting for a loadable ModelInfo on {p['model_info_topic']})",
-                stamp=stamp,
+            self.drop(
+                entry.key,
+                "no_model",
+                f"no volume loaded (waiting for a loadable ModelInfo on {p['model_info_topic']})",
+                "ERROR",
             )
             return
         if (
@@ -239,23 +288,20 @@ class Refiner(ImageNode):
                 "(parameter source_frame): RViz and TF users looking up the camera frame will not find this transform",
             )
         if initial.header.frame_id != p["volume_frame"]:
-            self.diagnostics.error(
-                f"image {stamp} dropped: its initial pose is in frame {initial.header.frame_id!r}, "
-                f"not {p['volume_frame']!r}",
-                stamp=stamp,
+            self.drop(
+                entry.key,
+                "refused",
+                f"its initial pose is in frame {initial.header.frame_id!r}, not {p['volume_frame']!r}",
+                "ERROR",
             )
             return
+        xray = self.read_xray(entry, mask_clipped=p["mask_clipped"])
+        if xray is None:
+            return
         try:
-            xray = convert.xray_from_messages(
-                image,
-                info,
-                sdd_mm=p["sdd_mm"],
-                intensity=p["intensity"],
-                i0=p["i0"] or None,
-                mask_clipped=p["mask_clipped"],
-            )
             init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
             options = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
+            options["detect_fov"] = p["detect_fov"]
             offsets = MULTISTART_OFFSETS if p["multistart"] else ()
             renderer = volume.renderer
             # max_iterations=0: no step, just the similarity at the initial pose on the finest scale.
@@ -273,61 +319,76 @@ class Refiner(ImageNode):
             pose = reg.pose[0].to(torch.float64)
             optical = convert.optical_from_carm(pose, xray.detector)
         except ValueError as exc:
-            self.diagnostics.error(
-                f"image {stamp} dropped: {exc}",
-                stamp=stamp,
-                encoding=image.encoding,
-                image_size=f"{image.height}x{image.width}",
-                camera_info_size=f"{info.height}x{info.width}",
-            )
+            self.refuse(entry, str(exc))
             return
         if self._stopping.is_set():
             return
+        t_assess = time.monotonic()
+        verdict = self._assess(renderer, reg, xray)
+        if self._stopping.is_set():
+            return
         elapsed = time.monotonic() - entry.arrived["image"]
-        dropped = len(entry.superseded)
-        total = self.dropped_total
+        dropped, total = self.take_dropped(), self.dropped_total
         refinement = reg.refinement
-        status = (
-            f"{refinement.message}; dropped {dropped} older input(s) while busy"
-            + (f" ({', '.join(map(convert.stamp_to_str, entry.superseded))})" if dropped else "")
-            + f" (total {total})"
-        )
+        status = (f"{refinement.message}; {verdict.reason}; "
+                  f"{dropped} frame(s) dropped since the previous result ({total} in all)")
         header = Header(stamp=image.header.stamp, frame_id=p["volume_frame"])
-        self._tf_pub.publish(
-            TFMessage(
-                transforms=[
-                    convert.transform_stamped(optical, p["volume_frame"], p["source_frame"], image.header.stamp)
-                ]
-            )
-        )
+        refined = convert.pose_with_covariance_to_msg(optical, verdict.covariance)
+        if verdict.accepted:
+            self._pose_pub.publish(PoseWithCovarianceStamped(header=header, pose=refined))
+            self._tf_pub.publish(TFMessage(transforms=[
+                convert.transform_stamped(optical, p["volume_frame"], p["source_frame"], image.header.stamp)
+            ]))
         self._result_pub.publish(
             RegistrationResult(
                 header=header,
                 initial_pose=initial.pose,
-                refined_pose=convert.pose_with_covariance_to_msg(optical),
+                refined_pose=refined,
                 initial_similarity=float(start.refinement.similarity[0]),
                 similarity=float(refinement.similarity[0]),
                 iterations=int(refinement.iterations),
                 registration_time=float(elapsed),
                 converged=bool(refinement.converged[0]) if refinement.converged is not None else False,
+                accepted=verdict.accepted,
+                p_success=verdict.p_success,
+                rejection_reason="" if verdict.accepted else verdict.reason,
+                dropped=dropped,
                 status=status,
             )
         )
-        if self._overlay_pub is not None:
-            rgb = overlay_image(renderer, xray, pose, p["overlay_max_size"])
+        if self._overlay_pub is not None and self._overlay_pub.get_subscription_count() > 0:
+            rgb = registration_overlay(renderer, xray, pose, p["overlay_max_size"], reg.field_of_view)
             self._overlay_pub.publish(convert.numpy_to_image(rgb, "rgb8", header=image.header))
-        self.diagnostics.set_state(
-            "OK",
-            f"registered image {stamp}",
-            log=False,
+        self._set_state(
+            "OK" if verdict.accepted else "WARN",
+            f"image {stamp} " + ("registered" if verdict.accepted else f"registered but {verdict.reason}: no TF"),
+            log=not verdict.accepted,
             stamp=stamp,
+            outcome="accepted" if verdict.accepted else "rejected",
+            reason=verdict.reason,
+            p_success=verdict.p_success,
             registration_time_s=elapsed,
+            assessment_time_s=time.monotonic() - t_assess,
             iterations=refinement.iterations,
             similarity=float(refinement.similarity[0]),
             dropped=dropped,
             dropped_total=total,
         )
-        self.get_logger().info(f"image {stamp}: {status}")
+        if verdict.accepted:
+            self.get_logger().info(f"image {stamp}: {status}")
+
+    def _assess(self, renderer: Renderer, reg, xray) -> _Verdict:
+        """Accept or reject one registration; its covariance in ``pose_with_covariance_to_msg``'s
+        convention (mm, rad; along the volume frame's axes), None when unknown."""
+        if self._quality is None:
+            return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
+        try:
+            a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality,
+                                    threshold=self.params["accept_threshold"])
+        except ValueError as exc:  # e.g. a degenerate image: nothing to trust
+            return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
+        covariance = world_axes_covariance(reg.pose[0], a.covariance).numpy()
+        return _Verdict(bool(a.accepted), float(a.p_success), a.reason, covariance)
 
     # ---- shutdown -----------------------------------------------------------------------------
     def destroy_node(self) -> None:

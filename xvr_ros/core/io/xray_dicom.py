@@ -1,7 +1,6 @@
-"""X-ray images: reading (DICOM, PNG/TIFF/NumPy) into line integrals + intrinsics, Eq. 26
-resampling between intrinsics, the DICOM positioner prior (M.8), and display conversion.
+"""X-ray DICOM files (XA, RF, DX, CR) -> line integrals + intrinsics, and the DICOM positioner prior (M.8).
 
-Everything here returns **line integrals** ``L = ∫ μ ds`` (linear attenuation x length, higher =
+:func:`read_xray_dicom` returns **line integrals** ``L = ∫ μ ds`` (linear attenuation x length, higher =
 more attenuation, 0 = unattenuated), the quantity the renderer produces, as a ``(1, 1, H, W)``
 float32 tensor, together with a :class:`~xvr_ros.core.geometry.Detector` holding the intrinsics.
 
@@ -242,6 +241,169 @@ def _pixel_spacing(ds, path, sdd, spd, option, warnings) -> tuple[float, float, 
     return dely, delx, how
 
 
+def _check_options(path: str, frames, intensity: str, higher: str) -> None:
+    if intensity not in ("auto", "log", "linear"):
+        raise XrayError(f"{path}: intensity= must be 'auto', 'log' or 'linear', got {intensity!r}")
+    if higher not in ("auto", "transmission", "attenuation"):
+        raise XrayError(f"{path}: higher= must be 'auto', 'transmission' or 'attenuation', got {higher!r}")
+    if not (frames in ("max", "sum") or (isinstance(frames, (int, np.integer)) and not isinstance(frames, bool))):
+        raise XrayError(f"{path}: frames= must be 'max', 'sum' or a frame index, got {frames!r}")
+
+
+def _open(path: str):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path)
+    except FileNotFoundError as exc:
+        raise XrayError(f"{path}: no such file") from exc
+    except Exception as exc:  # InvalidDicomError and friends
+        raise XrayError(f"{path}: not a readable DICOM file ({exc})") from exc
+
+
+def _image_kind(ds, path: str, modality: str | None) -> tuple[str, str]:
+    """(modality, photometric interpretation) of a monochrome X-ray projection, or XrayError."""
+    mod = (modality or str(ds.get("Modality", "") or "")).strip().upper()
+    if not mod:
+        raise XrayError(f"{path}: {_tag('Modality')} is missing; pass modality= (one of {', '.join(DICOM_MODALITIES)})")
+    if mod not in DICOM_MODALITIES:
+        raise XrayError(
+            f"{path}: {_tag('Modality')} is {mod!r}; only {', '.join(DICOM_MODALITIES)} are X-ray projections "
+            "(pass modality= to override, or use read_xray_image for other images)"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise XrayError(
+            f"{path}: {_tag('PhotometricInterpretation')} is {photometric or 'missing'!r}; "
+            "only MONOCHROME1/MONOCHROME2 X-rays are supported"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise XrayError(f"{path}: {_tag('SamplesPerPixel')} is {ds.SamplesPerPixel}; a monochrome image has 1")
+    return mod, photometric
+
+
+def _source_distances(ds, path: str, sdd, warnings) -> tuple[float, str, float | None]:
+    """(SDD mm, where it came from, source-to-patient distance mm or None)."""
+    if sdd is not None:
+        sdd_mm, sdd_from = check_sdd(sdd, path, "option sdd="), "option sdd="
+    else:
+        value = ds.get("DistanceSourceToDetector")
+        if value is None:
+            raise XrayError(f"{path}: {_tag('DistanceSourceToDetector')} is missing; pass sdd=<mm>")
+        sdd_mm, sdd_from = check_sdd(value, path, _tag("DistanceSourceToDetector")), _tag("DistanceSourceToDetector")
+    spd = None
+    spd_value = ds.get("DistanceSourceToPatient")
+    if spd_value is not None:
+        spd = finite_float(spd_value)
+        if spd is None or not 0 < spd < sdd_mm:
+            warnings.append(f"{_tag('DistanceSourceToPatient')} = {spd_value!r} is not in (0, SDD): ignored")
+            spd = None
+    return sdd_mm, sdd_from, spd
+
+
+def _positioner(ds, warnings) -> tuple[float, float] | None:
+    """(PositionerPrimaryAngle, PositionerSecondaryAngle) in degrees, or None."""
+    positioner = None
+    angles = [ds.get("PositionerPrimaryAngle"), ds.get("PositionerSecondaryAngle")]
+    if all(a is not None for a in angles):
+        vals = [finite_float(a) for a in angles]
+        if None in vals:
+            warnings.append(f"positioner angles {angles!r} are not numbers: ignored")
+        else:
+            positioner = (vals[0], vals[1])
+    if ds.get("PositionerPrimaryAngleIncrement") is not None:
+        warnings.append(f"{_tag('PositionerPrimaryAngleIncrement')} present: positioner angles are the first frame's")
+    return positioner
+
+
+def _pixel_values(ds, path: str, frames) -> tuple[np.ndarray, int]:
+    """Decoded pixels through the Modality LUT: ((F, H, W) float64, NumberOfFrames); F = 1 for a frame index."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "PixelData" not in ds:
+        raise XrayError(f"{path}: {_tag('PixelData')} is missing")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise XrayError(
+            f"{path}: cannot decode {_tag('PixelData')} ({_tag('TransferSyntaxUID')} = {ts}): {exc}"
+        ) from exc
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    stack = np.asarray(raw)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3 or stack.shape[0] != n_frames:
+        raise XrayError(
+            f"{path}: pixel array of shape {raw.shape} does not match {_tag('NumberOfFrames')} = {n_frames}"
+        )
+    if isinstance(frames, (int, np.integer)):
+        if not 0 <= frames < n_frames:
+            raise XrayError(
+                f"{path}: frames={frames} is out of range: {_tag('NumberOfFrames')} = {n_frames}; "
+                "pass frames= as 0-based index, 'max' or 'sum'"
+            )
+        stack = stack[int(frames) : int(frames) + 1]
+    return np.asarray(apply_modality_lut(stack, ds), dtype=np.float64), n_frames
+
+
+def _modality_lut_name(ds) -> str | None:
+    """How the Modality LUT was given, for the metadata."""
+    if ds.get("ModalityLUTSequence"):
+        return "ModalityLUTSequence"
+    if ds.get("RescaleSlope") is not None or ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        return f"RescaleSlope {slope}, RescaleIntercept {intercept}"
+    return None
+
+
+def _crop_and_shutter(ds, path: str, values: np.ndarray, crop: int, warnings):
+    """Drop ``crop`` pixels on every side; return (values, valid mask (H', W') or None, crop, shutters used)."""
+    height, width = values.shape[-2:]
+    c = check_crop(crop, (height, width), path)
+    mask, shutters = _shutter_mask(ds, (height, width), warnings)
+    if c:
+        values = values[:, c:-c, c:-c]
+        mask = None if mask is None else mask[c:-c, c:-c]
+    if mask is not None and not mask.any():
+        raise XrayError(f"{path}: the shutter/collimator tags leave no valid pixel inside the (cropped) image")
+    return values, mask, c, shutters
+
+
+def _line_integrals(ds, path: str, values: np.ndarray, mask, decision: dict, i0, frames) -> np.ndarray:
+    """Convert each frame (module docstring, step 3), then reduce the frames -> (H, W) line integrals.
+
+    Records each frame's reference level in ``decision["per_frame"]``.
+    """
+    mode, direction = decision["mode"], decision["higher_values_mean"]
+    per_frame = []
+    out = np.empty_like(values)
+    for k, v in enumerate(values):
+        if mode == "log":
+            if direction == "attenuation":
+                lo, hi = _representable_range(ds)
+                v = lo + hi - v
+                decision["inverted_with_range"] = (lo, hi)
+            ref = i0 if i0 is not None else robust_max(v, mask)
+            out[k], info = log_transform(v, float(ref), path)
+        elif direction == "transmission":
+            ref = float(i0) if i0 is not None else robust_max(v, mask)
+            out[k], info = np.maximum(ref - v, 0.0), {"reference": ref}
+        else:
+            out[k], info = v, {}
+        per_frame.append(info)
+    if frames == "max":
+        L = out.max(axis=0)
+    elif frames == "sum":
+        L = out.sum(axis=0)
+    else:
+        L = out[0]
+    decision["per_frame"] = per_frame
+    if not np.isfinite(L).all():
+        raise XrayError(f"{path}: the converted image has non-finite values")
+    return L
+
+
 def read_xray_dicom(
     path: str | os.PathLike,
     *,
@@ -269,140 +431,21 @@ def read_xray_dicom(
     modality: treat the file as this modality (when (0008,0060) is missing or wrong).
     Raises :class:`XrayError` for every input problem.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
     path = str(path)
-    if intensity not in ("auto", "log", "linear"):
-        raise XrayError(f"{path}: intensity= must be 'auto', 'log' or 'linear', got {intensity!r}")
-    if higher not in ("auto", "transmission", "attenuation"):
-        raise XrayError(f"{path}: higher= must be 'auto', 'transmission' or 'attenuation', got {higher!r}")
-    if not (frames in ("max", "sum") or (isinstance(frames, (int, np.integer)) and not isinstance(frames, bool))):
-        raise XrayError(f"{path}: frames= must be 'max', 'sum' or a frame index, got {frames!r}")
-    try:
-        ds = pydicom.dcmread(path)
-    except FileNotFoundError as exc:
-        raise XrayError(f"{path}: no such file") from exc
-    except Exception as exc:  # InvalidDicomError and friends
-        raise XrayError(f"{path}: not a readable DICOM file ({exc})") from exc
-
+    _check_options(path, frames, intensity, higher)
+    ds = _open(path)
     warnings: list[str] = []
-    mod = (modality or str(ds.get("Modality", "") or "")).strip().upper()
-    if not mod:
-        raise XrayError(f"{path}: {_tag('Modality')} is missing; pass modality= (one of {', '.join(DICOM_MODALITIES)})")
-    if mod not in DICOM_MODALITIES:
-        raise XrayError(
-            f"{path}: {_tag('Modality')} is {mod!r}; only {', '.join(DICOM_MODALITIES)} are X-ray projections "
-            "(pass modality= to override, or use read_xray_image for other images)"
-        )
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise XrayError(
-            f"{path}: {_tag('PhotometricInterpretation')} is {photometric or 'missing'!r}; "
-            "only MONOCHROME1/MONOCHROME2 X-rays are supported"
-        )
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise XrayError(f"{path}: {_tag('SamplesPerPixel')} is {ds.SamplesPerPixel}; a monochrome image has 1")
-
-    # --- geometry tags (before the pixels: fail fast and cheap) ---
-    if sdd is not None:
-        sdd_mm, sdd_from = check_sdd(sdd, path, "option sdd="), "option sdd="
-    else:
-        value = ds.get("DistanceSourceToDetector")
-        if value is None:
-            raise XrayError(f"{path}: {_tag('DistanceSourceToDetector')} is missing; pass sdd=<mm>")
-        sdd_mm, sdd_from = check_sdd(value, path, _tag("DistanceSourceToDetector")), _tag("DistanceSourceToDetector")
-    spd = None
-    spd_value = ds.get("DistanceSourceToPatient")
-    if spd_value is not None:
-        spd = finite_float(spd_value)
-        if spd is None or not 0 < spd < sdd_mm:
-            warnings.append(f"{_tag('DistanceSourceToPatient')} = {spd_value!r} is not in (0, SDD): ignored")
-            spd = None
+    mod, photometric = _image_kind(ds, path, modality)
+    # Geometry tags before the pixels: fail fast and cheap.
+    sdd_mm, sdd_from, spd = _source_distances(ds, path, sdd, warnings)
     dely, delx, spacing_from = _pixel_spacing(ds, path, sdd_mm, spd, pixel_spacing, warnings)
-    positioner = None
-    angles = [ds.get("PositionerPrimaryAngle"), ds.get("PositionerSecondaryAngle")]
-    if all(a is not None for a in angles):
-        vals = [finite_float(a) for a in angles]
-        if None in vals:
-            warnings.append(f"positioner angles {angles!r} are not numbers: ignored")
-        else:
-            positioner = (vals[0], vals[1])
-    if ds.get("PositionerPrimaryAngleIncrement") is not None:
-        warnings.append(f"{_tag('PositionerPrimaryAngleIncrement')} present: positioner angles are the first frame's")
+    positioner = _positioner(ds, warnings)
 
-    # --- pixels ---
-    if "PixelData" not in ds:
-        raise XrayError(f"{path}: {_tag('PixelData')} is missing")
-    try:
-        raw = ds.pixel_array
-    except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        raise XrayError(
-            f"{path}: cannot decode {_tag('PixelData')} ({_tag('TransferSyntaxUID')} = {ts}): {exc}"
-        ) from exc
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    stack = np.asarray(raw)
-    if stack.ndim == 2:
-        stack = stack[None]
-    if stack.ndim != 3 or stack.shape[0] != n_frames:
-        raise XrayError(
-            f"{path}: pixel array of shape {raw.shape} does not match {_tag('NumberOfFrames')} = {n_frames}"
-        )
-    if isinstance(frames, (int, np.integer)):
-        if not 0 <= frames < n_frames:
-            raise XrayError(
-                f"{path}: frames={frames} is out of range: {_tag('NumberOfFrames')} = {n_frames}; "
-                "pass frames= as 0-based index, 'max' or 'sum'"
-            )
-        stack = stack[int(frames) : int(frames) + 1]
-    values = np.asarray(apply_modality_lut(stack, ds), dtype=np.float64)
-    modality_lut = (
-        "ModalityLUTSequence"
-        if ds.get("ModalityLUTSequence")
-        else (
-            f"RescaleSlope {float(ds.get('RescaleSlope', 1))}, RescaleIntercept {float(ds.get('RescaleIntercept', 0))}"
-            if ds.get("RescaleSlope") is not None or ds.get("RescaleIntercept") is not None
-            else None
-        )
-    )
-
+    values, n_frames = _pixel_values(ds, path, frames)
     height, width = values.shape[-2:]
-    c = check_crop(crop, (height, width), path)
-    mask, shutters = _shutter_mask(ds, (height, width), warnings)
-    if c:
-        values = values[:, c:-c, c:-c]
-        mask = None if mask is None else mask[c:-c, c:-c]
-    if mask is not None and not mask.any():
-        raise XrayError(f"{path}: the shutter/collimator tags leave no valid pixel inside the (cropped) image")
-
+    values, mask, c, shutters = _crop_and_shutter(ds, path, values, crop, warnings)
     decision = _decide_intensity(ds, mod, photometric, intensity, higher, warnings)
-    mode, direction = decision["mode"], decision["higher_values_mean"]
-    per_frame = []
-    out = np.empty_like(values)
-    for k, v in enumerate(values):
-        if mode == "log":
-            if direction == "attenuation":
-                lo, hi = _representable_range(ds)
-                v = lo + hi - v
-                decision["inverted_with_range"] = (lo, hi)
-            ref = i0 if i0 is not None else robust_max(v, mask)
-            out[k], info = log_transform(v, float(ref), path)
-        elif direction == "transmission":
-            ref = float(i0) if i0 is not None else robust_max(v, mask)
-            out[k], info = np.maximum(ref - v, 0.0), {"reference": ref}
-        else:
-            out[k], info = v, {}
-        per_frame.append(info)
-    if frames == "max":
-        L = out.max(axis=0)
-    elif frames == "sum":
-        L = out.sum(axis=0)
-    else:
-        L = out[0]
-    decision["per_frame"] = per_frame
-    if not np.isfinite(L).all():
-        raise XrayError(f"{path}: the converted image has non-finite values")
+    L = _line_integrals(ds, path, values, mask, decision, i0, frames)
 
     detector = crop_detector(
         Detector(sdd_mm, height, width, delx, dely, reverse_x_axis=reverse_x_axis, orientation=orientation),
@@ -413,7 +456,7 @@ def read_xray_dicom(
         "photometric_interpretation": photometric,
         "frames": n_frames,
         "frame_reduction": frames if n_frames > 1 else None,
-        "modality_lut": modality_lut,
+        "modality_lut": _modality_lut_name(ds),
         "intensity": decision,
         "sdd_source": sdd_from,
         "pixel_spacing_source": spacing_from,

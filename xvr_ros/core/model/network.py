@@ -354,9 +354,8 @@ def normalize_xray(img: torch.Tensor, height: int, eps: float = 1e-6) -> torch.T
 # Per-device defaults
 # --------------------------------------------------------------------------------------------
 # The practical choice per device type. The paper trains resnet34 with batch 116 at 128x128 on a
-# GPU. On this project's 2-core CPUs (torch 2.13, one intra-op thread, busy neighbour) a resnet18
-# forward+backward of 8 images at 128x128 takes ~0.5 s (resnet34 ~1 s), and the step also renders
-# 2 DRRs per sample (target and prediction, ~12 DRR/s), so batch 8 keeps a step near 2 s.
+# GPU; on a CPU the smaller backbone and batch keep a step (which also renders the DRRs) short
+# enough for minutes of finetuning (bench/bench_train.py measures it).
 _DEVICE_DEFAULTS = {
     #          backbone     input  batch
     "cuda": ("resnet34", 128, 116),  # paper setting (Methods M.3)

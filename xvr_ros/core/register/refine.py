@@ -26,29 +26,24 @@ X-ray and a DRR rendered at the pose, by autodiff through the renderer:
   all, ``time_budget`` seconds, or ``callback`` returning True. The returned pose is the best one
   seen at the last scale reached, never worse (by the similarity) than where that scale started.
 
-Defaults, chosen by measurement with ``bench/bench_register.py`` (50 simulated chest targets
-with domain shift, 256x256 px of 1 mm, starts ±5°, ±15 mm in-plane, ±40 mm in depth, median
-initial mTRE 26 mm; figures: median mTRE / SMSR / median time per registration, the time as
-iterations x the per-iteration cost on an otherwise idle 2-core CPU):
+Why the defaults (chosen by measurement with ``bench/bench_register.py``; its output and the
+README hold the figures):
 
-- ``threshold=1e-5`` (xvr: 1e-4) is the choice that matters. Depth is the weak axis: 1 mm of
-  depth changes the similarity by only ~1e-4 at 128 px (the magnification changes by 1/850 per
-  mm), so with 1e-4 the finest scale often stops before the depth has converged: 0.27 mm median
-  but SMSR 74 %, upper quartile 1.2 mm. 1e-5: 0.15 mm, 100 %, 0.9 s; 1e-6: 0.18 mm, 100 %,
-  1.1 s (no gain, more iterations); 1e-4 on the coarse scales only: 0.18 mm, 98 %.
-- ``scales="auto"``: 16, 32, 64 then 128 px on the long side (factors 16, 8, 4, 2 here).
-  Coarse iterations cost 2.5-6.5 ms, a 128 px one ~26 ms, a full-resolution (256 px) one ~200 ms
-  (the renderer then needs the full-resolution CT). Adding the full-resolution scale: 0.16 mm
-  for 6x the time (16 targets); its objective's optimum is better (0.09 vs 0.17 mm median starting from the
-  truth) but the optimiser does not get there within a plateau budget. Starting at 32 px
-  (8, 4, 2): 0.21 mm for the same time.
+- ``threshold=1e-5`` (xvr: 1e-4) is the choice that matters. Depth is the weak axis (the
+  magnification changes by only 1/d per mm, d the source-to-isocenter distance), so with 1e-4 the
+  finest scale often stops before the depth has converged; 1e-6 gains nothing and costs iterations.
+- ``scales="auto"``: 16, 32, 64 then 96 px on the long side (~3 mm pixels on a 300 mm
+  detector). Coarse iterations are cheap; a finer last scale costs more per iteration (more rays,
+  and the renderer then needs a finer CT level: 128 px costs about twice 96 px) for no measurable
+  gain, and starting at 32 px loses accuracy for the same time.
 - Similarity ``"mncc+gncc"`` everywhere, ``sigma=1``: global NCC is biased in depth by the
-  non-affine intensity shift (gamma, background) and gradNCC is what pins depth down; sigma 0:
-  0.16 mm, same time.
-- ``parameterization="euler_zxy"``: se3 (about the isocenter) 0.17 mm, same time.
-- ``lr_decay=2`` (learning rates halve per scale; 1: 0.25 mm, 4: 0.25 mm with failures on 16
-  targets), patience 5, 2 plateaus at the finest scale (patience 3: 94 %; 8: 0.15 mm, +60 %
-  time on 16 targets). Similarity in float64 instead of float32: no change.
+  non-affine intensity shift (gamma, background) and gradNCC is what pins depth down.
+- ``lr_rot=0.08`` rad, ``lr_xyz=8`` mm at the coarsest scale, ``lr_decay=4``: an Adam step is
+  about one learning rate whatever the gradient, so the coarse scales (pixels of 10-20 mm) take
+  steps to match and cross a 50 mm depth error in a few iterations, while the finest of four
+  scales keeps steps of 0.07° and 0.125 mm. ``patience=5``, ``max_plateaus=2`` at the finest
+  scale: smaller patience or a single plateau fails more often, larger costs time for little gain.
+  ``parameterization="se3"`` and a float64 similarity give the same accuracy.
 
 Invalid input (shapes, NaN, an empty mask) raises ``ValueError``; a poor result never raises: it
 comes back with ``converged=False`` and a ``message``.
@@ -59,6 +54,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,12 +75,12 @@ __all__ = ["LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales", "p
 PARAMETERIZATIONS = ("euler_zxy", "se3")
 
 #: ``scales="auto"``: the image's long side at each level, coarsest first (see the module docstring).
-LEVEL_SIZES: tuple[int, ...] = (16, 32, 64, 128)
+LEVEL_SIZES: tuple[int, ...] = (16, 32, 64, 96)
 
 
 def auto_scales(detector: Detector, sizes: Sequence[int] = LEVEL_SIZES) -> tuple[float, ...]:
     """Downsampling factors (coarsest first) that bring the detector's long side to ``sizes``
-    pixels; never finer than full resolution. A 256 px image gives (16, 8, 4, 2)."""
+    pixels; never finer than full resolution. A 256 px image gives (16, 8, 4, 8/3)."""
     side = max(detector.height, detector.width)
     factors: list[float] = []
     for size in sizes:
@@ -92,9 +88,6 @@ def auto_scales(detector: Detector, sizes: Sequence[int] = LEVEL_SIZES) -> tuple
         if not factors or f < factors[-1]:
             factors.append(f)
     return tuple(factors)
-
-_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -214,6 +207,24 @@ def _per_scale(value, n: int, name: str) -> list:
     return values
 
 
+def _check_options(n_scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget):
+    """Validate the optimiser's options; return the similarity functions, iteration caps and thresholds per scale."""
+    sims = list(similarity) if isinstance(similarity, (list, tuple)) else [similarity] * n_scales
+    if len(sims) != n_scales:
+        raise ValueError(f"{len(sims)} similarities for {n_scales} scales")
+    sims = [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
+    caps = _per_scale(iterations_per_scale, n_scales, "iterations_per_scale")
+    thresholds = _per_scale(threshold, n_scales, "threshold")
+    if not all(math.isfinite(t) and t >= 0 for t in thresholds):
+        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    for name, v in (("lr_rot", lr_rot), ("lr_xyz", lr_xyz), ("lr_decay", lr_decay)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be positive, got {v}")
+    if time_budget is not None and not time_budget >= 0:
+        raise ValueError(f"time_budget must be >= 0 seconds, got {time_budget}")
+    return sims, caps, thresholds
+
+
 # --------------------------------------------------------------------------------------------
 # parameterisations
 # --------------------------------------------------------------------------------------------
@@ -245,6 +256,253 @@ class _Params:
 
 
 # --------------------------------------------------------------------------------------------
+# the optimiser's pieces
+# --------------------------------------------------------------------------------------------
+class _Adam:
+    """Adam ascent (maximising) with a learning rate and a step count per batch item.
+
+    ``lr`` is (B, 2): rotation (rad) and translation (mm) rates. Inactive items neither move nor
+    update their moments.
+    """
+
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    def __init__(self, params: _Params, lr_rot: float, lr_xyz: float):
+        B = len(params.rot)
+        self.lr = torch.tensor([lr_rot, lr_xyz], dtype=torch.float64).expand(B, 2).clone()
+        self.restart(params)
+
+    def restart(self, params: _Params) -> None:
+        """Fresh moments and step counts (a new scale is a new objective)."""
+        self.m = [torch.zeros_like(p) for p in params.tensors()]
+        self.v = [torch.zeros_like(p) for p in params.tensors()]
+        self.steps = torch.zeros(len(params.rot), dtype=torch.long)
+
+    def ascend(self, params: _Params, grads: list[torch.Tensor], active: torch.Tensor) -> None:
+        """One step up ``grads`` (float64 (B, 3) each, like ``params.tensors()``) for the active items."""
+        b1, b2 = self.betas
+        self.steps = self.steps + active.long()
+        t = self.steps.clamp_min(1).to(torch.float64)[:, None]
+        a = active[:, None]
+        for k, (p, g) in enumerate(zip(params.tensors(), grads)):
+            g = torch.nan_to_num(g.to(torch.float64))
+            self.m[k] = torch.where(a, b1 * self.m[k] + (1 - b1) * g, self.m[k])
+            self.v[k] = torch.where(a, b2 * self.v[k] + (1 - b2) * g * g, self.v[k])
+            mhat = self.m[k] / (1 - b1**t)
+            vhat = self.v[k] / (1 - b2**t)
+            update = self.lr[:, k : k + 1] * mhat / (vhat.sqrt() + self.eps)
+            p += torch.where(a, update, torch.zeros_like(update))
+
+
+class _Items:
+    """Per-item progress at the current scale: best similarity and parameters, plateau counters.
+
+    An item is *done* once it stopped on the plateau criterion at the finest scale, *failed* once
+    its similarity or gradient was not finite, and *ready* once it plateaued at a coarse scale
+    (it then waits for the others before the next scale).
+    """
+
+    def __init__(self, params: _Params):
+        B = len(params.rot)
+        self.done = torch.zeros(B, dtype=torch.bool)
+        self.failed = torch.zeros(B, dtype=torch.bool)
+        self.ready = torch.zeros(B, dtype=torch.bool)
+        self.best = torch.full((B,), -math.inf, dtype=torch.float64)
+        self.best_params = [p.clone() for p in params.tensors()]
+        self.bad = torch.zeros(B, dtype=torch.long)  # iterations without a relative improvement
+        self.plateaus = torch.zeros(B, dtype=torch.long)  # at the finest scale
+
+    def active(self) -> torch.Tensor:
+        return ~(self.done | self.failed | self.ready)
+
+    def all_finished(self) -> bool:
+        return bool((self.done | self.failed).all())
+
+    def scale_finished(self) -> bool:
+        return bool((self.ready | self.done | self.failed).all())
+
+    def fail(self, active: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Stop the items of ``active`` whose similarity or gradient is not finite (``~ok``) at their
+        best pose; return the items still active."""
+        newly_failed = active & ~ok
+        self.failed |= newly_failed
+        return active & ~newly_failed
+
+    def record(self, s: torch.Tensor, params: _Params, active: torch.Tensor, threshold: float) -> None:
+        """Keep the best pose (the one ``s`` was evaluated at) and count iterations without improvement."""
+        improved = active & (s > self.best + threshold * self.best.abs())
+        better = active & (s > self.best)
+        for bp, p in zip(self.best_params, params.tensors()):
+            bp[better] = p[better]
+        self.best = torch.where(better, s, self.best)
+        self.bad = torch.where(improved, torch.zeros_like(self.bad), torch.where(active, self.bad + 1, self.bad))
+
+    def restart(self) -> None:
+        """Forget the best similarity and the counters: a new scale is a new objective."""
+        self.ready[:] = False
+        self.best[:] = -math.inf
+        self.bad[:] = 0
+
+
+@dataclass
+class _Scale:
+    """One level of the coarse-to-fine schedule."""
+
+    factor: float
+    level: tuple  # pyramid(): (image, mask, detector)
+    similarity: Callable
+    threshold: float
+    cap: int | None  # iterations at a coarse scale; None = plateau only
+    finest: bool
+
+
+@dataclass
+class _Run:
+    """What stays fixed during one call, and what it records."""
+
+    renderer: object
+    dtype: torch.dtype
+    similarity_dtype: torch.dtype
+    patience: int
+    max_plateaus: int
+    max_iterations: int
+    time_budget: float | None
+    callback: Callable | None
+    t_start: float
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+    trajectory_scale: list[float] = field(default_factory=list)
+    time_per_scale: dict[float, float] = field(default_factory=dict)
+    iterations: int = 0
+
+    def out_of_time(self) -> bool:
+        return self.time_budget is not None and time.perf_counter() - self.t_start >= self.time_budget
+
+    def render(self, pose: torch.Tensor, detector: Detector) -> torch.Tensor:
+        """DRR (B, 1, h, w) at ``pose``; label channels are summed."""
+        drr = self.renderer(pose.to(self.dtype), detector)
+        return drr if drr.shape[1] == 1 else drr.sum(dim=1, keepdim=True)
+
+    def similarity(self, scale: _Scale, drr: torch.Tensor) -> torch.Tensor:
+        img, msk, _ = scale.level
+        return scale.similarity(drr.to(self.similarity_dtype), img.to(self.similarity_dtype), msk)
+
+
+def _evaluate(run: _Run, scale: _Scale, params: _Params):
+    """Similarity and its gradient at the current parameters.
+
+    Returns the pose (B, 4, 4), the similarity (B,) float64 on the CPU and the gradients with
+    respect to rotation and translation (B, 3) each, on the CPU. Non-finite similarities
+    contribute no gradient to the other items.
+    """
+    rot = params.rot.clone().requires_grad_(True)
+    xyz = params.xyz.clone().requires_grad_(True)
+    pose = params.pose(rot, xyz)
+    s = run.similarity(scale, run.render(pose, scale.level[2]))
+    s_val = s.detach().to(torch.float64).cpu()
+    finite = torch.isfinite(s_val)
+    grad_rot, grad_xyz = torch.autograd.grad(torch.where(finite.to(s.device), s, torch.zeros_like(s)).sum(), [rot, xyz])
+    return pose, s_val, [grad_rot.detach().cpu(), grad_xyz.detach().cpu()]
+
+
+def _count_plateaus(run: _Run, scale: _Scale, items: _Items, adam: _Adam, active: torch.Tensor, iters: int) -> None:
+    """Reduce-on-plateau: a coarse scale ends for an item at its first plateau (or its iteration
+    cap); at the finest scale each plateau divides the item's learning rates by 10 and the item
+    is done after ``max_plateaus`` of them."""
+    plateau = active & (items.bad > run.patience)
+    if not scale.finest:
+        items.ready |= plateau
+        if scale.cap is not None and iters >= scale.cap:
+            items.ready |= active
+        return
+    adam.lr = torch.where(plateau[:, None], adam.lr * 0.1, adam.lr)
+    items.plateaus += plateau.long()
+    items.bad = torch.where(plateau, torch.zeros_like(items.bad), items.bad)
+    items.done |= plateau & (items.plateaus >= run.max_plateaus)
+
+
+_NEXT_SCALE = object()
+
+
+def _run_scale(run: _Run, scale: _Scale, params: _Params, adam: _Adam, items: _Items):
+    """Iterate at one scale until every item has finished it.
+
+    Returns ``_NEXT_SCALE`` when the schedule should go on to the next scale, otherwise why the
+    whole refinement stops: a message, or None when every item is done or failed.
+    """
+    iters = 0
+    while True:
+        if items.all_finished():
+            return None
+        if run.iterations >= run.max_iterations:
+            return f"reached max_iterations={run.max_iterations}"
+        if run.out_of_time():
+            return f"time budget of {run.time_budget:g} s spent"
+        t_iter = time.perf_counter()
+        active = items.active()
+        pose, s, grads = _evaluate(run, scale, params)
+        run.trajectory.append(s.clone())
+        run.trajectory_scale.append(scale.factor)
+        run.iterations += 1
+        iters += 1
+        grads_ok = torch.isfinite(grads[0]).all(-1) & torch.isfinite(grads[1]).all(-1)
+        active = items.fail(active, torch.isfinite(s) & grads_ok)
+        items.record(s, params, active, scale.threshold)
+        adam.ascend(params, grads, active)
+        _count_plateaus(run, scale, items, adam, active, iters)
+        run.time_per_scale[scale.factor] = run.time_per_scale.get(scale.factor, 0.0) + time.perf_counter() - t_iter
+        if run.callback is not None:
+            info = {"iteration": run.iterations, "scale": scale.factor, "pose": pose.detach(), "similarity": s}
+            if run.callback(info):
+                return "stopped by the callback"
+        if not scale.finest and items.scale_finished():
+            return _NEXT_SCALE
+
+
+def _next_scale(params: _Params, adam: _Adam, items: _Items, lr_decay: float) -> None:
+    """Start the next scale from the best pose seen, with smaller learning rates and fresh moments."""
+    for p, bp in zip(params.tensors(), items.best_params):
+        p.copy_(bp)
+    adam.lr = adam.lr / lr_decay
+    items.restart()
+    adam.restart(params)
+
+
+def _final(run: _Run, scale: _Scale, finest: Callable[[], _Scale], params: _Params, items: _Items, init_pose):
+    """The answer: the best pose seen at the last scale reached (the start pose where nothing ran).
+
+    Returns the pose (B, 4, 4) float64 and its similarity (B,) at the finest scale (``finest()``):
+    the best value when the finest scale was reached, else one more render, or NaN when no time
+    is left for it.
+    """
+    never = torch.isinf(items.best)
+    for p, bp in zip(params.tensors(), items.best_params):
+        p[~never] = bp[~never]
+    with torch.no_grad():
+        pose = params.pose(params.rot, params.xyz)
+        if scale.finest and not bool(never.any()):
+            sim = items.best.clone()
+        elif run.out_of_time():  # no time for another render: NaN where the finest scale was not evaluated
+            sim = torch.where(never | (not scale.finest), torch.full_like(items.best, math.nan), items.best)
+        else:  # not at the finest scale yet: one more render to report a comparable value
+            last = finest()
+            sim = run.similarity(last, run.render(pose, last.level[2])).to(torch.float64).cpu()
+    pose = torch.where(never[:, None, None], init_pose.to(torch.float64).cpu(), pose)
+    return pose, sim
+
+
+def _message(stop_reason: str | None, run: _Run, scale: _Scale, converged: torch.Tensor, failed: torch.Tensor) -> str:
+    n_conv, B = int(converged.sum()), len(converged)
+    if stop_reason is None:
+        stop_reason = "converged" if n_conv == B else f"{n_conv}/{B} converged"
+    elapsed = time.perf_counter() - run.t_start
+    parts = [f"{stop_reason} after {run.iterations} iterations in {elapsed:.2f} s at scale {scale.factor:g}"]
+    if bool(failed.any()):
+        parts.append(f"{int(failed.sum())} item(s) stopped on a non-finite similarity or gradient")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # the optimiser
 # --------------------------------------------------------------------------------------------
 def refine(
@@ -258,9 +516,9 @@ def refine(
     sigma: float = 1.0,
     parameterization: str = "euler_zxy",
     scales: Sequence[float] | str = "auto",
-    lr_rot: float = 1e-2,
-    lr_xyz: float = 1.0,
-    lr_decay: float = 2.0,
+    lr_rot: float = 0.08,
+    lr_xyz: float = 8.0,
+    lr_decay: float = 4.0,
     max_iterations: int = 500,
     iterations_per_scale: int | Sequence[int] | None = None,
     time_budget: float | None = None,
@@ -269,6 +527,7 @@ def refine(
     max_plateaus: int = 2,
     callback: Callable[[dict], bool | None] | None = None,
     similarity_dtype: torch.dtype = torch.float32,
+    num_threads: int | None = 1,
 ) -> RefineResult:
     """Refine ``init_pose`` so the DRR matches ``xray``.
 
@@ -284,7 +543,7 @@ def refine(
         sigma: Gaussian smoothing (px) before the gradient NCC's Sobel filter.
         parameterization: ``"euler_zxy"`` or ``"se3"`` (see the module docstring).
         scales: downsampling factors, coarsest first (1 = full resolution), or ``"auto"``
-            (:func:`auto_scales`: long side 16, 32, 64 then 128 px).
+            (:func:`auto_scales`: long side 16, 32, 64 then 96 px).
         lr_rot, lr_xyz: Adam learning rates at the first scale, rad and mm.
         lr_decay: learning rates are divided by this at each new scale.
         max_iterations: total iteration cap.
@@ -295,6 +554,11 @@ def refine(
         max_plateaus: plateaus (x0.1 learning-rate reductions) at the finest scale before stopping.
         callback: called after each iteration with a dict (``iteration``, ``scale``, ``pose``,
             ``similarity``); returning True stops the refinement (e.g. a cancelled ROS goal).
+        similarity_dtype: dtype the similarity is computed in.
+        num_threads: torch intra-op threads while refining (None = torch's setting). The images
+            are small (at most 96 px a side at the default scales), so an operation lasts
+            about as long as waking a second thread, which on a shared CPU also waits for a time
+            slice: one thread is faster, and leaves the other core to the rest of the system.
 
     Returns:
         :class:`RefineResult`.
@@ -303,186 +567,76 @@ def refine(
         ValueError: invalid input only (shapes, NaN/inf, an empty mask, bad options).
 
     """
+    with _intra_op_threads(num_threads):
+        return _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parameterization, scales, lr_rot,
+                       lr_xyz, lr_decay, max_iterations, iterations_per_scale, time_budget, patience, threshold,
+                       max_plateaus, callback, similarity_dtype)
+
+
+@contextmanager
+def _intra_op_threads(n: int | None):
+    if n is not None and not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parameterization, scales, lr_rot, lr_xyz,
+            lr_decay, max_iterations, iterations_per_scale, time_budget, patience, threshold, max_plateaus, callback,
+            similarity_dtype) -> RefineResult:
     t_start = time.perf_counter()
     init_pose, scales = _check_inputs(xray, detector, init_pose, mask, scales, parameterization)
-    B = len(init_pose)
-    n_scales = len(scales)
-    sims = list(similarity) if isinstance(similarity, (list, tuple)) else [similarity] * n_scales
-    if len(sims) != n_scales:
-        raise ValueError(f"{len(sims)} similarities for {n_scales} scales")
-    sims = [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
-    caps = _per_scale(iterations_per_scale, n_scales, "iterations_per_scale")
-    thresholds = _per_scale(threshold, n_scales, "threshold")
-    if not all(math.isfinite(t) and t >= 0 for t in thresholds):
-        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
-    for name, v in (("lr_rot", lr_rot), ("lr_xyz", lr_xyz), ("lr_decay", lr_decay)):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be positive, got {v}")
-    if time_budget is not None and not time_budget >= 0:
-        raise ValueError(f"time_budget must be >= 0 seconds, got {time_budget}")
+    sims, caps, thresholds = _check_options(
+        len(scales), similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget
+    )
+    run = _Run(
+        renderer,
+        dtype=getattr(renderer, "dtype", torch.float32),
+        similarity_dtype=similarity_dtype,
+        patience=patience,
+        max_plateaus=max_plateaus,
+        max_iterations=max_iterations,
+        time_budget=time_budget,
+        callback=callback,
+        t_start=t_start,
+    )
+    xray = xray.to(getattr(renderer, "device", torch.device("cpu")), run.dtype)
+    mask = None if mask is None else mask.to(xray.device)
 
-    device, dtype = getattr(renderer, "device", torch.device("cpu")), getattr(renderer, "dtype", torch.float32)
-    xray = xray.to(device, dtype)
-    mask = None if mask is None else mask.to(device)
+    def scale_at(i: int) -> _Scale:
+        level = pyramid(xray, mask, detector, scales[i])
+        return _Scale(scales[i], level, sims[i], thresholds[i], caps[i], finest=i == len(scales) - 1)
+
     isocenter = getattr(renderer, "isocenter", torch.zeros(3, dtype=torch.float64)).cpu()
     params = _Params(init_pose, parameterization, isocenter)
-    base_lr = torch.tensor([lr_rot, lr_xyz], dtype=torch.float64)
+    adam = _Adam(params, lr_rot, lr_xyz)
+    items = _Items(params)
 
-    # Per-item state.
-    lr = base_lr.expand(B, 2).clone()  # (B, [rot, xyz])
-    done = torch.zeros(B, dtype=torch.bool)  # stopped on the plateau criterion at the finest scale
-    failed = torch.zeros(B, dtype=torch.bool)  # similarity became non-finite
-    ready = torch.zeros(B, dtype=torch.bool)  # plateaued at the current (coarse) scale
-    best = torch.full((B,), -math.inf, dtype=torch.float64)
-    best_params = [p.clone() for p in params.tensors()]
-    bad = torch.zeros(B, dtype=torch.long)
-    plateaus = torch.zeros(B, dtype=torch.long)
-    m = [torch.zeros_like(p) for p in params.tensors()]
-    v = [torch.zeros_like(p) for p in params.tensors()]
-    step = torch.zeros(B, dtype=torch.long)
+    i, scale = 0, scale_at(0)
+    while (stop_reason := _run_scale(run, scale, params, adam, items)) is _NEXT_SCALE:
+        t_switch = time.perf_counter()
+        i, scale = i + 1, scale_at(i + 1)
+        _next_scale(params, adam, items, lr_decay)
+        run.time_per_scale[scale.factor] = time.perf_counter() - t_switch
 
-    trajectory: list[torch.Tensor] = []
-    trajectory_scale: list[float] = []
-    time_per_scale: dict[float, float] = {}
-    iterations, scale_i, scale_iters = 0, 0, 0
-    stop_reason = None
-    level = pyramid(xray, mask, detector, scales[0])
-
-    def out_of_time() -> bool:
-        return time_budget is not None and time.perf_counter() - t_start >= time_budget
-
-    while True:
-        if bool((done | failed).all()):
-            break
-        if iterations >= max_iterations:
-            stop_reason = f"reached max_iterations={max_iterations}"
-            break
-        if out_of_time():
-            stop_reason = f"time budget of {time_budget:g} s spent"
-            break
-        t_iter = time.perf_counter()
-        img, msk, det = level
-        active = ~(done | failed | ready)
-
-        rot = params.rot.clone().requires_grad_(True)
-        xyz = params.xyz.clone().requires_grad_(True)
-        pose = params.pose(rot, xyz)
-        drr = renderer(pose.to(dtype), det)
-        if drr.shape[1] != 1:
-            drr = drr.sum(dim=1, keepdim=True)
-        s = sims[scale_i](drr.to(similarity_dtype), img.to(similarity_dtype), msk)
-        s_val = s.detach().to(torch.float64).cpu()
-        finite = torch.isfinite(s_val)
-        grad_rot, grad_xyz = torch.autograd.grad(
-            torch.where(finite.to(s.device), s, torch.zeros_like(s)).sum(), [rot, xyz]
-        )
-        trajectory.append(s_val.clone())
-        trajectory_scale.append(scales[scale_i])
-        iterations += 1
-        scale_iters += 1
-
-        # Items whose similarity or gradient is not finite stop at their best pose.
-        grads = [grad_rot.detach().cpu(), grad_xyz.detach().cpu()]
-        bad_grad = ~(torch.isfinite(grads[0]).all(-1) & torch.isfinite(grads[1]).all(-1))
-        newly_failed = active & (~finite | bad_grad)
-        failed |= newly_failed
-        active &= ~newly_failed
-
-        # Best pose so far (the one the similarity was evaluated at, before this step).
-        improved = active & (s_val > best + thresholds[scale_i] * best.abs())
-        record = active & (s_val > best)
-        for bp, p in zip(best_params, params.tensors()):
-            bp[record] = p[record]
-        best = torch.where(record, s_val, best)
-        bad = torch.where(improved, torch.zeros_like(bad), torch.where(active, bad + 1, bad))
-
-        # Adam (maximising), per-item learning rates; frozen items do not move.
-        step = step + active.long()
-        t = step.clamp_min(1).to(torch.float64)[:, None]
-        for k, (p, g) in enumerate(zip(params.tensors(), grads)):
-            g = torch.nan_to_num(g.to(torch.float64))
-            a = active[:, None]
-            m[k] = torch.where(a, _BETAS[0] * m[k] + (1 - _BETAS[0]) * g, m[k])
-            v[k] = torch.where(a, _BETAS[1] * v[k] + (1 - _BETAS[1]) * g * g, v[k])
-            mhat = m[k] / (1 - _BETAS[0] ** t)
-            vhat = v[k] / (1 - _BETAS[1] ** t)
-            update = lr[:, k : k + 1] * mhat / (vhat.sqrt() + _ADAM_EPS)
-            p += torch.where(a, update, torch.zeros_like(update))
-
-        # Plateaus.
-        finest = scale_i == n_scales - 1
-        plateau = active & (bad > patience)
-        cap = caps[scale_i]
-        if not finest:
-            ready |= plateau
-            if cap is not None and scale_iters >= cap:
-                ready |= active
-        else:
-            lr = torch.where(plateau[:, None], lr * 0.1, lr)
-            plateaus += plateau.long()
-            bad = torch.where(plateau, torch.zeros_like(bad), bad)
-            done |= plateau & (plateaus >= max_plateaus)
-        time_per_scale[scales[scale_i]] = time_per_scale.get(scales[scale_i], 0.0) + time.perf_counter() - t_iter
-
-        if callback is not None:
-            info = {"iteration": iterations, "scale": scales[scale_i], "pose": pose.detach(), "similarity": s_val}
-            if callback(info):
-                stop_reason = "stopped by the callback"
-                break
-
-        # Next scale once every running item has plateaued at this one.
-        if not finest and bool((ready | done | failed).all()):
-            t_switch = time.perf_counter()
-            scale_i += 1
-            scale_iters = 0
-            level = pyramid(xray, mask, detector, scales[scale_i])
-            for p, bp in zip(params.tensors(), best_params):
-                p.copy_(bp)
-            lr = lr / lr_decay
-            ready[:] = False
-            best[:] = -math.inf
-            bad[:] = 0
-            step[:] = 0
-            m = [torch.zeros_like(p) for p in params.tensors()]
-            v = [torch.zeros_like(p) for p in params.tensors()]
-            time_per_scale[scales[scale_i]] = time.perf_counter() - t_switch
-
-    # The answer: the best pose seen at the current scale (the start pose if nothing ran).
-    never = torch.isinf(best)
-    for p, bp in zip(params.tensors(), best_params):
-        p[~never] = bp[~never]
-    with torch.no_grad():
-        final_pose = params.pose(params.rot, params.xyz)
-        finest = scale_i == n_scales - 1
-        if finest and not bool(never.any()):
-            final_sim = best.clone()
-        elif out_of_time():  # no time for another render: NaN where the finest scale was not evaluated
-            final_sim = torch.where(never | (not finest), torch.full_like(best, math.nan), best)
-        else:  # not at the finest scale yet: one more render to report a comparable value
-            img, msk, det = pyramid(xray, mask, detector, scales[-1])
-            drr = renderer(final_pose.to(dtype), det)
-            if drr.shape[1] != 1:
-                drr = drr.sum(dim=1, keepdim=True)
-            final_sim = sims[-1](drr.to(similarity_dtype), img.to(similarity_dtype), msk).to(torch.float64).cpu()
-    final_pose = torch.where(never[:, None, None], init_pose.to(torch.float64).cpu(), final_pose)
-
-    converged = done & ~failed
-    elapsed = time.perf_counter() - t_start
-    n_conv = int(converged.sum())
-    if stop_reason is None:
-        stop_reason = "converged" if n_conv == B else f"{n_conv}/{B} converged"
-    parts = [f"{stop_reason} after {iterations} iterations in {elapsed:.2f} s at scale {scales[scale_i]:g}"]
-    if bool(failed.any()):
-        parts.append(f"{int(failed.sum())} item(s) stopped on a non-finite similarity or gradient")
+    pose, sim = _final(run, scale, lambda: scale_at(len(scales) - 1), params, items, init_pose)
+    converged = items.done & ~items.failed
     return RefineResult(
-        pose=final_pose.to(init_pose.dtype),
+        pose=pose.to(init_pose.dtype),
         init_pose=init_pose.clone(),
-        similarity=final_sim,
-        trajectory=trajectory,
-        trajectory_scale=trajectory_scale,
-        iterations=iterations,
-        time_per_scale=time_per_scale,
+        similarity=sim,
+        trajectory=run.trajectory,
+        trajectory_scale=run.trajectory_scale,
+        iterations=run.iterations,
+        time_per_scale=run.time_per_scale,
         scales=scales,
         converged=converged,
-        message="; ".join(parts),
+        message=_message(stop_reason, run, scale, converged, items.failed),
     )

@@ -5,12 +5,19 @@ intrinsics with the homography of Eq. 26, predict a pose, then refine it by rend
 X-ray's *original* intrinsics. Poses are (B, 4, 4) camera-to-world in mm.
 
 A network's worst initial poses (tens of degrees off on views it knows little about) lie outside
-the refinement's capture range, so :func:`register` first runs a short **multi-start** on the two
+the refinement's capture range. When the refinement of the initial pose ends below
+``MULTISTART_BELOW`` similarity, :func:`register` runs a short **multi-start** on the two
 coarsest scales: the initial pose plus the C-arm turned by ±15° (LAO/RAO) and ±10° (CRA/CAU)
-about the isocenter, all refined at once, and continues from the candidate with the best
-similarity. Replay of the 100-frame session bag (bench_replay), 12 hard frames re-registered:
-9 far starts (43-120 mm) 0 -> 6 under ~1 mm, the 3 good ones unchanged, 3.6 s instead of 6.0 s
-per frame (better starts converge sooner).
+about the isocenter, all refined at once, refines the candidate with the best similarity and
+keeps whichever of the two results scores higher. A start inside the capture range (the usual
+case) thus costs one refinement, not a batch of nine on top of it.
+
+Only pixels that show anatomy are scored: :func:`register` detects the field of view
+(:func:`~xvr_ros.core.register.fov.detect_field_of_view`: collimator blades, an image
+intensifier's circle, clipped values, burned-in text), merges it with the X-ray's own validity
+mask (DICOM shutters), and keeps a margin of ``fov_margin_mm`` from its edges, whose penumbra is
+not in the CT either. Metal (wires, screws: narrow peaks of attenuation that the CT does not
+hold, :func:`~xvr_ros.core.register.fov.detect_outliers`) is left out of the similarity too.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
@@ -26,6 +34,7 @@ from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_dicom import positioner_prior
 from xvr_ros.core.model.checkpoint import Checkpoint
 from xvr_ros.core.model.inference import predict_initial_pose
+from xvr_ros.core.register.fov import detect_field_of_view, detect_outliers, erode
 from xvr_ros.core.register.refine import RefineResult, auto_scales, refine
 from xvr_ros.core.render.renderer import Renderer
 
@@ -68,6 +77,7 @@ class Registration:
     refinement: RefineResult
     initial_source: str  # "network", "positioner" or "given"
     seconds: float  # total, prediction included
+    field_of_view: torch.Tensor | None = None  # (1, 1, H, W) bool, anatomy shown (before the margin and metal)
 
     @property
     def pose(self) -> torch.Tensor:
@@ -81,14 +91,22 @@ def register(
     checkpoint: Checkpoint | None = None,
     init_pose: torch.Tensor | None = None,
     multistart_offsets=MULTISTART_OFFSETS,
+    multistart_below: float | None = None,
+    detect_fov: bool = True,
+    fov_margin_mm: float = 3.0,
+    mask_outliers: bool = True,
     **refine_options,
 ) -> Registration:
     """Register one X-ray: initial pose from ``init_pose``, else the network, else the DICOM prior.
 
     ``multistart_offsets``: the :func:`multistart` candidates (``()`` = refine the initial pose
-    only). ``refine_options`` go to :func:`refine.refine` (e.g. ``time_budget``, ``scales``); the
-    X-ray's validity mask (collimation, padding) is honoured. Raises ValueError only for invalid
-    input.
+    only), tried when the initial pose's refinement ends below ``multistart_below`` similarity
+    (None = ``MULTISTART_BELOW``; above 1 = always). ``detect_fov``: score only the detected field
+    of view (see the module docstring), kept ``fov_margin_mm`` (at the detector) inside its edges;
+    else only the X-ray's own validity mask.
+    ``mask_outliers``: leave metal (narrow attenuation peaks up to ``OUTLIER_WIDTH_MM``) out.
+    ``refine_options`` go to :func:`refine.refine` (e.g. ``time_budget``, ``scales``). Raises
+    ValueError only for invalid input.
     """
     t0 = time.perf_counter()
     if init_pose is not None:
@@ -101,13 +119,61 @@ def register(
         raise ValueError("no initial pose: give init_pose, a network checkpoint, or an X-ray with positioner angles")
     pose = pose.to(device=renderer.device, dtype=torch.float32).reshape(-1, 4, 4)
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
-    mask = None if xray.valid_mask is None else xray.valid_mask.to(renderer.device)
-    start = pose
-    if multistart_offsets and refine_options.get("max_iterations", 1) > 0 and len(pose) == 1:
-        budget = refine_options.get("time_budget")
+    fov = field_of_view(xray) if detect_fov else xray.valid_mask
+    mask = scored_pixels(xray, fov, fov_margin_mm if detect_fov else 0.0, mask_outliers)
+    mask = None if mask is None else mask.to(renderer.device)
+    budget = refine_options.get("time_budget")
+    may_restart = bool(multistart_offsets) and refine_options.get("max_iterations", 1) > 0 and len(pose) == 1
+    first = {**refine_options, "time_budget": budget / 3} if may_restart and budget is not None else refine_options
+    result = refine(renderer, image, xray.detector, pose, mask=mask, **first)
+    below = MULTISTART_BELOW if multistart_below is None else multistart_below
+    if may_restart and _similarity(result) < below:
+        remaining = None if budget is None else max(budget - (time.perf_counter() - t0), 1e-3)
         start, _ = multistart(renderer, image, xray.detector, pose, mask=mask, offsets=multistart_offsets,
-                              scales=refine_options.get("scales"), time_budget=None if budget is None else budget / 3)
+                              scales=refine_options.get("scales"),
+                              time_budget=None if remaining is None else remaining / 2)
         if budget is not None:
             refine_options = {**refine_options, "time_budget": max(budget - (time.perf_counter() - t0), 1e-3)}
-    result = refine(renderer, image, xray.detector, start, mask=mask, **refine_options)
-    return Registration(pose, result, source, time.perf_counter() - t0)
+        second = refine(renderer, image, xray.detector, start, mask=mask, **refine_options)
+        result = second if _similarity(second) > _similarity(result) else result
+    return Registration(pose, result, source, time.perf_counter() - t0, fov)
+
+
+#: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for
+#: a start outside the capture range and triggers the multi-start.
+MULTISTART_BELOW = 0.98
+
+
+def _similarity(result: RefineResult) -> float:
+    """A single item's final similarity; -inf when it could not be evaluated."""
+    return float(torch.nan_to_num(result.similarity.detach().double().cpu(), nan=-math.inf).max())
+
+
+#: Below this fraction of the image, a detected field of view is taken for a failure and ignored.
+MIN_FOV_FRACTION = 0.05
+#: Widest object (mm at the detector) :func:`scored_pixels` takes for metal: screws, wires.
+OUTLIER_WIDTH_MM = 6.0
+
+
+def scored_pixels(xray: Xray, fov: torch.Tensor | None, margin_mm: float, mask_outliers: bool) -> torch.Tensor | None:
+    """The (1, 1, H, W) bool mask the similarity scores: ``fov`` shrunk by ``margin_mm``, without
+    metal when ``mask_outliers``; None when every pixel counts. Never empty: a step that would
+    leave nothing is skipped."""
+    spacing = min(xray.detector.delx, xray.detector.dely)
+    mask = np.ones(xray.detector.shape, dtype=bool) if fov is None else fov[0, 0].cpu().numpy()
+    shrunk = erode(mask, round(margin_mm / spacing))
+    mask = shrunk if shrunk.any() else mask
+    if mask_outliers:
+        clean = mask & ~detect_outliers(xray.image[0, 0].cpu(), mask, width_px=OUTLIER_WIDTH_MM / spacing)
+        mask = clean if clean.any() else mask
+    return None if mask.all() else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+
+
+def field_of_view(xray: Xray) -> torch.Tensor | None:
+    """The pixels of ``xray`` that show anatomy, (1, 1, H, W) bool, merged with its validity mask;
+    the validity mask alone when the detection keeps almost nothing."""
+    valid = None if xray.valid_mask is None else xray.valid_mask[0, 0].cpu().numpy()
+    detected = detect_field_of_view(xray.image[0, 0].cpu(), valid)
+    if detected.mean() < MIN_FOV_FRACTION:
+        return xray.valid_mask
+    return torch.from_numpy(np.ascontiguousarray(detected))[None, None]

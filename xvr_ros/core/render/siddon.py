@@ -114,7 +114,7 @@ def line_integrals(volume: torch.Tensor, source: torch.Tensor, target: torch.Ten
     Uses the C++ kernel for CPU tensors when it is available, otherwise
     :func:`line_integrals_reference`. Gradients flow to ``source`` and ``target``; a gradient
     for ``volume`` is only produced by the reference, which is therefore used whenever
-    ``volume.requires_grad`` under grad mode (slow: ~50x the kernel's time).
+    ``volume.requires_grad`` under grad mode (much slower than the kernel).
 
     """
     _validate(volume, source, target)

@@ -9,10 +9,10 @@ both show the nodes the same kind of session:
    smaller field) and **panned** (the principal point moves, as a collimator change does).
 
 The C-arm is hand-held: every frame carries a slow random-walk drift plus tremor. Each frame is
-rendered with Siddon at the detector's full resolution with the registration benchmark's domain
-shift (:func:`~xvr_ros.core.sim.simulate.simulate_xray`: noise, blur, gamma/contrast, collimation, an
-object that is not in the CT), and turned into detector counts ``I = I0 exp(-L)`` as a flat panel
-delivers them. Everything is a function of ``seed``.
+rendered with Siddon at the detector's full resolution through the registration benchmark's image
+chain (:func:`~xvr_ros.core.sim.simulate.simulate_xray`: an object that is not in the CT, blur,
+collimator blades or an image-intensifier circle, noise, gamma, saturation, burned-in text), as the
+detector counts a driver delivers. Everything is a function of ``seed``.
 
 Poses are the core's C-arm poses, (4, 4) float64 camera-to-world in mm; times are seconds.
 """
@@ -27,12 +27,13 @@ import torch
 from xvr_ros.core.geometry import Detector, carm_pose
 from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render.renderer import Renderer
-from xvr_ros.core.sim.simulate import CHEST_RANGES, simulate_xray
+from xvr_ros.core.sim.appearance import FULL_SCALE
+from xvr_ros.core.sim.simulate import simulate_xray
+from xvr_ros.core.train.presets import PRESETS
 
-__all__ = ["I0", "SessionFrame", "detectors", "encode_counts", "plan_session", "render_session", "to_counts"]
+__all__ = ["I0", "SessionFrame", "detectors", "encode_counts", "plan_session", "render_session"]
 
-I0 = 50000.0  # unattenuated detector counts (fits 16 bits with headroom)
-_MAX_ATTENUATION = 2.5  # nepers of the densest ray after normalisation: a well-exposed image
+I0 = FULL_SCALE  # unattenuated detector counts
 # Views of the shots (degrees, mm): inside the chest ranges a network is trained on, with margin.
 _SHOT_RANGES = {"alpha": (-25.0, 25.0), "beta": (-12.0, 12.0), "gamma": (-8.0, 8.0),
                 "x": (-20.0, 20.0), "y": (780.0, 920.0), "z": (-20.0, 20.0)}
@@ -65,7 +66,7 @@ def detectors(size: int) -> dict[str, Detector]:
 
 
 def _clip(angles: np.ndarray, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r = CHEST_RANGES
+    r = PRESETS["chest"]
     lo_a, hi_a = [r[k][0] for k in ("alpha", "beta", "gamma")], [r[k][1] for k in ("alpha", "beta", "gamma")]
     lo_t, hi_t = [r[k][0] for k in ("x", "y", "z")], [r[k][1] for k in ("x", "y", "z")]
     return np.clip(angles, lo_a, hi_a), np.clip(xyz, lo_t, hi_t)
@@ -125,30 +126,11 @@ def plan_session(n: int, size: int = 256, fps: float = 2.0, seed: int = 0, zoom:
     return frames
 
 
-def to_counts(lines: torch.Tensor | np.ndarray, valid: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
-    """(H, W) simulated image -> detector counts ``I0 exp(-L)`` (float64).
-
-    ``L`` is the image rescaled over its ``valid`` pixels (default: all) so that the least
-    attenuated one is unattenuated and the densest is attenuated by 2.5 nepers (a well-exposed
-    image; the simulator's contrast/offset are not physical units). Pixels outside ``valid``
-    (collimated) come out at exactly ``I0``: a shutter area delivered as one constant value, as
-    fluoroscopy image chains do.
-    """
-    L = torch.as_tensor(lines).double()
-    keep = torch.ones_like(L, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(L.shape).bool()
-    if not bool(keep.any()):
-        raise ValueError("no valid pixel to expose")
-    lo, hi = float(L[keep].min()), float(L[keep].max())
-    L = _MAX_ATTENUATION * (L - lo) / max(hi - lo, 1e-9)
-    L = torch.where(keep, L, torch.zeros_like(L)).clamp_min(0.0)
-    return I0 * np.exp(-L.numpy())
-
-
 def render_session(
     volume: Volume | Renderer, frames: list[SessionFrame], seed: int = 0, labels: list[int] | None = None,
     device: str = "cpu",
 ) -> list[SessionFrame]:
-    """Render every frame's ``intensity`` (Siddon at full resolution + domain shift) in place.
+    """Render every frame's ``intensity`` (Siddon at full resolution + the image chain) in place.
 
     ``volume``: the CT or a Siddon renderer of it; ``labels``: render only these structures
     (needs the volume's label map).
@@ -163,10 +145,8 @@ def render_session(
             fr.pose[None].to(renderer.dtype),
             fr.detector,
             seed=seed * 1000 + fr.index,
-            collimation="random",
-            foreign_object="random",
         )
-        fr.intensity = to_counts(sim.image[0, 0], sim.valid_mask[0, 0])
+        fr.intensity = sim.counts[0, 0].numpy()
     return frames
 
 

@@ -44,14 +44,15 @@ def resolve_ranges(preset: str | None = None, ranges: dict | None = None) -> dic
     return out
 
 
-def sample_poses(ranges: dict, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """Uniform C-arm parameters within ``ranges`` -> (n, 4, 4) poses (mm)."""
+def sample_poses(
+    ranges: dict, n: int, generator: torch.Generator, device="cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform C-arm parameters within ``ranges`` -> (n, 4, 4) poses (mm) of ``dtype``."""
     lo = torch.tensor([ranges[p][0] for p in PARAMETERS], dtype=torch.float64)
     hi = torch.tensor([ranges[p][1] for p in PARAMETERS], dtype=torch.float64)
     u = torch.rand(n, 6, generator=generator, dtype=torch.float64)
     params = lo + u * (hi - lo)
-    return carm_pose(params[:, :3], params[:, 3:], degrees=True).to(device=device, dtype=torch.float32)
-
+    return carm_pose(params[:, :3], params[:, 3:], degrees=True).to(device=device, dtype=dtype)
 
 
 def pose_generator(seed: int) -> torch.Generator:

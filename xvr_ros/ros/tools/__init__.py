@@ -1,1 +1,1 @@
-"""Tools around the nodes: bags, simulated sessions, replay with scoring, a pipeline client."""
+"""Tools around the nodes: bags, simulated sessions, replay with scoring, a pipeline client, shared reports."""

@@ -3,8 +3,11 @@
 :class:`PipelineClient` is one rclpy node spinning in its own thread. It publishes X-ray images
 and CameraInfos, sends Finetune goals, and keeps every message the nodes publish (initial poses,
 registration results, TF, overlays, diagnostics, ModelInfo) with the ``time.perf_counter()`` of
-its arrival, keyed by header stamp. ``make demo`` and ``xvr-ros replay`` use it; ``on_message``
-lets a caller see every output as it arrives (the replay records them into a bag).
+its arrival, keyed by header stamp. ``on_message`` lets a caller see every output as it arrives
+(the replay records them into a bag).
+
+:func:`local_pipeline` is how ``make demo`` and ``xvr-ros replay`` start: the nodes in this
+process, a client on their topics, a model made ready.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +31,10 @@ OUTPUT_TOPICS = {
     "model_info": "xvr/model_info",
 }
 INPUT_TOPICS = {"image": "xray/image", "camera_info": "xray/camera_info"}
+
+
+class StartupError(RuntimeError):
+    """The in-process nodes did not come up, or did not get a model ready."""
 
 
 def isolated_ros_default() -> None:
@@ -61,12 +70,13 @@ class PipelineClient:
         from geometry_msgs.msg import PoseWithCovarianceStamped
         from rclpy.action import ActionClient
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile
+        from rclpy.qos import QoSProfile
         from sensor_msgs.msg import CameraInfo, Image
         from tf2_msgs.msg import TFMessage
 
         from xvr_ros.action import Finetune
         from xvr_ros.msg import ModelInfo, RegistrationResult
+        from xvr_ros.ros import qos
 
         self.topics = {**INPUT_TOPICS, **OUTPUT_TOPICS, **(topics or {})}
         self.on_message = on_message
@@ -80,16 +90,15 @@ class PipelineClient:
         self.diagnostics: list = []  # DiagnosticStatus, in arrival order
         self.diagnostic_times: list[float] = []
         self.model_info = None
-        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        for kind, msg_type, qos in (
+        for kind, msg_type, profile in (
             ("pose", PoseWithCovarianceStamped, reliable),
             ("result", RegistrationResult, reliable),
             ("overlay", Image, reliable),
         ):
-            n.create_subscription(msg_type, self.topics[kind], self._keyed(kind), qos)
-        n.create_subscription(TFMessage, self.topics["tf"], self._on_tf, QoSProfile(depth=100))
+            n.create_subscription(msg_type, self.topics[kind], self._keyed(kind), profile)
+        n.create_subscription(TFMessage, self.topics["tf"], self._on_tf, qos.TF)
         n.create_subscription(DiagnosticArray, self.topics["diagnostics"], self._on_diag, QoSProfile(depth=100))
-        n.create_subscription(ModelInfo, self.topics["model_info"], self._on_model_info, latched)
+        n.create_subscription(ModelInfo, self.topics["model_info"], self._on_model_info, qos.LATCHED)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(n)
         self.thread = threading.Thread(target=self.executor.spin, name=f"{name}-spin", daemon=True)
@@ -232,3 +241,78 @@ def overlay_rgb(msg) -> np.ndarray:
     if msg.encoding != "rgb8":
         raise ValueError(f"overlay encoding {msg.encoding!r}, expected rgb8")
     return np.frombuffer(bytes(msg.data), np.uint8).reshape(h, step)[:, : 3 * w].reshape(h, w, 3).copy()
+
+
+# --------------------------------------------------------------------------------------------
+# The nodes in this process, with a client (demo, replay)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LocalPipeline:
+    """The running nodes by name and the client connected to them."""
+
+    nodes: dict
+    client: PipelineClient
+
+    def parameter(self, node: str, name: str):
+        """The value of a running node's parameter."""
+        return self.nodes[node].get_parameter(name).value
+
+
+@contextmanager
+def local_pipeline(
+    config=None,
+    *,
+    device: str | None = None,
+    overrides: Mapping[str, Mapping] | None = None,
+    name: str = "xvr_client",
+    on_message: Callable[[str, str, object], None] | None = None,
+    prepare_model: Callable[[PipelineClient], None] | None = None,
+    ready_timeout: float = 120.0,
+    echo: Callable[..., None] = print,
+) -> Iterator[LocalPipeline]:
+    """Run the nodes of ``config`` in this process with a :class:`PipelineClient`, a model ready.
+
+    1. DDS stays on this machine (:func:`isolated_ros_default`); an own rclpy context.
+    2. The nodes start (:func:`xvr_ros.ros.bringup.running`, ``config`` plus ``overrides``); the
+       client, on the nodes' topics, waits until they subscribe to the inputs (and the Finetune
+       action server is up, when ``prepare_model`` is given).
+    3. ``prepare_model(client)`` makes a model active (e.g. sends a Finetune goal), raising
+       :class:`StartupError` if it cannot; without it the model is the config's (or overrides').
+    4. Waits until pose_estimator and refiner report the model ready on ``/diagnostics``.
+
+    Yields the :class:`LocalPipeline`; afterwards the client, the nodes and the context are shut down.
+
+    Raises:
+        StartupError: no subscribers within 30 s, or no model ready within ``ready_timeout`` s
+            (the message quotes the nodes' last diagnostics).
+
+    """
+    import rclpy
+
+    from xvr_ros.ros.bringup import running
+
+    isolated_ros_default()
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    client = None
+    try:
+        with running(config, device=device, overrides=overrides, context=context) as nodes:
+            client = PipelineClient(context, name, topics=topics_of(nodes), on_message=on_message)
+            pipeline = LocalPipeline({n.get_name(): n for n in nodes}, client)
+            if not client.wait_subscribed(30.0, action=prepare_model is not None):
+                raise StartupError("the nodes did not come up (no subscribers / action server after 30 s)")
+            echo(f"nodes up: {', '.join(n.get_fully_qualified_name() for n in nodes)} "
+                 f"(in-process, device {pipeline.parameter('refiner', 'device')})")
+            mark = 0
+            if prepare_model is not None:
+                mark = client.diag_mark()
+                prepare_model(client)
+            if not client.wait_ready(mark, ready_timeout):
+                last = {s.name: s.message for s in client.diagnostics_since(mark)}
+                raise StartupError(f"the nodes did not report a model ready within {ready_timeout:g} s: "
+                                   + "; ".join(f"{k}: {v}" for k, v in last.items()))
+            yield pipeline
+    finally:
+        if client is not None:
+            client.close()
+        rclpy.try_shutdown(context=context)

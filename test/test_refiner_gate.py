@@ -1,0 +1,240 @@
+"""The refiner's TF gate, as a separate process over loopback: a registration from a start inside
+the capture range is accepted (TF, and the refined pose with its covariance); one from far
+outside it is rejected (result with ``accepted`` false and a reason, WARN on /diagnostics, no TF,
+no refined pose, nothing republished).
+
+The quality model was fitted on the demo chest CT with the default refinement, whose finest
+scale is 128 px of 2 mm; the test feeds that CT at exactly that resolution (a 128 px image of
+2 mm pixels) so the model is inside what it was fitted on, with the simulator's default image
+degradations. The initial poses are given (no network): the refiner alone is under test.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import rclpy
+import torch
+from conftest import ros_env, start, stop, wait_for
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import PoseWithCovarianceStamped
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+
+from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
+from xvr_ros.core.io.volume import demo_ct_path, load_volume
+from xvr_ros.core.metrics import body_points, mtre
+from xvr_ros.core.register.quality import load_model
+from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
+from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
+from xvr_ros.msg import ModelInfo, RegistrationResult
+from xvr_ros.ros import convert, qos
+
+SDD = 1020.0
+DET = Detector(sdd=SDD, height=128, width=128, delx=2.0, dely=2.0)
+TRUE_POSE = sample_poses(resolve_ranges("chest"), 1, pose_generator(0)).to(torch.float64)
+# Inside the capture range: 1 deg, 2 mm in-plane, 5 mm depth (mTRE ~5 mm).
+NEAR = perturb_poses(TRUE_POSE, 1.0, 2.0, 5.0, seed=7)
+# Far outside it: turned 120 deg about the patient and 100 mm deeper: nothing of the image matches.
+_angles, _xyz = carm_parameters(TRUE_POSE)
+FAR = carm_pose(torch.rad2deg(_angles) + torch.tensor([120.0, 0.0, 0.0], dtype=torch.float64),
+                _xyz + torch.tensor([40.0, 100.0, 0.0], dtype=torch.float64), degrees=True)
+TIMEOUT = 180.0  # s: a refinement of up to 150 iterations at 128 px on a busy CPU
+
+
+class Client:
+    """Publishers for the refiner's inputs; everything it outputs, by kind."""
+
+    def __init__(self, env: dict[str, str]):
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
+        n = self.node = rclpy.create_node("gate_client", context=self.ctx)
+        reliable = QoSProfile(depth=10)
+        self.image_pub = n.create_publisher(Image, "xray/image", reliable)
+        self.info_pub = n.create_publisher(CameraInfo, "xray/camera_info", reliable)
+        self.pose_pub = n.create_publisher(PoseWithCovarianceStamped, "xray/initial_pose", reliable)
+        self.model_pub = n.create_publisher(ModelInfo, "xvr/model_info", qos.LATCHED)
+        self.lock = threading.Lock()
+        self.received: dict[str, list] = {"result": [], "tf": [], "refined": [], "diag": []}
+        n.create_subscription(RegistrationResult, "xray/registration", self._store("result"), reliable)
+        n.create_subscription(TFMessage, "/tf", self._store("tf"), qos.TF)
+        n.create_subscription(PoseWithCovarianceStamped, "xray/refined_pose", self._store("refined"), reliable)
+        n.create_subscription(DiagnosticArray, "/diagnostics", self._store("diag"), QoSProfile(depth=200))
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(n)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _store(self, kind):
+        def callback(msg):
+            with self.lock:
+                self.received[kind].append(msg)
+
+        return callback
+
+    def messages(self, kind) -> list:
+        with self.lock:
+            return list(self.received[kind])
+
+    def statuses(self) -> list[DiagnosticStatus]:
+        return [s for arr in self.messages("diag") for s in arr.status if s.name == "/refiner"]
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refiner_gate")
+    env = ros_env(tmp)
+    log = tmp / "refiner.log"
+    # No multi-start and an iteration cap instead of a time budget: the outcome does not depend
+    # on the CPU's speed (the near start converges in ~80 iterations).
+    params = {"sdd_mm": SDD, "multistart": "false", "time_budget": 0.0, "max_iterations": 150,
+              "publish_overlay": "false", "pairing_timeout": 30.0, "diagnostics_period": 0.5}
+    args = [a for k, v in params.items() for a in ("-p", f"{k}:={v}")]
+    proc = start(["-m", "xvr_ros.ros.refiner", "--ros-args", *args], env, log)
+    client = None
+    try:
+        ct, _ = demo_ct_path()
+        volume = load_volume(ct)
+        counts = simulate_xray(volume, TRUE_POSE.float(), DET, seed=0).counts[0, 0].numpy()
+        client = Client(env)
+
+        def subscribed():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            return client.image_pub.get_subscription_count() and client.pose_pub.get_subscription_count()
+
+        wait_for(subscribed, 60.0, what="the refiner to subscribe")
+        client.model_pub.publish(ModelInfo(header=Header(frame_id="volume"), volume_path=str(ct)))
+        wait_for(lambda: any(s.level == DiagnosticStatus.OK and "volume loaded" in s.message
+                             for s in client.statuses()), 120.0, what="the refiner to load the volume")
+        yield client, np.round(counts).clip(0, 65535).astype(np.uint16), body_points(volume, n=100), log
+    finally:
+        if client is not None:
+            client.close()
+        stop(proc)
+
+
+def register(client: Client, counts: np.ndarray, init: torch.Tensor, sec: int) -> RegistrationResult:
+    """Publish CameraInfo, Image and the initial pose with stamp ``sec``; its result."""
+    header = Header(stamp=rclpy.time.Time(seconds=sec).to_msg(), frame_id="carm_source_optical")
+    info = convert.camera_info_from_detector(DET, header)
+    pose = PoseWithCovarianceStamped(header=Header(stamp=header.stamp, frame_id="volume"))
+    pose.pose = convert.pose_with_covariance_to_msg(convert.optical_from_carm(init[0], DET))
+    client.info_pub.publish(info)
+    client.pose_pub.publish(pose)
+    client.image_pub.publish(convert.numpy_to_image(counts, "mono16", header=header))
+    return wait_for(lambda: next((m for m in client.messages("result") if m.header.stamp.sec == sec), None),
+                    TIMEOUT, what=f"the result of stamp {sec}")
+
+
+def test_an_accepted_registration_publishes_tf_with_a_covariance(gate):
+    client, counts, points, _ = gate
+    result = register(client, counts, NEAR, 100)
+    refined = convert.carm_from_optical(convert.pose_from_msg(result.refined_pose.pose), DET)
+    error = float(mtre(TRUE_POSE, refined[None], points)[0])
+    assert result.accepted, (result.status, error)
+    assert result.p_success >= load_model().threshold and result.rejection_reason == ""
+    assert error < 1.0, "accepted, but the pose is wrong"
+
+    tf = wait_for(lambda: [t for m in client.messages("tf") for t in m.transforms if t.header.stamp.sec == 100],
+                  10.0, what="the TF")
+    assert len(tf) == 1 and (tf[0].header.frame_id, tf[0].child_frame_id) == ("volume", "carm_source_optical")
+    pose = wait_for(lambda: [m for m in client.messages("refined") if m.header.stamp.sec == 100], 10.0,
+                    what="the refined pose")
+    assert len(pose) == 1 and pose[0].header.frame_id == "volume"
+    assert pose[0].pose == result.refined_pose
+    t = tf[0].transform.translation
+    assert (t.x, t.y, t.z) == pytest.approx(
+        (result.refined_pose.pose.position.x, result.refined_pose.pose.position.y, result.refined_pose.pose.position.z))
+
+    cov = np.asarray(result.refined_pose.covariance).reshape(6, 6)
+    np.testing.assert_allclose(cov, cov.T, rtol=1e-9, atol=1e-15)
+    assert np.linalg.eigvalsh(cov).min() > 0, "not positive definite"
+    sd = np.sqrt(np.diag(cov))
+    # Metres and radians: a registration accepted as < 1 mm has sub-centimetre, sub-degree spreads.
+    assert (sd[:3] > 1e-6).all() and (sd[:3] < 0.01).all(), sd
+    assert (sd[3:] > 1e-6).all() and (sd[3:] < np.deg2rad(1.0)).all(), sd
+    assert any(s.level == DiagnosticStatus.OK and "registered" in s.message for s in client.statuses())
+
+
+def test_a_start_far_outside_the_capture_range_is_rejected_and_publishes_no_tf(gate):
+    client, counts, points, _ = gate
+    tf_before, poses_before = len(client.messages("tf")), len(client.messages("refined"))
+    result = register(client, counts, FAR, 200)
+    refined = convert.carm_from_optical(convert.pose_from_msg(result.refined_pose.pose), DET)
+    assert float(mtre(TRUE_POSE, refined[None], points)[0]) > 10.0, "the start was not far enough to fail"
+    assert not result.accepted and result.p_success < load_model().threshold
+    assert result.rejection_reason.startswith("rejected") and result.rejection_reason in result.status
+
+    def warned():
+        return [s for s in client.statuses() if s.level == DiagnosticStatus.WARN
+                and {(kv.key, kv.value) for kv in s.values} >= {("outcome", "rejected"), ("stamp", "200.000000000")}]
+
+    (status, *_) = wait_for(warned, 10.0, what="a WARN for the rejection")
+    assert result.rejection_reason in status.message
+    # The TF (published before the result when accepted) never came, and nothing was republished.
+    assert len(client.messages("tf")) == tf_before and len(client.messages("refined")) == poses_before
+
+
+# --------------------------------------------------------------------------------------------
+# the threshold parameter and a missing model, in this process (no image needed)
+# --------------------------------------------------------------------------------------------
+def refiner(**parameters):
+    """A Refiner in this process with ``parameters``; yields it, then cleans up."""
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.ros.refiner import Refiner
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = Refiner(context=context, parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
+    except BaseException:
+        rclpy.try_shutdown(context=context)
+        raise
+    return node, context
+
+
+def close(node, context) -> None:
+    node.destroy_node()
+    rclpy.try_shutdown(context=context)
+
+
+def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domain):
+    node, context = refiner()
+    try:
+        assert node.params["accept_threshold"] == load_model().threshold
+    finally:
+        close(node, context)
+    node, context = refiner(accept_threshold=0.9)
+    try:
+        assert node.params["accept_threshold"] == 0.9
+    finally:
+        close(node, context)
+    with pytest.raises(Exception, match="accept_threshold"):  # rclpy refuses it: out of its 0..1 range
+        refiner(accept_threshold=1.5)
+
+
+def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monkeypatch):
+    from xvr_ros.core.register import quality
+
+    (tmp_path / "quality_model.json").write_text('{"format": "something else"}')
+    monkeypatch.setattr(quality, "MODEL_PATH", tmp_path / "quality_model.json")
+    node, context = refiner()
+    try:
+        level, message, _ = node.diagnostics.state
+        assert level == "ERROR" and "no quality model" in message and "no TF is published" in message, message
+        verdict = node._assess(None, None, None)  # never reaches the image: there is nothing to judge with
+        assert not verdict.accepted and verdict.p_success == 0.0 and verdict.covariance is None
+        assert "no quality model" in verdict.reason
+    finally:
+        close(node, context)
