@@ -48,8 +48,8 @@ from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.metrics import mtre, smsr
-from xvr_ros.core.register.refine import refine
-from xvr_ros.core.register.registration import field_of_view, register
+from xvr_ros.core.register.refine import RefineResult, refine
+from xvr_ros.core.register.registration import Registration, field_of_view, register
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
@@ -101,27 +101,30 @@ def make_cases(siddon: Renderer, name: str, n: int, seed: int) -> list[Case]:
 
 
 def run(renderer, cases, points, method) -> dict:
-    errors, seconds, cpu = [], [], []
+    errors, seconds, cpu, iterations = [], [], [], []
     for c in cases:
         t0, c0 = time.perf_counter(), time.process_time()
-        pose = method(renderer, c)
+        result = method(renderer, c)
         seconds.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        errors.append(float(mtre(c.true, pose.to(torch.float64), points)))
-    return {"mtre": torch.tensor(errors), "seconds": torch.tensor(seconds), "cpu_seconds": torch.tensor(cpu)}
+        refinement = getattr(result, "refinement", result)
+        iterations.append(refinement.iterations)
+        errors.append(float(mtre(c.true, result.pose.to(torch.float64), points)))
+    return {"mtre": torch.tensor(errors), "seconds": torch.tensor(seconds), "cpu_seconds": torch.tensor(cpu),
+            "iterations": torch.tensor(iterations, dtype=torch.float64)}
 
 
-def ours(renderer, c: Case, **options) -> torch.Tensor:
-    return register(renderer, c.xray, init_pose=c.init, **options).pose
+def ours(renderer, c: Case, **options) -> Registration:
+    return register(renderer, c.xray, init_pose=c.init, **options)
 
 
-def oracle_fov(renderer, c: Case) -> torch.Tensor:
+def oracle_fov(renderer, c: Case) -> Registration:
     xray = Xray(image=c.xray.image, detector=c.xray.detector, valid_mask=c.fov)
-    return register(renderer, xray, init_pose=c.init, detect_fov=False).pose
+    return register(renderer, xray, init_pose=c.init, detect_fov=False)
 
 
-def baseline(renderer, c: Case) -> torch.Tensor:
-    return refine(renderer, c.xray.image, c.xray.detector, c.init.float(), **BASELINE).pose
+def baseline(renderer, c: Case) -> RefineResult:
+    return refine(renderer, c.xray.image, c.xray.detector, c.init.float(), **BASELINE)
 
 
 def quantiles(x: torch.Tensor) -> tuple[float, float]:
@@ -139,6 +142,8 @@ def report(prefix: str, out: dict) -> None:
     bench(f"{prefix}_time_p95", t95, "s")
     # CPU time of all threads: unlike wall time, it does not grow when other processes share the cores.
     bench(f"{prefix}_cpu_time_median", quantiles(out["cpu_seconds"])[0], "s")
+    # Of the refinement that gave the answer (a multi-start's batched iterations are not counted).
+    bench(f"{prefix}_iterations_median", quantiles(out["iterations"])[0], "iterations")
 
 
 def fov_iou(cases: list[Case]) -> torch.Tensor:

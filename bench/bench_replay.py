@@ -41,6 +41,9 @@ def report(mode: str, r) -> None:
     s = r.summary
     bench(f"replay_{mode}_frames", s["frames"], "frames")
     bench(f"replay_{mode}_registered", s["registered"], "frames")
+    bench(f"replay_{mode}_rejected", s["rejected"], "frames")
+    bench(f"replay_{mode}_accepted_over_2mm", s["accepted_over_2mm"], "frames")
+    bench(f"replay_{mode}_rejected_below_1mm", s["rejected_below_1mm"], "frames")
     bench(f"replay_{mode}_dropped", s["dropped"], "frames")
     bench(f"replay_{mode}_errors", s["error"], "frames")
     bench(f"replay_{mode}_lost", s["lost"], "frames")

@@ -37,6 +37,9 @@ def test_register_runs_the_multistart_only_below_its_threshold(setup):  # noqa: 
     skipped = register(renderer, x, init_pose=init, multistart_below=float(single.refinement.similarity[0]) - 0.1)
     assert torch.equal(skipped.refinement.init_pose, init)
     assert torch.equal(skipped.pose, single.pose)
+    # No time left after the first refinement: no multi-start, the start pose comes back.
+    spent = register(renderer, x, init_pose=init, multistart_below=2.0, time_budget=0.0)
+    assert spent.refinement.iterations == 0 and torch.equal(spent.pose, init)
 
 
 def test_register_detects_a_leaking_collimator_and_masks_metal(setup):  # noqa: F811

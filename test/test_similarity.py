@@ -99,3 +99,20 @@ def test_invalid_arguments():
         S.ncc(x, x, torch.ones(1, 1, 5, 5))
     with pytest.raises(ValueError):
         S.get("mutual_information")
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_box_mean_is_the_window_average(k):
+    x = torch.rand(2, 3, 40, 33, dtype=torch.float32) * 100.0 + 1e3  # a large offset: no rounding loss
+    expected = torch.nn.functional.avg_pool2d(x.double(), k, stride=1)
+    torch.testing.assert_close(S.box_mean(x, k).double(), expected, rtol=1e-6, atol=1e-4)
+
+
+def test_sobel_of_a_ramp_is_its_slope():
+    """The ramp 2c - r: the kernels correlate with [1, 0, -1] (x[c-1] - x[c+1]) and the 1-2-1 smoothing sums
+    to 4, so the x gradient is -2 * 2 * 4 = -16 and the y gradient 2 * 4 = 8 on every interior pixel."""
+    r, c = torch.meshgrid(torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    grad, weight = S.sobel((2 * c - r)[None, None])
+    inner = weight[0, 0] > 0
+    torch.testing.assert_close(grad[0, 0][inner], torch.full_like(grad[0, 0][inner], -16.0))
+    torch.testing.assert_close(grad[0, 1][inner], torch.full_like(grad[0, 1][inner], 8.0))

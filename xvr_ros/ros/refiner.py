@@ -56,6 +56,7 @@ from tf2_msgs.msg import TFMessage
 from xvr_ros.core.imaging import registration_overlay
 from xvr_ros.core.io.volume import load_volume
 from xvr_ros.core.register.quality import QualityModel, QualityModelError, assess_registration, load_model
+from xvr_ros.core.register.refine import refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, register
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
@@ -300,12 +301,9 @@ class Refiner(ImageNode):
             return
         try:
             init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
-            options = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
-            options["detect_fov"] = p["detect_fov"]
+            scales = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
             offsets = MULTISTART_OFFSETS if p["multistart"] else ()
             renderer = volume.renderer
-            # max_iterations=0: no step, just the similarity at the initial pose on the finest scale.
-            start = register(renderer, xray, init_pose=init[None], max_iterations=0, **options)
             reg = register(
                 renderer,
                 xray,
@@ -314,8 +312,14 @@ class Refiner(ImageNode):
                 time_budget=p["time_budget"] or None,
                 callback=lambda _: self._stopping.is_set(),
                 multistart_offsets=offsets,
-                **options,
+                detect_fov=p["detect_fov"],
+                **scales,
             )
+            # max_iterations=0: no step, the similarity at the initial pose on the finest scale, scored
+            # on the pixels the registration scored (no second field-of-view detection).
+            pixels = xray.image.to(device=renderer.device, dtype=torch.float32)
+            start = refine(renderer, pixels, xray.detector, init[None].to(pixels), mask=reg.mask, max_iterations=0,
+                           **scales)
             pose = reg.pose[0].to(torch.float64)
             optical = convert.optical_from_carm(pose, xray.detector)
         except ValueError as exc:
@@ -344,7 +348,7 @@ class Refiner(ImageNode):
                 header=header,
                 initial_pose=initial.pose,
                 refined_pose=refined,
-                initial_similarity=float(start.refinement.similarity[0]),
+                initial_similarity=float(start.similarity[0]),
                 similarity=float(refinement.similarity[0]),
                 iterations=int(refinement.iterations),
                 registration_time=float(elapsed),

@@ -19,12 +19,10 @@ from xvr_ros.core.geometry import Detector, invert
 from xvr_ros.core.intrinsics import resample_to_intrinsics
 from xvr_ros.core.model.checkpoint import Checkpoint
 from xvr_ros.core.model.network import normalize_xray
-from xvr_ros.core.register.fov import detect_field_of_view
+from xvr_ros.core.register.fov import field_of_view
 
 #: ``metadata["network_input"]`` of a checkpoint whose network sees only the field of view.
 FIELD_OF_VIEW_INPUT = "field_of_view"
-#: Below this fraction of the image a detected field of view is taken for a failure (the whole image is used).
-MIN_FOV_FRACTION = 0.05
 
 
 def canonical_detector(checkpoint: Checkpoint) -> Detector:
@@ -72,8 +70,8 @@ def detected_field_of_view(image: torch.Tensor) -> torch.Tensor:
     detection keeps almost nothing, as the registration does)."""
     masks = []
     for x in image:
-        fov = torch.from_numpy(detect_field_of_view(x[0].cpu()))
-        masks.append(fov if fov.float().mean() >= MIN_FOV_FRACTION else torch.ones_like(fov))
+        fov = field_of_view(x[0].cpu())
+        masks.append(torch.ones(x.shape[-2:], dtype=torch.bool) if fov is None else torch.from_numpy(fov))
     return torch.stack(masks)[:, None].to(image.device)
 
 

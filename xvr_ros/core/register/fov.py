@@ -80,6 +80,21 @@ def detect_field_of_view(
     return keep
 
 
+#: Below this fraction of the image a detected field of view is taken for a failure of the detection.
+MIN_FOV_FRACTION = 0.05
+
+
+def field_of_view(
+    image: torch.Tensor | np.ndarray, valid_mask: torch.Tensor | np.ndarray | None = None
+) -> np.ndarray | None:
+    """(H, W) line integrals -> (H, W) bool field of view merged with ``valid_mask`` (see
+    :func:`detect_field_of_view`), or None when the detection keeps less than ``MIN_FOV_FRACTION``
+    of the image (then only the validity mask can be trusted). The one guarded entry point used by
+    registration and inference."""
+    detected = detect_field_of_view(image, valid_mask)
+    return detected if detected.mean() >= MIN_FOV_FRACTION else None
+
+
 def erode(mask: np.ndarray | torch.Tensor, pixels: int) -> np.ndarray:
     """(H, W) bool mask shrunk by ``pixels`` (a field edge's penumbra stays out of the similarity)."""
     m = np.asarray(mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask, dtype=bool)

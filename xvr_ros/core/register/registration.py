@@ -34,7 +34,8 @@ from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_dicom import positioner_prior
 from xvr_ros.core.model.checkpoint import Checkpoint
 from xvr_ros.core.model.inference import predict_initial_pose
-from xvr_ros.core.register.fov import detect_field_of_view, detect_outliers, erode
+from xvr_ros.core.register import fov as fov_detection
+from xvr_ros.core.register.fov import detect_outliers, erode
 from xvr_ros.core.register.refine import RefineResult, auto_scales, refine
 from xvr_ros.core.render.renderer import Renderer
 
@@ -78,6 +79,8 @@ class Registration:
     initial_source: str  # "network", "positioner" or "given"
     seconds: float  # total, prediction included
     field_of_view: torch.Tensor | None = None  # (1, 1, H, W) bool, anatomy shown (before the margin and metal)
+    mask: torch.Tensor | None = None  # (1, 1, H, W) bool, the pixels the refinement scored (None = all)
+    multistart_similarity: torch.Tensor | None = None  # (K,) the multi-start candidates' similarities, if it ran
 
     @property
     def pose(self) -> torch.Tensor:
@@ -109,34 +112,41 @@ def register(
     ValueError only for invalid input.
     """
     t0 = time.perf_counter()
+    fov = field_of_view(xray) if detect_fov else xray.valid_mask
     if init_pose is not None:
         source, pose = "given", init_pose
     elif checkpoint is not None:
-        source, pose = "network", predict_initial_pose(checkpoint, xray.image, xray.detector)
+        source, pose = "network", predict_initial_pose(checkpoint, xray.image, xray.detector, mask=fov)
     elif xray.positioner is not None:
         source, pose = "positioner", initial_pose_from_positioner(xray)
     else:
         raise ValueError("no initial pose: give init_pose, a network checkpoint, or an X-ray with positioner angles")
     pose = pose.to(device=renderer.device, dtype=torch.float32).reshape(-1, 4, 4)
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
-    fov = field_of_view(xray) if detect_fov else xray.valid_mask
     mask = scored_pixels(xray, fov, fov_margin_mm if detect_fov else 0.0, mask_outliers)
     mask = None if mask is None else mask.to(renderer.device)
     budget = refine_options.get("time_budget")
+
+    def time_left() -> float | None:
+        return None if budget is None else budget - (time.perf_counter() - t0)
+
+    def with_budget(seconds: float | None) -> dict:
+        return refine_options if seconds is None else {**refine_options, "time_budget": max(seconds, 0.0)}
+
+    # The initial pose gets the whole budget: a start inside the capture range (the usual case)
+    # is never cut short to keep time for the multi-start, which only runs with time left.
+    result = refine(renderer, image, xray.detector, pose, mask=mask, **with_budget(time_left()))
     may_restart = bool(multistart_offsets) and refine_options.get("max_iterations", 1) > 0 and len(pose) == 1
-    first = {**refine_options, "time_budget": budget / 3} if may_restart and budget is not None else refine_options
-    result = refine(renderer, image, xray.detector, pose, mask=mask, **first)
     below = MULTISTART_BELOW if multistart_below is None else multistart_below
-    if may_restart and _similarity(result) < below:
-        remaining = None if budget is None else max(budget - (time.perf_counter() - t0), 1e-3)
-        start, _ = multistart(renderer, image, xray.detector, pose, mask=mask, offsets=multistart_offsets,
-                              scales=refine_options.get("scales"),
-                              time_budget=None if remaining is None else remaining / 2)
-        if budget is not None:
-            refine_options = {**refine_options, "time_budget": max(budget - (time.perf_counter() - t0), 1e-3)}
-        second = refine(renderer, image, xray.detector, start, mask=mask, **refine_options)
+    left = time_left()
+    candidates = None
+    if may_restart and _similarity(result) < below and (left is None or left > 0):
+        start, candidates = multistart(renderer, image, xray.detector, pose, mask=mask, offsets=multistart_offsets,
+                                       scales=refine_options.get("scales"),
+                                       time_budget=None if left is None else left / 2)
+        second = refine(renderer, image, xray.detector, start, mask=mask, **with_budget(time_left()))
         result = second if _similarity(second) > _similarity(result) else result
-    return Registration(pose, result, source, time.perf_counter() - t0, fov)
+    return Registration(pose, result, source, time.perf_counter() - t0, fov, mask, candidates)
 
 
 #: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for
@@ -149,8 +159,6 @@ def _similarity(result: RefineResult) -> float:
     return float(torch.nan_to_num(result.similarity.detach().double().cpu(), nan=-math.inf).max())
 
 
-#: Below this fraction of the image, a detected field of view is taken for a failure and ignored.
-MIN_FOV_FRACTION = 0.05
 #: Widest object (mm at the detector) :func:`scored_pixels` takes for metal: screws, wires.
 OUTLIER_WIDTH_MM = 6.0
 
@@ -173,7 +181,7 @@ def field_of_view(xray: Xray) -> torch.Tensor | None:
     """The pixels of ``xray`` that show anatomy, (1, 1, H, W) bool, merged with its validity mask;
     the validity mask alone when the detection keeps almost nothing."""
     valid = None if xray.valid_mask is None else xray.valid_mask[0, 0].cpu().numpy()
-    detected = detect_field_of_view(xray.image[0, 0].cpu(), valid)
-    if detected.mean() < MIN_FOV_FRACTION:
+    detected = fov_detection.field_of_view(xray.image[0, 0].cpu(), valid)
+    if detected is None:
         return xray.valid_mask
     return torch.from_numpy(np.ascontiguousarray(detected))[None, None]

@@ -102,6 +102,18 @@ def _global_ncc(cxy, vx, vy, total, eps):
     return (score * valid).mean(dim=(1, 2, 3))
 
 
+def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Means of (B, C, H, W) over every k x k window (valid windows only) -> (B, C, H-k+1, W-k+1).
+
+    Equal to ``F.avg_pool2d(x, k, stride=1)``, from a summed-area table: O(1) per pixel instead of
+    O(k^2), the refinement's most frequent operation. Summed in float64 so large images do not
+    lose the window sums to rounding.
+    """
+    c = F.pad(x.double(), (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
+    sums = c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]
+    return (sums / (k * k)).to(x.dtype)
+
+
 def _patch_ncc(xc, yc, vx, vy, w, patch_size, eps, min_valid):
     """Window NCC on globally centred images (see :func:`patch_ncc`)."""
     B, C, H, W = xc.shape
@@ -112,7 +124,7 @@ def _patch_ncc(xc, yc, vx, vy, w, patch_size, eps, min_valid):
     yn = yc / (vy.detach() + _TINY).sqrt()
     xw, yw = xn * w, yn * w
     stack = torch.cat([w.expand(B, C, H, W), xw, yw, xn * xw, yn * yw, xn * yw], dim=1)  # (B, 6C, H, W)
-    cnt, mx, my, mxx, myy, mxy = F.avg_pool2d(stack, k, stride=1).unflatten(1, (6, C)).unbind(1)
+    cnt, mx, my, mxx, myy, mxy = box_mean(stack, k).unflatten(1, (6, C)).unbind(1)
     okf = (cnt >= min_valid - 1e-6).to(xc.dtype)
     inv = 1.0 / cnt.clamp_min(1.0 / (k * k))
     mux, muy = mx * inv, my * inv
@@ -152,7 +164,8 @@ def mncc(x: torch.Tensor, y: torch.Tensor, mask=None, patch_size: int = 9, eps: 
 
 @functools.lru_cache(maxsize=16)
 def _sobel_kernel(sigma: float, dtype, device) -> tuple[torch.Tensor, int]:
-    """(2, 1, k, k) x/y Sobel kernels convolved with a Gaussian of ``sigma`` px, and their radius."""
+    """(2, k) [smooth, diff] 1D factors of the Sobel kernels convolved with a Gaussian of ``sigma`` px,
+    and their radius."""
     smooth = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
     diff = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
     if sigma > 0:
@@ -163,9 +176,10 @@ def _sobel_kernel(sigma: float, dtype, device) -> tuple[torch.Tensor, int]:
         # Gaussian then Sobel = one kernel, their full convolution (conv1d correlates: flip).
         smooth = F.conv1d(F.pad(g, (2, 2)), smooth.flip(0).view(1, 1, 3)).flatten()
         diff = F.conv1d(F.pad(g, (2, 2)), diff.flip(0).view(1, 1, 3)).flatten()
-    kx = torch.outer(smooth, diff)  # rows smooth, columns differentiate: d/dx
-    kernel = torch.stack([kx, kx.T]).unsqueeze(1).to(dtype=dtype, device=device)
-    return kernel, (len(smooth) - 1) // 2
+    # The 2D kernel d/dx is outer(smooth, diff) (rows smooth, columns differentiate); d/dy its
+    # transpose. Returned as the two 1D factors: two 1D passes cost 2k, not k^2, per pixel.
+    factors = torch.stack([smooth, diff]).to(dtype=dtype, device=device)
+    return factors, (len(smooth) - 1) // 2
 
 
 def sobel(x: torch.Tensor, mask=None, sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +192,14 @@ def sobel(x: torch.Tensor, mask=None, sigma: float = 0.0) -> tuple[torch.Tensor,
     B, C, H, W = x.shape
     dtype, device = x.dtype, x.device
     w = torch.ones(1, 1, H, W, dtype=dtype, device=device) if mask is None else mask.to(dtype)
-    kernel, radius = _sobel_kernel(float(sigma), dtype, device)
-    grad = F.conv2d(x.reshape(B * C, 1, H, W), kernel, padding=radius)
-    grad = grad.reshape(B, C, 2, H, W).transpose(1, 2).reshape(B, 2 * C, H, W)
+    (smooth, diff), radius = _sobel_kernel(float(sigma), dtype, device)
+    k = len(smooth)
+    flat = x.reshape(B * C, 1, H, W)
+    rows_smoothed = F.conv2d(flat, smooth.view(1, 1, k, 1), padding=(radius, 0))
+    cols_smoothed = F.conv2d(flat, smooth.view(1, 1, 1, k), padding=(0, radius))
+    gx = F.conv2d(rows_smoothed, diff.view(1, 1, 1, k), padding=(0, radius))
+    gy = F.conv2d(cols_smoothed, diff.view(1, 1, k, 1), padding=(radius, 0))
+    grad = torch.stack([gx, gy], dim=1).reshape(B, C, 2, H, W).transpose(1, 2).reshape(B, 2 * C, H, W)
     # Erode: valid only if the whole (2 radius + 1)^2 support is valid and inside the image.
     invalid = F.pad(1.0 - (w > 0).to(dtype), (radius,) * 4, value=1.0)
     eroded = 1.0 - F.max_pool2d(invalid, 2 * radius + 1, stride=1)

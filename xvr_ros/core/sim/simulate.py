@@ -179,7 +179,7 @@ def _renderer(volume: Volume | Renderer) -> Renderer:
     raise TypeError(f"volume must be a Volume or a Siddon Renderer, got {type(volume).__name__}")
 
 
-def _add_foreign_object(lines, kind, rng, pose, detector, mu_scale):
+def add_foreign_object(lines, kind, rng, pose, detector, mu_scale):
     """(H, W) line integrals with a wire or screw's exact chord added -> (lines, description)."""
     obj = _foreign_object(kind, rng, pose, detector, mu_scale)
     src, tgt = detector.rays(pose[None].to(torch.float64))
@@ -235,7 +235,7 @@ def simulate_xray(
         scale = attenuation_range / (top if top > 0 else 1.0)
         obj = None
         if foreign_object:
-            img, obj = _add_foreign_object(img, foreign_object, _rng(seed, b, "object"), pose[b], detector, mu_scale)
+            img, obj = add_foreign_object(img, foreign_object, _rng(seed, b, "object"), pose[b], detector, mu_scale)
         sigma = draw(_rng(seed, b, "blur"), blur) if blur else 0.0
         if sigma > 0:
             img = gaussian_blur(img[None, None], sigma)[0, 0]

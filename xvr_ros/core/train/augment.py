@@ -28,7 +28,7 @@ from xvr_ros.core.imaging import gaussian_blur
 from xvr_ros.core.intrinsics import crop_detector, resample_to_intrinsics
 from xvr_ros.core.model.inference import detected_field_of_view, network_input
 from xvr_ros.core.sim.appearance import AppearanceModel, draw
-from xvr_ros.core.sim.simulate import _add_foreign_object
+from xvr_ros.core.sim.simulate import add_foreign_object
 
 
 @dataclass
@@ -77,7 +77,7 @@ class CarmAugment:
         top = float(img.max())
         scale = draw(rng, self.attenuation) / (top if top > 0 else 1.0)
         if rng.random() < self.instrument_p:
-            img, _ = _add_foreign_object(img, "random", rng, pose.detach().cpu(), source, mu_scale)
+            img, _ = add_foreign_object(img, "random", rng, pose.detach().cpu(), source, mu_scale)
         sigma = draw(rng, self.blur) if self.blur else 0.0
         if sigma > 0:
             img = gaussian_blur(img[None, None], sigma)[0, 0]

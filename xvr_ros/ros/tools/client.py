@@ -170,14 +170,22 @@ class PipelineClient:
         return False
 
     def wait_ready(self, since: int, timeout: float = 120.0) -> bool:
-        """Until pose_estimator and refiner report OK on /diagnostics (model and volume loaded)."""
+        """Until pose_estimator and refiner report OK on /diagnostics with their model / volume loaded
+        (the ``model_path`` / ``volume_path`` values; other OK reports, e.g. the kernels', do not count)."""
         from diagnostic_msgs.msg import DiagnosticStatus
+
+        loaded = {"pose_estimator": "model_path", "refiner": "volume_path"}
+
+        def ready(status) -> str | None:
+            node = status.name.rsplit("/", 1)[-1]
+            keys = {kv.key for kv in status.values}
+            return node if status.level == DiagnosticStatus.OK and loaded.get(node) in keys else None
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                ok = {s.name.rsplit("/", 1)[-1] for s in self.diagnostics[since:] if s.level == DiagnosticStatus.OK}
-            if {"pose_estimator", "refiner"} <= ok:
+                ok = {ready(s) for s in self.diagnostics[since:]}
+            if set(loaded) <= ok:
                 return True
             time.sleep(0.1)
         return False
