@@ -96,3 +96,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: small networks on tiny inputs gain nothing from a
+    second thread, and an OpenMP pool sharing the cores with another process runs ~5x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,7 @@ PLAIN = AppearanceModel(field=None, penumbra_mm=None, exposure=0.8, photons=None
                         saturation=None, text=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob(detector: Detector, uv: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:

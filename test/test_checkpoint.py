@@ -22,13 +22,7 @@ from xvr_ros.core.model.network import PoseRegressor
 SMALL = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """See test_network.py: tiny convolutions, shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def xvr_config(**overrides):

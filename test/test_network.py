@@ -14,14 +14,7 @@ from xvr_ros.core.model.network import (
 SMALL = 32  # input side for forward passes: keeps every test well under a second on 2 cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from intra-op threads, and on a shared 2-core machine a busy
-    neighbour makes OpenMP's barrier spin cost ~1 s per forward; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ def blobs(x, y, z):
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small networks on tiny inputs gain nothing from a second thread, and an OpenMP pool that
-    # shares the cores with another process can run ~5x slower; keep these tests predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

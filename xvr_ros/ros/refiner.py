@@ -114,8 +114,9 @@ PARAMETERS: dict[str, Param] = {
     "labels": Param([], "render only these labels (needs labelmap); [] = the whole volume", items=int),
     "multistart": Param(
         True,
-        "before refining, try the initial pose turned by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) "
-        "on the two coarsest scales and start from the best (widens the capture range, ~1 s)",
+        "when a refinement ends with a poor similarity, try the initial pose turned by +-15 deg (LAO/RAO) "
+        "and +-10 deg (CRA/CAU) on the two coarsest scales and refine again from the best (widens the "
+        "capture range; costs time only for poor starts)",
     ),
     "mask_clipped": Param(
         True,
