@@ -97,3 +97,17 @@ def test_version_prints_the_kernel_status(monkeypatch, tmp_path, capsys):
     assert out.startswith("xvr-ros ") and "torch " in out
     for name in _ext.KERNELS:
         assert f"{name}: UNAVAILABLE, torch fallback (disabled by XVR_ROS_NO_EXT" in out
+
+
+def test_a_build_killed_mid_way_does_not_block_the_next_one(tmp_path):
+    """The baton file torch leaves behind by a killed build, is cleared under the cross-process lock."""
+    import fcntl
+
+    (tmp_path / _ext.TORCH_BATON).touch()
+    with _ext._build_lock(tmp_path):
+        assert not (tmp_path / _ext.TORCH_BATON).exists()
+        with open(tmp_path / "build.flock", "a") as other:  # another process would wait here
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "build.flock", "a") as other:  # released afterwards
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,8 @@ instruction.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -131,6 +133,28 @@ def _failure(exc: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+#: torch's own marker of a build in progress (``FileBaton``): a file that stays behind, and makes
+#: every later ``cpp_extension.load`` wait forever, when a process is killed mid-build.
+TORCH_BATON = "lock"
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Hold an exclusive ``flock`` on ``out/build.flock`` (one build at a time across processes;
+    the kernel releases it when its holder dies), and clear a baton a killed build left behind:
+    while the lock is held nobody else can be building in ``out``."""
+    with open(out / "build.flock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            baton = out / TORCH_BATON
+            if baton.exists():
+                _LOG.warning("removing a stale build lock %s (a build was interrupted)", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build(name: str) -> tuple[object | None, KernelStatus]:
     out = build_dir(name)
     if os.environ.get("XVR_ROS_NO_EXT"):
@@ -142,14 +166,15 @@ def _build(name: str) -> tuple[object | None, KernelStatus]:
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(
-            name=f"xvr_ros_{name}",
-            sources=[str(_CSRC / f"{name}.cpp")],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(out),
-            verbose=False,
-        )
+        with _build_lock(out):
+            module = cpp_extension.load(
+                name=f"xvr_ros_{name}",
+                sources=[str(_CSRC / f"{name}.cpp")],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(out),
+                verbose=False,
+            )
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the torch path"
         reason = _failure(exc)
         _LOG.warning("C++ kernel %s unavailable (%s); using the slower torch implementation", name, reason)
