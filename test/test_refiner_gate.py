@@ -123,17 +123,22 @@ def gate(tmp_path_factory):
         stop(proc)
 
 
-def register(client: Client, counts: np.ndarray, init: torch.Tensor, sec: int) -> RegistrationResult:
-    """Publish CameraInfo, Image and the initial pose with stamp ``sec``; its result."""
-    header = Header(stamp=rclpy.time.Time(seconds=sec).to_msg(), frame_id="carm_source_optical")
-    info = convert.camera_info_from_detector(DET, header)
-    pose = PoseWithCovarianceStamped(header=Header(stamp=header.stamp, frame_id="volume"))
-    pose.pose = convert.pose_with_covariance_to_msg(convert.optical_from_carm(init[0], DET))
-    client.info_pub.publish(info)
-    client.pose_pub.publish(pose)
+def register(client: Client, counts: np.ndarray, init: torch.Tensor | None, sec: float) -> RegistrationResult:
+    """Publish CameraInfo, Image and (unless None) the initial pose with stamp ``sec``; its result."""
+    stamp = rclpy.time.Time(nanoseconds=round(sec * 1e9)).to_msg()
+    header = Header(stamp=stamp, frame_id="carm_source_optical")
+    client.info_pub.publish(convert.camera_info_from_detector(DET, header))
+    if init is not None:
+        send_initial_pose(client, init, stamp)
     client.image_pub.publish(convert.numpy_to_image(counts, "mono16", header=header))
-    return wait_for(lambda: next((m for m in client.messages("result") if m.header.stamp.sec == sec), None),
+    return wait_for(lambda: next((m for m in client.messages("result") if m.header.stamp == stamp), None),
                     TIMEOUT, what=f"the result of stamp {sec}")
+
+
+def send_initial_pose(client: Client, init: torch.Tensor, stamp) -> None:
+    pose = PoseWithCovarianceStamped(header=Header(stamp=stamp, frame_id="volume"))
+    pose.pose = convert.pose_with_covariance_to_msg(convert.optical_from_carm(init[0], DET))
+    client.pose_pub.publish(pose)
 
 
 def test_an_accepted_registration_publishes_tf_with_a_covariance(gate):
@@ -183,6 +188,38 @@ def test_a_start_far_outside_the_capture_range_is_rejected_and_publishes_no_tf(g
     assert result.rejection_reason in status.message
     # The TF (published before the result when accepted) never came, and nothing was republished.
     assert len(client.messages("tf")) == tf_before and len(client.messages("refined")) == poses_before
+
+
+def test_continuous_frames_are_tracked_from_the_last_accepted_pose(gate):
+    client, counts, points, _ = gate
+    first = register(client, counts, NEAR, 300)
+    assert first.accepted and first.path == "full", first.status
+    # 0.13 s later (7.5 frames/s), same intrinsics: tracked at once, without waiting for the network.
+    tracked = register(client, counts, None, 300.133)
+    assert tracked.path == "tracking", tracked.status
+    assert tracked.accepted, tracked.status
+    refined = convert.carm_from_optical(convert.pose_from_msg(tracked.refined_pose.pose), DET)
+    assert float(mtre(TRUE_POSE, refined[None], points)[0]) < 1.0
+    assert wait_for(lambda: [t for m in client.messages("tf") for t in m.transforms
+                             if t.header.stamp == tracked.header.stamp], 10.0, what="the tracked frame's TF")
+    # The network's estimate of the next frame is far from the track: the view changed, full path
+    # from that estimate (which is hopeless here, so rejected) and the track is cleared.
+    jumped = register(client, counts, FAR, 300.267)
+    assert jumped.path == "full" and "view changed" in jumped.status, jumped.status
+    assert not jumped.accepted
+    # After a rejection the next frame waits for its initial pose: nothing comes without one ...
+    stamp = 300.4
+    late = rclpy.time.Time(nanoseconds=round(stamp * 1e9)).to_msg()
+    header = Header(stamp=late, frame_id="carm_source_optical")
+    client.info_pub.publish(convert.camera_info_from_detector(DET, header))
+    client.image_pub.publish(convert.numpy_to_image(counts, "mono16", header=header))
+    threading.Event().wait(3.0)
+    assert not [m for m in client.messages("result") if m.header.stamp == late]
+    # ... and it takes the full path when it comes.
+    send_initial_pose(client, NEAR, late)
+    again = wait_for(lambda: next((m for m in client.messages("result") if m.header.stamp == late), None),
+                     TIMEOUT, what="the result after the rejection")
+    assert again.path == "full" and again.accepted, again.status
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.rotations import matrix_to_euler_angles
 from xvr_ros.core.sim.appearance import FULL_SCALE, AppearanceModel
-from xvr_ros.core.sim.simulate import _cylinder_chords, perturb_poses, simulate_xray
+from xvr_ros.core.sim.simulate import Instrument, _cylinder_chords, perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 
 DET = Detector(sdd=1020.0, height=48, width=56, delx=3.0, dely=3.0)
@@ -197,6 +198,86 @@ def test_perturb_poses_respects_bounds_in_the_carm_frame():
     torch.testing.assert_close(perturb_poses(T, 0.0, 0.0, 0.0), T)
     # a single (4, 4) pose works too
     assert perturb_poses(carm_pose(torch.zeros(3), torch.tensor([0.0, 850.0, 0.0])), seed=0).shape == (1, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# fluoroscopy runs: a pinned setting, an explicit instrument
+# --------------------------------------------------------------------------------------------
+def digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def test_appearance_without_a_setting_is_unchanged():
+    """The quality model and the benches were fitted on these images: the run option must leave the
+    default draws bit for bit (digests from before it existed; a numpy that changes its generators
+    changes them too, and then the fitted models need a refit anyway)."""
+    yy, xx = np.mgrid[0:48, 0:56]
+    T = np.exp(-2.0 * np.exp(-((xx - 30) ** 2 + (yy - 20) ** 2) / 200.0))
+    pinned = {
+        (0, "random"): ("ef9023b6c39ed376", "4b158664328af6be"),
+        (1, "blades"): ("389fc35fafaccffc", "c5c1fb26e6dde2ee"),
+        (3, "iris"): ("ad6e5394e8d24592", "8008c3b4a63a69f3"),
+    }
+    for (seed, field), want in pinned.items():
+        out = AppearanceModel(field=field).apply(T, DET, np.random.default_rng(seed))
+        assert (digest(out.counts), digest(out.fov)) == want
+        again = AppearanceModel(field=field).apply(T, DET, np.random.default_rng(seed), setting=None)
+        assert np.array_equal(again.counts, out.counts)
+
+
+def test_a_run_shares_its_setting_and_draws_fresh_noise(siddon, poses):
+    wire = Instrument((-30.0, 5.0, -10.0), (30.0, -5.0, 20.0))
+    common = dict(foreign_object=wire, run_seed=7)
+    a = simulate_xray(siddon, poses[:1], DET, seed=1, **common)
+    b = simulate_xray(siddon, poses[1:2], DET, seed=2, **common)
+    # One collimation, exposure setting, gamma, text and blur for the whole run, whatever the pose ...
+    # Exposed to half the full scale nothing saturates: the true field of view is the collimator's alone.
+    field = dict(appearance=AppearanceModel(field="random", **{**FIELD_ONLY, "exposure": 0.5}), **common)
+    fa = simulate_xray(siddon, poses[:1], DET, seed=1, **field).fov
+    assert torch.equal(fa, simulate_xray(siddon, poses[2:], DET, seed=3, **field).fov) and not fa.all()
+    pa, pb = a.params["appearance"][0], b.params["appearance"][0]
+    assert pa["field"] == pb["field"] and pa["gamma"] == pb["gamma"] and pa["text"] == pb["text"]
+    assert pa["photons"] == pb["photons"] and a.params["blur"] == b.params["blur"]
+    # ... and only the quantum noise differs between frames of the same view: none without noise.
+    c = simulate_xray(siddon, poses[:1], DET, seed=2, **common)
+    assert not torch.equal(a.counts, c.counts)
+    quiet = AppearanceModel(photons=None)
+    q1 = simulate_xray(siddon, poses[:1], DET, seed=1, appearance=quiet, **common)
+    q2 = simulate_xray(siddon, poses[:1], DET, seed=2, appearance=quiet, **common)
+    assert torch.equal(q1.counts, q2.counts)
+    # Without a run each frame has its own setting.
+    d = simulate_xray(siddon, poses[:1], DET, seed=2, foreign_object=wire)
+    assert d.params["appearance"][0]["gamma"] != pa["gamma"]
+
+
+def test_an_explicit_instrument_is_the_same_object_in_every_view(siddon, poses):
+    """A random object placed for a view, given back as an Instrument, gives that image bit for bit;
+    one Instrument is the same world-space cylinder under every pose."""
+    drawn = simulate_xray(siddon, poses[:1], DET, seed=4, foreign_object="wire")
+    obj = drawn.params["foreign_object"][0]
+    given = Instrument(tuple(obj["p0"]), tuple(obj["p1"]), obj["radius"], obj["kind"])
+    same = simulate_xray(siddon, poses[:1], DET, seed=4, foreign_object=given)
+    assert torch.equal(same.counts, drawn.counts) and same.params["foreign_object"][0] == obj
+    wire = Instrument((-30.0, 5.0, -10.0), (30.0, -5.0, 20.0), radius=1.0)
+    sim = simulate_xray(siddon, poses, DET, seed=4, foreign_object=wire, appearance=None, blur=None)
+    clean = simulate_xray(siddon, poses, DET, seed=4, foreign_object=None, appearance=None, blur=None)
+    with torch.no_grad():
+        top = siddon(poses, DET).sum(1).double().flatten(1).amax(1)  # the CT's densest ray, attenuated 4 nepers
+    mu = 10.0 * float(siddon.volume.data.max())
+    for b in range(3):
+        src, tgt = DET.rays(poses[b : b + 1].double())
+        ends = torch.tensor([wire.p0, wire.p1], dtype=torch.float64)
+        chord = _cylinder_chords(src, tgt, ends[:1], ends[1:], torch.tensor([1.0], dtype=torch.float64))
+        expect = clean.counts[b, 0] * torch.exp(-4.0 / top[b] * mu * chord.reshape(DET.shape))
+        torch.testing.assert_close(sim.counts[b, 0], expect, rtol=1e-6, atol=1e-6)
+        assert (chord > 0).any()
+    for bad in (
+        dict(p0=(0, 0, 0), p1=(0, 0, 0)),
+        dict(p0=(0, 0), p1=(1, 0, 0)),
+        dict(p0=(0, 0, 0), p1=(1, 0, 0), radius=0),
+    ):
+        with pytest.raises(ValueError):
+            Instrument(**bad)
 
 
 def test_invalid_arguments(siddon, poses):

@@ -304,8 +304,11 @@ def cmd_simulate_bag(a) -> int:
             a.out,
             labelmap=a.labelmap,
             labels=a.labels,
+            mode=a.mode,
             frames=a.frames,
+            duration_s=a.duration,
             fps=a.fps,
+            zoom_at_s=a.zoom_at,
             size=a.size,
             storage=a.storage,
             seed=a.seed,
@@ -318,7 +321,7 @@ def cmd_simulate_bag(a) -> int:
         raise ValueError(str(exc)) from None
     enc = ", ".join(f"{k} {v}" for k, v in r.encodings.items())
     print(
-        f"wrote {r.path} ({a.storage}): {r.frames} frames over {r.duration_s:.1f} s ({enc})"
+        f"wrote {r.path} ({a.storage}): {r.frames} frames ({r.mode}, {r.fps:g}/s) over {r.duration_s:.1f} s ({enc})"
         + (f"; faults at frames {', '.join(f'{i} {f}' for i, f in r.faults.items())}" if r.faults else "")
         + f"; {r.seconds:.0f} s"
     )
@@ -483,9 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "simulate-bag",
         help="write a simulated fluoroscopy session (images, CameraInfo, ground truth) as a ROS 2 bag",
-        description="A C-arm session from a CT: a sweep, then zoomed/panned discrete shots, a hand-held "
-        "C-arm's jitter; Siddon at full resolution with noise, contrast/gamma, collimation and an object "
-        "not in the CT; mono16 images (a few in 16UC1, mono8, 32FC1). Topics /xray/image, "
+        description="A C-arm session from a CT. --mode session: a sweep, then zoomed/panned discrete shots, "
+        "a hand-held C-arm's jitter, mono16 images (a few in 16UC1, mono8, 32FC1). --mode continuous: "
+        "continuous fluoroscopy at --fps on one detector, the C-arm turning at up to 5 deg/s, table moves, "
+        "breathing, one collimation and a wire advancing through the run, mono16. Siddon at full resolution "
+        "with noise, contrast/gamma, collimation and an object not in the CT. Topics /xray/image, "
         "/xray/camera_info and /xray/ground_truth (geometry_msgs/PoseStamped, volume frame, metres). "
         "Plays with `ros2 bag play`. Seeded: the same command makes the same messages.",
     )
@@ -493,9 +498,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelmap", default=None, help="label map on the same grid")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="render only these labels (needs --labelmap)")
     p.add_argument("--out", required=True, help="bag directory to create")
-    p.add_argument("--frames", type=int, default=40, help="number of X-ray frames (default 40)")
     p.add_argument(
-        "--fps", type=float, default=2.0, help="frame rate of the sweep and of each burst, frames/s (default 2)"
+        "--mode", choices=("session", "continuous"), default="session",
+        help="discrete session (default) or continuous fluoroscopy",
+    )
+    p.add_argument(
+        "--frames", type=int, default=None,
+        help="number of X-ray frames (default 40 in a session; continuous: instead of --duration)",
+    )
+    p.add_argument("--duration", type=float, default=None, help="continuous: length of the run, s (default 20)")
+    p.add_argument(
+        "--fps", type=float, default=None,
+        help="frames/s: of the sweep and each burst in a session (default 2); of the run if continuous (default 7.5)",
+    )
+    p.add_argument(
+        "--zoom-at", type=float, default=None,
+        help="continuous: switch to the zoomed, panned detector at this time, s (default: one detector)",
     )
     p.add_argument(
         "--size", type=int, default=256, help="detector size before the zoom, pixels (256 mm field; default 256)"

@@ -199,11 +199,15 @@ class StampPairer:
     without the anchor (e.g. a CameraInfo whose image never comes) expire silently ``timeout``
     after their first message. At most ``max_pending`` stamps are kept; the oldest goes first.
     :meth:`discard` forgets a stamp whose frame was dropped elsewhere, including its messages
-    still to come (for ``timeout`` seconds). Thread-safe.
+    still to come (for ``timeout`` seconds). ``early(entry) -> bool``, called under the pairer's
+    lock with an incomplete entry, may release it before every kind has arrived (e.g. a frame the
+    refiner can track needs no initial pose). Thread-safe.
     """
 
-    def __init__(self, kinds: Iterable[str], timeout: float, max_pending: int = 32, anchor: str = "image"):
+    def __init__(self, kinds: Iterable[str], timeout: float, max_pending: int = 32, anchor: str = "image",
+                 early: Callable[[Pending], bool] | None = None):
         self.kinds = tuple(kinds)
+        self.early = early
         if anchor not in self.kinds:
             raise ValueError(f"anchor {anchor!r} is not one of {self.kinds}")
         if not timeout > 0 or max_pending < 1:
@@ -227,7 +231,7 @@ class StampPairer:
                 entry = self._pending[key] = Pending(key, created=now)
             entry.parts[kind] = msg  # a repeated stamp replaces the earlier message
             entry.arrived[kind] = now
-            if not entry.missing(self.kinds):
+            if not entry.missing(self.kinds) or (self.early is not None and self.early(entry)):
                 del self._pending[key]
                 return entry
             while len(self._pending) > self.max_pending:
@@ -350,8 +354,10 @@ class ImageNode(Node):
         load: Callable[[ModelInfo], None],
         process: Callable[[Pending], None],
         work: str,
+        early: Callable[[Pending], bool] | None = None,
     ) -> None:
-        """``work`` names what the processing does, for drop messages ("a refinement")."""
+        """``work`` names what the processing does, for drop messages ("a refinement"); ``early``:
+        see :class:`StampPairer`."""
         p = self.params
         self.diagnostics = Diagnostics(
             self, topic=p["diagnostics_topic"], hardware_id=p["device"], period=p["diagnostics_period"]
@@ -360,9 +366,9 @@ class ImageNode(Node):
         self._drop_lock = threading.Lock()
         self.dropped_total = 0
         self._dropped_since_take = 0
-        self._accounted: OrderedDict[tuple[int, int], None] = OrderedDict()  # stamps already dropped
+        self._accounted: OrderedDict[tuple[int, int], None] = OrderedDict()  # stamps already dropped or answered
         self._dropped_pub = self.create_publisher(Header, p["dropped_topic"], qos.DROPPED)
-        self._pairer = StampPairer(kinds, timeout, p["max_pending"])
+        self._pairer = StampPairer(kinds, timeout, p["max_pending"], early=early)
         name = self.get_name()
         self._loader = LatestWorker(load, f"{name}-load", self._on_worker_error)
         self._worker = LatestWorker(process, f"{name}-work", self._on_worker_error)
@@ -466,7 +472,15 @@ class ImageNode(Node):
 
     def pair(self, kind: str, msg) -> None:
         """Add one input; a complete set goes to the worker, replacing (and dropping) a waiting one."""
-        complete = self._pairer.add(kind, msg)
+        self._submit(self._pairer.add(kind, msg))
+
+    def repair(self, entry: Pending) -> None:
+        """Put an entry released early back to wait for the kinds it lacks (its deadline restarts)."""
+        for kind, msg in entry.parts.items():
+            complete = self._pairer.add(kind, msg)
+        self._submit(complete)
+
+    def _submit(self, complete: Pending | None) -> None:
         if complete is None:
             return
         replaced = self._worker.submit(complete)
@@ -503,6 +517,15 @@ class ImageNode(Node):
                 level, f"image {stamp} dropped: {reason}", stamp=stamp, outcome=outcome, reason=reason,
                 dropped_total=total, **kv
             )
+
+    def answered(self, key: tuple[int, int]) -> None:
+        """Mark a stamp as answered: a later drop report of it (e.g. from upstream) is not counted,
+        and its inputs still to come (e.g. an initial pose it did not wait for) are ignored."""
+        self._pairer.discard(key)
+        with self._drop_lock:
+            self._accounted[key] = None
+            while len(self._accounted) > 1000:
+                self._accounted.popitem(last=False)
 
     def take_dropped(self) -> int:
         """Frames dropped since the previous call (for a result's ``dropped`` field)."""

@@ -42,6 +42,7 @@ the node: it is logged, reported on ``/diagnostics`` (ERROR, ``outcome=refused``
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ from xvr_ros.core.imaging import registration_overlay
 from xvr_ros.core.io.volume import load_volume
 from xvr_ros.core.register.quality import QualityModel, QualityModelError, assess_registration, load_model
 from xvr_ros.core.register.refine import refine
-from xvr_ros.core.register.registration import MULTISTART_OFFSETS, register
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
+from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
@@ -134,6 +136,37 @@ PARAMETERS: dict[str, Param] = {
     "pairing_timeout": Param(
         5.0, "s an image waits for its CameraInfo and initial pose before it is dropped", low=0.01, high=3600.0
     ),
+    "tracking": Param(
+        True,
+        "continuous fluoroscopy: a frame within tracking_max_gap of the last accepted one, with the same intrinsics, "
+        "is refined from that pose (extrapolated) on the finest scales only, then accepted or rejected as any other; "
+        "false = every frame takes the full path (network start, multi-start if needed, coarse to fine)",
+    ),
+    "tracking_max_gap": Param(
+        1.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
+    ),
+    "tracking_max_jump_rotation": Param(
+        0.35,
+        "rad: a network estimate this far (rotation) from the tracked pose means the view changed: full path; "
+        "0 = no rotation check",
+        low=0.0,
+        high=3.1416,
+    ),
+    "tracking_max_jump_translation": Param(
+        0.1,
+        "m: a network estimate this far (C-arm translation) from the tracked pose means the view changed: full path; "
+        "0 = no translation check",
+        low=0.0,
+        high=10.0,
+    ),
+    "tracking_extrapolate": Param(True, "start a tracked frame from the last pose moved at the last velocity"),
+    "tracking_levels": Param(2, "how many of the finest refinement scales a tracked frame uses", low=1, high=8),
+    "tracking_time_budget": Param(0.25, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
+    "tracking_wait_for_network": Param(
+        False,
+        "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "
+        "false = it starts as soon as image and CameraInfo are in, checked against the latest network estimate",
+    ),
     "publish_overlay": Param(True, "publish the overlay image (rendered only while someone subscribes)"),
     "overlay_max_size": Param(
         512, "px: the overlay's DRR is rendered at most this large (then upsampled)", low=16, high=65536
@@ -148,6 +181,17 @@ class _Volume:
     renderer: Renderer
     path: str
     key: Any
+
+
+@dataclass
+class _Outcome:
+    """One frame's registration, by either path."""
+
+    registration: Registration
+    path: str  # "full" or "tracking"
+    start_similarity: float  # at the pose it started from, finest scale
+    initial: Any  # geometry_msgs/PoseWithCovariance: where it started (network's, or the tracked prior)
+    note: str = ""  # why the full path ran when tracking was on
 
 
 @dataclass
@@ -173,11 +217,17 @@ class Refiner(ImageNode):
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._warned_frames: set[str] = set()
+        self._tracker = Tracker(self._tracking_options())
+        self._track_fov = None  # the field of view of the track's first frame (the collimator stays put)
+        self._network_msg: PoseWithCovarianceStamped | None = None  # the latest network estimate
+        self._track_lock = threading.Lock()
+        self._early: set = set()  # stamps released to be tracked before their initial pose came
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
-        self.start_pipeline(_KINDS, p["pairing_timeout"], self._load_volume, self._refine, "a refinement")
+        early = self._trackable if p["tracking"] and not p["tracking_wait_for_network"] else None
+        self.start_pipeline(_KINDS, p["pairing_timeout"], self._load_volume, self._refine, "a refinement", early)
         self.create_subscription(PoseWithCovarianceStamped, p["initial_pose_topic"], self._on_initial_pose, 10)
         self.create_subscription(Header, p["initial_pose_dropped_topic"], self._on_upstream_drop, qos.DROPPED)
         self._set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
@@ -198,6 +248,17 @@ class Refiner(ImageNode):
         return {**PARAMETERS, "accept_threshold": dataclasses.replace(
             PARAMETERS["accept_threshold"], default=float(self._quality.threshold))}
 
+    def _tracking_options(self) -> TrackingOptions:
+        p = self.params
+        return TrackingOptions(
+            max_gap=p["tracking_max_gap"],
+            max_jump_deg=math.degrees(p["tracking_max_jump_rotation"]) or None,
+            max_jump_mm=convert.m_to_mm(p["tracking_max_jump_translation"]) or None,
+            extrapolate=p["tracking_extrapolate"],
+            levels=p["tracking_levels"],
+            time_budget=p["tracking_time_budget"],
+        )
+
     def _set_state(self, level: str, message: str, **kv) -> None:
         """The standing status; ERROR, naming the cause, while there is no quality model."""
         if self._quality_error:
@@ -217,9 +278,12 @@ class Refiner(ImageNode):
 
     # ---- callbacks: hand work on (image, CameraInfo and ModelInfo: ImageNode's) --------------
     def _on_initial_pose(self, msg: PoseWithCovarianceStamped) -> None:
+        self._network_msg = msg  # the latest estimate, for tracking's jump check
         self.pair("initial_pose", msg)
 
     def _on_upstream_drop(self, msg: Header) -> None:
+        if convert.stamp_key(msg.stamp) in self._early:
+            return  # being tracked without the pose estimator's answer: this node answers it
         # The pose estimator reported it: counted and passed on here, not reported twice.
         self.drop(convert.stamp_key(msg.stamp), "upstream", "dropped by the pose estimator", report=False)
 
@@ -266,9 +330,14 @@ class Refiner(ImageNode):
 
     # ---- worker: refinement -------------------------------------------------------------------
     def _refine(self, entry: Pending) -> None:
+        try:
+            self._refine_frame(entry)
+        finally:
+            self._early.discard(entry.key)
+
+    def _refine_frame(self, entry: Pending) -> None:
         p = self.params
-        image, info, initial = entry.parts["image"], entry.parts["camera_info"], entry.parts["initial_pose"]
-        stamp = convert.stamp_to_str(entry.key)
+        info, initial = entry.parts["camera_info"], entry.parts.get("initial_pose")
         with self._lock:
             volume = self._volume
         if volume is None:
@@ -279,17 +348,8 @@ class Refiner(ImageNode):
                 "ERROR",
             )
             return
-        if (
-            info.header.frame_id
-            and info.header.frame_id != p["source_frame"]
-            and info.header.frame_id not in self._warned_frames
-        ):
-            self._warned_frames.add(info.header.frame_id)
-            self.diagnostics.warn(
-                f"CameraInfo frame_id {info.header.frame_id!r} differs from the TF child frame {p['source_frame']!r} "
-                "(parameter source_frame): RViz and TF users looking up the camera frame will not find this transform",
-            )
-        if initial.header.frame_id != p["volume_frame"]:
+        self._warn_frame_id(info.header.frame_id)
+        if initial is not None and initial.header.frame_id != p["volume_frame"]:
             self.drop(
                 entry.key,
                 "refused",
@@ -301,43 +361,124 @@ class Refiner(ImageNode):
         if xray is None:
             return
         try:
-            init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
-            scales = {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
-            offsets = MULTISTART_OFFSETS if p["multistart"] else ()
-            renderer = volume.renderer
-            reg = register(
-                renderer,
-                xray,
-                init_pose=init[None],
-                max_iterations=p["max_iterations"],
-                time_budget=p["time_budget"] or None,
-                callback=lambda _: self._stopping.is_set(),
-                multistart_offsets=offsets,
-                detect_fov=p["detect_fov"],
-                **scales,
-            )
-            # max_iterations=0: no step, the similarity at the initial pose on the finest scale, scored
-            # on the pixels the registration scored (no second field-of-view detection).
-            pixels = xray.image.to(device=renderer.device, dtype=torch.float32)
-            start = refine(renderer, pixels, xray.detector, init[None].to(pixels), mask=reg.mask, max_iterations=0,
-                           **scales)
-            pose = reg.pose[0].to(torch.float64)
-            optical = convert.optical_from_carm(pose, xray.detector)
+            outcome = self._register(entry, xray, volume.renderer)
         except ValueError as exc:
             self.refuse(entry, str(exc))
             return
-        if self._stopping.is_set():
+        if outcome is None or self._stopping.is_set():
             return
         t_assess = time.monotonic()
-        verdict = self._assess(renderer, reg, xray)
+        verdict = self._assess(volume.renderer, outcome.registration, xray)
         if self._stopping.is_set():
             return
+        self._update_track(entry, xray, outcome, verdict)
+        self._publish(entry, xray, volume.renderer, outcome, verdict, time.monotonic() - t_assess)
+
+    def _warn_frame_id(self, frame_id: str) -> None:
+        source = self.params["source_frame"]
+        if frame_id and frame_id != source and frame_id not in self._warned_frames:
+            self._warned_frames.add(frame_id)
+            self.diagnostics.warn(
+                f"CameraInfo frame_id {frame_id!r} differs from the TF child frame {source!r} "
+                "(parameter source_frame): RViz and TF users looking up the camera frame will not find this transform",
+            )
+
+    def _register(self, entry: Pending, xray, renderer: Renderer) -> _Outcome | None:
+        """Track the frame when the tracker allows it, else the full registration from its initial
+        pose; None when a frame released early cannot be tracked after all (it goes back to wait
+        for its initial pose). Raises ValueError for invalid input."""
+        p = self.params
+        initial = entry.parts.get("initial_pose")
+        t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
+        why = "tracking is off (parameter tracking)"
+        if p["tracking"]:
+            network = self._network_estimate(initial, xray.detector)
+            with self._track_lock:
+                prior, why = self._tracker.prior(t, xray.detector, network)
+                fov = self._track_fov
+            if prior is not None:
+                reg = track(renderer, xray, prior, field_of_view=fov, options=self._tracker.options,
+                            callback=lambda _: self._stopping.is_set())
+                pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
+                return _Outcome(reg, "tracking", self._similarity_at(renderer, xray, reg, prior), pose_msg)
+        if initial is None:
+            self.repair(entry)
+            return None
+        init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
+        reg = register(
+            renderer,
+            xray,
+            init_pose=init[None],
+            max_iterations=p["max_iterations"],
+            time_budget=p["time_budget"] or None,
+            callback=lambda _: self._stopping.is_set(),
+            multistart_offsets=MULTISTART_OFFSETS if p["multistart"] else (),
+            detect_fov=p["detect_fov"],
+            **self._scale_options(),
+        )
+        return _Outcome(reg, "full", self._similarity_at(renderer, xray, reg, init[None]), initial.pose, why)
+
+    def _scale_options(self) -> dict:
+        return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
+
+    def _similarity_at(self, renderer: Renderer, xray, reg: Registration, pose) -> float:
+        """The similarity at ``pose`` on the registration's finest scale, scored on the pixels it
+        scored (max_iterations=0: no step, no second field-of-view detection)."""
+        pixels = xray.image.to(device=renderer.device, dtype=torch.float32)
+        start = refine(renderer, pixels, xray.detector, pose.to(pixels), mask=reg.mask, max_iterations=0,
+                       scales=reg.refinement.scales[-1:])
+        return float(start.similarity[0])
+
+    def _network_estimate(self, initial, detector) -> torch.Tensor | None:
+        """The network's estimate of this frame (else the latest one received) as a C-arm pose, mm."""
+        msg = initial if initial is not None else self._network_msg
+        if msg is None or msg.header.frame_id != self.params["volume_frame"]:
+            return None
+        return convert.carm_from_optical(convert.pose_from_msg(msg.pose.pose), detector)
+
+    def _update_track(self, entry: Pending, xray, outcome: _Outcome, verdict: _Verdict) -> None:
+        t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
+        with self._track_lock:
+            if not verdict.accepted:
+                self._tracker.rejected()
+                self._track_fov = None
+                return
+            self._tracker.accepted(t, outcome.registration.pose[0], xray.detector)
+            if outcome.path == "full":
+                self._track_fov = outcome.registration.field_of_view
+
+    def _trackable(self, entry: Pending) -> bool:
+        """Pairer hook (tracking without waiting for the network): image and CameraInfo are in and
+        the tracker would take the frame."""
+        image, info = entry.parts.get("image"), entry.parts.get("camera_info")
+        if image is None or info is None:
+            return False
+        try:
+            detector = convert.detector_from_camera_info(info, self.params["sdd_mm"])
+        except ValueError:
+            return False  # the full path refuses it, with the reason
+        with self._track_lock:
+            if self._tracker.why_not(convert.ns_from_time(image.header.stamp) * 1e-9, detector):
+                return False
+        self._early.add(entry.key)
+        return True
+
+    def _publish(self, entry: Pending, xray, renderer: Renderer, outcome: _Outcome, verdict: _Verdict,
+                 assessment_s: float) -> None:
+        """The result, and for an accepted registration the refined pose and its TF; the overlay and state."""
+        p = self.params
+        image = entry.parts["image"]
+        stamp = convert.stamp_to_str(entry.key)
+        reg, refinement = outcome.registration, outcome.registration.refinement
+        self.answered(entry.key)
         elapsed = time.monotonic() - entry.arrived["image"]
         dropped, total = self.take_dropped(), self.dropped_total
-        refinement = reg.refinement
-        status = (f"{refinement.message}; {verdict.reason}; "
-                  f"{dropped} frame(s) dropped since the previous result ({total} in all)")
+        status = (f"{outcome.path}: {refinement.message}; {verdict.reason}; "
+                  f"{dropped} frame(s) dropped since the previous result ({total} in all)"
+                  + (f"; full path: {outcome.note}" if outcome.note and p["tracking"] else ""))
         header = Header(stamp=image.header.stamp, frame_id=p["volume_frame"])
+        pose = reg.pose[0].to(torch.float64)
+        optical = convert.optical_from_carm(pose, xray.detector)
         refined = convert.pose_with_covariance_to_msg(optical, verdict.covariance)
         if verdict.accepted:
             self._pose_pub.publish(PoseWithCovarianceStamped(header=header, pose=refined))
@@ -347,9 +488,9 @@ class Refiner(ImageNode):
         self._result_pub.publish(
             RegistrationResult(
                 header=header,
-                initial_pose=initial.pose,
+                initial_pose=outcome.initial,
                 refined_pose=refined,
-                initial_similarity=float(start.similarity[0]),
+                initial_similarity=outcome.start_similarity,
                 similarity=float(refinement.similarity[0]),
                 iterations=int(refinement.iterations),
                 registration_time=float(elapsed),
@@ -357,6 +498,7 @@ class Refiner(ImageNode):
                 accepted=verdict.accepted,
                 p_success=verdict.p_success,
                 rejection_reason="" if verdict.accepted else verdict.reason,
+                path=outcome.path,
                 dropped=dropped,
                 status=status,
             )
@@ -370,10 +512,11 @@ class Refiner(ImageNode):
             log=not verdict.accepted,
             stamp=stamp,
             outcome="accepted" if verdict.accepted else "rejected",
+            path=outcome.path,
             reason=verdict.reason,
             p_success=verdict.p_success,
             registration_time_s=elapsed,
-            assessment_time_s=time.monotonic() - t_assess,
+            assessment_time_s=assessment_s,
             iterations=refinement.iterations,
             similarity=float(refinement.similarity[0]),
             dropped=dropped,
@@ -394,6 +537,10 @@ class Refiner(ImageNode):
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
         covariance = world_axes_covariance(reg.pose[0], a.covariance).numpy()
         return _Verdict(bool(a.accepted), float(a.p_success), a.reason, covariance)
+
+    def drop(self, key, *args, **kwargs) -> None:
+        self._early.discard(key)  # e.g. superseded before it ran: answered by this drop
+        super().drop(key, *args, **kwargs)
 
     # ---- shutdown -----------------------------------------------------------------------------
     def destroy_node(self) -> None:

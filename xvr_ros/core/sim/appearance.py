@@ -95,24 +95,38 @@ class AppearanceModel:
         if self.field not in (None, "random", *FIELDS):
             raise ValueError(f"field must be None, 'random' or one of {FIELDS}, got {self.field!r}")
 
-    def apply(self, transmission: np.ndarray, detector: Detector, rng: np.random.Generator) -> Degraded:
+    def apply(
+        self,
+        transmission: np.ndarray,
+        detector: Detector,
+        rng: np.random.Generator,
+        setting: np.random.Generator | None = None,
+    ) -> Degraded:
         """(H, W) transmitted fraction ``exp(-L)`` in [0, 1] on ``detector`` -> :class:`Degraded`.
 
         Every effect draws in a fixed order from ``rng``, whether or not it is on, so switching one
         effect off leaves the others' draws unchanged.
+
+        ``setting``: a fluoroscopy run's fixed draws. If given, everything a C-arm holds during a run
+        (field of view, heel ramp, exposure and dose setting, gamma, saturation, burned-in text) draws
+        from it and only the quantum noise from ``rng``, so generators in the same state give images
+        that differ in their noise alone. Pass a fresh generator per image.
         """
         T = np.asarray(transmission, dtype=np.float64)
         if T.shape != detector.shape or not np.isfinite(T).all():
             raise ValueError(f"transmission must be finite with the detector's shape {detector.shape}")
         H, W = T.shape
         streams = rng.spawn(6)
+        noise = streams[2]  # without a setting, the exposure's own stream, as always: images stay bit-identical
+        if setting is not None:
+            streams = setting.spawn(6)
         aperture, fov, field_params = field_of_view(self, streams[0], detector)
         ramp, bg = _ramp(self.background, streams[1], H, W)
         expected = np.clip(T, 0.0, 1.0) * aperture * ramp
         bright = float(np.quantile(expected[fov] if fov.any() else expected, 0.99))
         expected = expected * draw(streams[2], self.exposure) / max(bright, 1e-9)
         n0 = draw(streams[2], self.photons) if self.photons else 0.0
-        quanta = streams[2].poisson(n0 * expected) / n0 if n0 > 0 else expected
+        quanta = noise.poisson(n0 * expected) / n0 if n0 > 0 else expected
         g = draw(streams[3], self.gamma) if self.gamma else 1.0
         counts = self.full_scale * np.clip(quanta, 0.0, None) ** g
         sat = draw(streams[4], self.saturation) if self.saturation else 0.0

@@ -20,12 +20,18 @@ Each effect of each image draws from its own random stream derived from ``seed``
 (``numpy.random.SeedSequence([seed, item, effect])``), so the same call gives the same images,
 and switching one effect on or off leaves the others as they were.
 
+Continuous fluoroscopy is a **run** of frames through one C-arm setting: ``run_seed`` pins what the
+C-arm holds during a run (collimation, exposure setting, gamma, heel ramp, text, focal-spot blur)
+so that ``seed`` varies the quantum noise alone, and an :class:`Instrument` fixed in the volume
+frame replaces the random object, so one wire can move slowly through the frames.
+
 Poses: :func:`~xvr_ros.core.train.presets.sample_poses` samples them (the one sampler);
 :func:`perturb_poses` moves poses as a pose-regression network's error would, in the C-arm frame.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,11 +43,40 @@ from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.appearance import AppearanceModel, draw
 
-__all__ = ["REALISTIC", "SimulatedXray", "perturb_poses", "simulate_xray"]
+__all__ = ["REALISTIC", "Instrument", "SimulatedXray", "perturb_poses", "simulate_xray"]
 
 _EFFECTS = ("object", "blur", "appearance")
 #: The default image chain: any field of view, noise, gamma, saturation, text.
 REALISTIC = AppearanceModel()
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """A straight cylinder that is not in the CT (a K-wire, a screw), fixed in the volume frame.
+
+    p0, p1: (3,) the ends of its axis, volume frame, mm. radius: mm.
+    density: attenuation relative to the CT's densest voxel (10: steel against cortical bone).
+    """
+
+    p0: tuple[float, float, float]
+    p1: tuple[float, float, float]
+    radius: float = 0.5
+    kind: str = "wire"
+    density: float = 10.0
+
+    def __post_init__(self):
+        p0, p1 = np.asarray(self.p0, dtype=np.float64), np.asarray(self.p1, dtype=np.float64)
+        if p0.shape != (3,) or p1.shape != (3,) or not (np.isfinite(p0).all() and np.isfinite(p1).all()):
+            raise ValueError(f"instrument ends must be finite 3-vectors in mm, got {self.p0}, {self.p1}")
+        if not np.linalg.norm(p1 - p0) > 0:
+            raise ValueError("instrument ends must differ")
+        if not (math.isfinite(self.radius) and self.radius > 0 and math.isfinite(self.density) and self.density > 0):
+            raise ValueError(f"instrument radius and density must be positive, got {self.radius}, {self.density}")
+
+    def description(self, mu_scale: float) -> dict:
+        """What :class:`SimulatedXray` reports of it (``mu``: attenuation per mm)."""
+        return {"kind": self.kind, "p0": [float(v) for v in self.p0], "p1": [float(v) for v in self.p1],
+                "radius": float(self.radius), "mu": self.density * mu_scale}
 
 
 @dataclass
@@ -182,10 +217,15 @@ def _renderer(volume: Volume | Renderer) -> Renderer:
 def add_foreign_object(lines, kind, rng, pose, detector, mu_scale):
     """(H, W) line integrals with a wire or screw's exact chord added -> (lines, description)."""
     obj = _foreign_object(kind, rng, pose, detector, mu_scale)
+    return _add_cylinder(lines, obj, pose, detector), obj
+
+
+def _add_cylinder(lines, obj: dict, pose, detector):
+    """(H, W) line integrals + ``obj["mu"]`` x the chord of the cylinder ``obj`` describes."""
     src, tgt = detector.rays(pose[None].to(torch.float64))
     ends = torch.tensor([obj["p0"], obj["p1"]], dtype=torch.float64)
     chord = _cylinder_chords(src, tgt, ends[:1], ends[1:], torch.tensor([obj["radius"]], dtype=torch.float64))
-    return lines + obj["mu"] * chord.reshape(lines.shape), obj
+    return lines + obj["mu"] * chord.reshape(lines.shape)
 
 
 def simulate_xray(
@@ -197,7 +237,8 @@ def simulate_xray(
     appearance: AppearanceModel | None = REALISTIC,
     attenuation_range: float = 4.0,
     blur=(0.3, 1.0),
-    foreign_object: str | None = "random",
+    foreign_object: str | Instrument | None = "random",
+    run_seed: int | None = None,
 ) -> SimulatedXray:
     """Render target X-rays at ``pose`` (B, 4, 4) as a C-arm delivers them (see the module docstring).
 
@@ -210,7 +251,11 @@ def simulate_xray(
         appearance: the image chain; None = an ideal detector (noise-free counts, full field).
         attenuation_range: nepers of the CT's densest ray.
         blur: PSF sigma in pixels, a number or a ``(lo, hi)`` range; None = no blur.
-        foreign_object: None, ``"wire"``, ``"screw"`` or ``"random"`` (one of the two).
+        foreign_object: None, ``"wire"``, ``"screw"``, ``"random"`` (one of the two, placed in the
+            field of each image) or an :class:`Instrument` (the same object in every image).
+        run_seed: None, or a fluoroscopy run: every image made with the same ``run_seed`` has the
+            same collimation, exposure setting, gamma, heel ramp, text and blur, and ``seed`` draws
+            only the quantum noise (and a random ``foreign_object``).
 
     Returns:
         :class:`SimulatedXray`, every tensor (B, 1, H, W).
@@ -221,7 +266,7 @@ def simulate_xray(
         pose = pose[None]
     if pose.shape[-2:] != (4, 4) or not bool(torch.isfinite(pose).all()):
         raise ValueError(f"pose must be finite (B, 4, 4), got shape {tuple(pose.shape)}")
-    if foreign_object not in (None, "wire", "screw", "random"):
+    if not isinstance(foreign_object, Instrument) and foreign_object not in (None, "wire", "screw", "random"):
         raise ValueError(f"foreign_object must be None, 'wire', 'screw' or 'random', got {foreign_object!r}")
     with torch.no_grad():
         lines = renderer(pose.to(renderer.dtype), detector).sum(dim=1).to(torch.float64)  # (B, H, W)
@@ -234,9 +279,13 @@ def simulate_xray(
         top = float(img.max())
         scale = attenuation_range / (top if top > 0 else 1.0)
         obj = None
-        if foreign_object:
+        if isinstance(foreign_object, Instrument):
+            obj = foreign_object.description(mu_scale)
+            img = _add_cylinder(img, obj, pose[b], detector)
+        elif foreign_object:
             img, obj = add_foreign_object(img, foreign_object, _rng(seed, b, "object"), pose[b], detector, mu_scale)
-        sigma = draw(_rng(seed, b, "blur"), blur) if blur else 0.0
+        setting = (seed, b) if run_seed is None else (run_seed, 0)
+        sigma = draw(_rng(*setting, "blur"), blur) if blur else 0.0
         if sigma > 0:
             img = gaussian_blur(img[None, None], sigma)[0, 0]
         transmission = np.exp(-scale * img.clamp_min(0).numpy())
@@ -244,7 +293,8 @@ def simulate_xray(
             out = transmission * REALISTIC.full_scale
             fov, drawn = np.ones(out.shape, dtype=bool), None
         else:
-            degraded = appearance.apply(transmission, detector, _rng(seed, b, "appearance"))
+            fixed = None if run_seed is None else _rng(run_seed, 0, "appearance")
+            degraded = appearance.apply(transmission, detector, _rng(seed, b, "appearance"), fixed)
             out, fov, drawn = degraded.counts, degraded.fov, degraded.params
         counts.append(torch.from_numpy(out))
         fovs.append(torch.from_numpy(fov))

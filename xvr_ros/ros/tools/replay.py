@@ -14,12 +14,15 @@
    with ``accepted`` false: the refiner's quality gate published no TF), ``dropped`` (a newer image
    replaced it while a node was busy: a ``/diagnostics`` status with ``outcome=superseded``),
    ``error`` (the nodes reported it on ``/diagnostics``, or the bag message was corrupt) or
-   ``lost`` (no answer in time). With ground truth, registered and rejected
+   ``lost`` (no answer in time). A result names the refinement ``path`` that produced it (``full``
+   or ``tracking`` from the last accepted pose). With ground truth, registered and rejected
    frames are scored: initial and refined mTRE on CT points of the model's volume, rotation and
    translation errors, latency from the image's publication to its initial pose and to its TF.
 
-A table, a summary, ``report.json`` and ``report.png`` (error and latency per frame) are written
-to the output directory, next to the output bag.
+A table, a summary (with the fraction of frames that got a TF, the results per path and the
+frames until a TF after a rejection: :func:`xvr_ros.ros.tools.report.summarize`), ``report.json``
+and ``report.png`` (error and latency per frame, marked by path) are written to the output
+directory, next to the output bag.
 """
 
 from __future__ import annotations

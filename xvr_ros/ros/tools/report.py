@@ -4,9 +4,11 @@
 - :func:`record_outputs`: latencies and the ``RegistrationResult`` fields the client received for it;
 - :func:`score_frame`: its initial (network) and refined pose against a known pose: mTRE on CT
   points, rotation and translation errors (:mod:`xvr_ros.core.metrics`);
-- :func:`summarize`: counts, error and latency statistics, SMSR, throughput of a run;
+- :func:`summarize`: counts, error and latency statistics, SMSR, throughput of a run; for
+  fluoroscopy at video rate the fraction of frames with a TF, the frames per refinement path
+  (``full`` or ``tracking``) and the frames until an accepted pose after a rejection;
 - :func:`format_table`, :func:`format_summary`: the replay's text; :func:`number`: table cells;
-- :func:`write_report`: ``report.json`` and ``report.png`` (error and latency per frame).
+- :func:`write_report`: ``report.json`` and ``report.png`` (error and latency per frame, by path).
 
 Lengths mm, angles degrees, latencies ms (from the image's publication).
 """
@@ -22,13 +24,18 @@ import numpy as np
 import torch
 
 __all__ = [
+    "PATHS",
     "STATUSES",
     "FrameReport",
+    "by_path",
+    "figure",
     "format_summary",
     "format_table",
     "number",
     "percentile",
+    "plot",
     "record_outputs",
+    "recovery",
     "score_frame",
     "stats",
     "summarize",
@@ -39,6 +46,8 @@ __all__ = [
 #: refiner's quality gate (a result with ``accepted`` false, no TF); a newer image replaced it while
 #: a node was busy; a node reported it as an error (or it was corrupt); no answer in time.
 STATUSES = ("registered", "rejected", "dropped", "error", "lost")
+#: ``RegistrationResult.path``: refined from the network's pose (coarse to fine) or from the last accepted pose.
+PATHS = ("full", "tracking")
 
 
 @dataclass
@@ -69,6 +78,7 @@ class FrameReport:
     accepted: bool | None = None  # RegistrationResult.accepted: the TF was published
     p_success: float | None = None  # RegistrationResult.p_success: P(mTRE < 1 mm) by the quality model
     dropped: int | None = None  # frames any node dropped since the previous result (RegistrationResult.dropped)
+    path: str = ""  # RegistrationResult.path: which refinement produced the result (PATHS); empty without one
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +96,7 @@ def record_outputs(frame: FrameReport, client, key: tuple[int, int], published: 
         frame.iterations, frame.converged, frame.dropped = int(m.iterations), bool(m.converged), int(m.dropped)
         frame.initial_similarity, frame.similarity = float(m.initial_similarity), float(m.similarity)
         frame.accepted, frame.p_success = bool(m.accepted), float(m.p_success)
-        frame.message = m.status
+        frame.message, frame.path = m.status, m.path
 
 
 def score_frame(frame: FrameReport, client, key: tuple[int, int], true: torch.Tensor, detector, points) -> None:
@@ -135,7 +145,13 @@ def stats(values) -> dict:
 
 
 def summarize(frames: list[FrameReport], wall_s: float) -> dict:
-    """A run's summary: counts by status, error and latency statistics, SMSR, throughput."""
+    """A run's summary: counts by status, error and latency statistics, SMSR, throughput.
+
+    ``frames`` in the order they were taken. ``tf_fraction``: registered (accepted, TF) frames of
+    all frames, 0..1; ``paths``: per refinement path (:func:`by_path`); ``recovery_frames``:
+    :func:`recovery`; ``accepted_mtre_mm``: mTRE of the frames with a TF (``ref_mtre_mm``: of every
+    refined result, accepted or rejected).
+    """
     from xvr_ros.core.metrics import smsr
 
     count = {s: sum(1 for f in frames if f.status == s) for s in STATUSES}
@@ -145,6 +161,9 @@ def summarize(frames: list[FrameReport], wall_s: float) -> dict:
     return {
         "frames": len(frames),
         **count,
+        "tf_fraction": count["registered"] / len(frames) if frames else None,
+        "paths": by_path(frames),
+        "recovery_frames": recovery(frames),
         "scored": len(ref),
         "accepted_over_2mm": sum(1 for x in accepted if x > 2.0),  # the gate's false accepts
         "rejected_below_1mm": sum(1 for x in rejected if x < 1.0),  # its false rejections
@@ -152,12 +171,48 @@ def summarize(frames: list[FrameReport], wall_s: float) -> dict:
         "registered_per_s": count["registered"] / wall_s if wall_s > 0 else None,
         "init_mtre_mm": stats([f.init_mtre for f in frames]),
         "ref_mtre_mm": stats(ref),
+        "accepted_mtre_mm": stats(accepted),
         "smsr_percent": smsr(torch.tensor(ref)) if ref else None,
         "ref_rot_deg": stats([f.ref_rot for f in frames]),
         "ref_trans_mm": stats([f.ref_trans for f in frames]),
         "latency_pose_ms": stats([f.lat_pose for f in frames]),
         "latency_tf_ms": stats([f.lat_tf for f in frames]),
     }
+
+
+def by_path(frames: list[FrameReport]) -> dict:
+    """Per refinement path of the frames with a result (registered or rejected): ``frames`` from
+    it, how many of them were ``accepted`` (TF), their image -> TF latency (ms). :data:`PATHS`
+    always, then any other path a result named, then ``unnamed`` if a result named none (a node
+    from before the field)."""
+    results = [f for f in frames if f.status in ("registered", "rejected")]
+    others = sorted({f.path or "unnamed" for f in results} - set(PATHS))
+    out = {}
+    for name in (*PATHS, *others):
+        sel = [f for f in results if (f.path or "unnamed") == name]
+        out[name] = {"frames": len(sel), "accepted": sum(1 for f in sel if f.status == "registered"),
+                     "latency_tf_ms": stats([f.lat_tf for f in sel])}
+    return out
+
+
+def recovery(frames: list[FrameReport]) -> dict:
+    """Frames from a rejection to the next frame with a TF, ``frames`` in the order they were taken.
+
+    Every run of frames without a TF (rejected, dropped, error, lost) that holds a rejection is one
+    episode, counted from its first rejection: registered, rejected, dropped, dropped, registered
+    -> 3 frames. An episode still open at the end of the run is ``unrecovered`` and not in the
+    ``median`` / ``max`` (None without a recovered episode).
+    """
+    recovered, start = [], None
+    for i, f in enumerate(frames):
+        if f.status == "registered":
+            if start is not None:
+                recovered.append(i - start)
+            start = None
+        elif f.status == "rejected" and start is None:
+            start = i
+    return {"episodes": len(recovered) + (start is not None), "unrecovered": int(start is not None),
+            "median": percentile(recovered, 50), "max": max(recovered) if recovered else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,15 +225,16 @@ def number(x, fmt="{:.1f}") -> str:
 
 def format_table(frames: list[FrameReport]) -> list[str]:
     """The replay's per-frame table, one line per image."""
-    head = (f"{'frame':>5} {'t s':>6} {'encoding':<8} {'size':>7} {'status':<10} {'init mm':>8} {'ref mm':>8} "
-            f"{'rot deg':>7} {'trans mm':>8} {'ms->pose':>8} {'ms->TF':>7}  note")
+    head = (f"{'frame':>5} {'t s':>6} {'encoding':<8} {'size':>7} {'status':<10} {'path':<8} {'init mm':>8} "
+            f"{'ref mm':>8} {'rot deg':>7} {'trans mm':>8} {'ms->pose':>8} {'ms->TF':>7}  note")
     lines = [head, "-" * len(head)]
     for f in frames:
         note = f.message if f.status != "registered" else ""
         lines.append(
-            f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {number(f.init_mtre):>8} "
-            f"{number(f.ref_mtre, '{:.2f}'):>8} {number(f.ref_rot, '{:.2f}'):>7} {number(f.ref_trans, '{:.2f}'):>8} "
-            f"{number(f.lat_pose, '{:.0f}'):>8} {number(f.lat_tf, '{:.0f}'):>7}  {note[:90]}"
+            f"{f.index:>5} {f.bag_time_s:>6.1f} {f.encoding:<8} {f.size:>7} {f.status:<10} {f.path or '--':<8} "
+            f"{number(f.init_mtre):>8} {number(f.ref_mtre, '{:.2f}'):>8} {number(f.ref_rot, '{:.2f}'):>7} "
+            f"{number(f.ref_trans, '{:.2f}'):>8} {number(f.lat_pose, '{:.0f}'):>8} {number(f.lat_tf, '{:.0f}'):>7}  "
+            f"{note[:90]}"
         )
     return lines
 
@@ -188,17 +244,31 @@ def _spread(d: dict, fmt: str = "{:.2f}") -> str:
             f"p95 {number(d['p95'], fmt)}), n={d['n']}")
 
 
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
+
+
 def format_summary(s: dict) -> list[str]:
     """The replay's summary of :func:`summarize`'s dict."""
+    rec = s["recovery_frames"]
+    paths = ", ".join(
+        f"{name} {p['frames']} ({p['accepted']} accepted; image -> TF p50 "
+        f"{number(p['latency_tf_ms']['median'], '{:.0f}')} / p95 {number(p['latency_tf_ms']['p95'], '{:.0f}')} ms)"
+        for name, p in s["paths"].items()
+    )
     return [
         f"frames {s['frames']}: registered {s['registered']} (accepted, TF), rejected {s['rejected']} (quality gate, "
         f"no TF), dropped {s['dropped']} (a newer frame arrived), errors {s['error']}, lost {s['lost']}; "
         f"{s['scored']} scored against ground truth",
+        f"  TF for {number(_percent(s['tf_fraction']), '{:.1f}')} % of the frames; results by path: {paths}",
+        f"  recovery after a rejection: {rec['episodes']} episodes, median {number(rec['median'], '{:.0f}')} / "
+        f"max {number(rec['max'], '{:.0f}')} frames to the next TF, {rec['unrecovered']} without one by the end",
         f"  quality gate: {s['accepted_over_2mm']} accepted with mTRE > 2 mm, "
         f"{s['rejected_below_1mm']} rejected with mTRE < 1 mm",
         f"  mTRE initial (network): {_spread(s['init_mtre_mm'], '{:.1f}')} mm",
         f"  mTRE refined:           {_spread(s['ref_mtre_mm'])} mm; "
         f"SMSR (< 1 mm) {number(s['smsr_percent'], '{:.0f}')} %",
+        f"  mTRE accepted (TF):     {_spread(s['accepted_mtre_mm'])} mm",
         f"  rotation error {_spread(s['ref_rot_deg'])} deg; translation error {_spread(s['ref_trans_mm'])} mm",
         f"  latency image -> pose {_spread(s['latency_pose_ms'], '{:.0f}')} ms; "
         f"image -> TF {_spread(s['latency_tf_ms'], '{:.0f}')} ms",
@@ -220,13 +290,25 @@ def write_report(report, out: Path, title: str) -> None:
 
 
 def plot(frames: list[FrameReport], path: Path, title: str) -> None:
-    """Error and latency per frame, written atomically as a PNG."""
+    """:func:`figure`, written atomically as a PNG."""
+    import matplotlib.pyplot as plt
+
+    from xvr_ros.core.io.files import atomic_path
+
+    fig = figure(frames, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def figure(frames: list[FrameReport], title: str):
+    """A matplotlib figure (Agg backend) of the frames' errors (top) and latencies (bottom) against
+    the frame index; the refined errors and TF latencies are marked by refinement path, frames
+    without a TF shaded by status."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from xvr_ros.core.io.files import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
     _plot_errors(ax1, frames)
@@ -234,26 +316,47 @@ def plot(frames: list[FrameReport], path: Path, title: str) -> None:
     _plot_latencies(ax2, frames)
     _shade_unregistered((ax1, ax2), frames)
     ax1.legend(loc="upper right", fontsize=8, ncol=3)
-    ax2.legend(loc="upper right", fontsize=8)
+    ax2.legend(loc="upper right", fontsize=8, ncol=3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    return fig
+
+
+#: Marker and colour of each refinement path's points; a path not listed gets a diamond.
+_PATH_STYLE = {"full": ("o", "C1"), "tracking": ("s", "C2")}
+
+
+def _path_groups(frames: list[FrameReport]):
+    """(label suffix, marker, colour, frames) for each refinement path the frames name (PATHS
+    first; frames without a result or path last, unlabelled)."""
+    others = sorted({f.path for f in frames} - set(PATHS))
+    for k, name in enumerate((*PATHS, *others)):
+        sel = [f for f in frames if f.path == name]
+        if sel:
+            marker, colour = _PATH_STYLE.get(name, ("D", f"C{4 + k}"))
+            yield (f" ({name})" if name else ""), marker, colour, sel
+
+
+def _plot_series(ax, frames: list[FrameReport], attr: str, scale: float, label: str, marker: str, colour: str):
+    present = [f for f in frames if getattr(f, attr) is not None]
+    if present:
+        ax.plot([f.index for f in present], [getattr(f, attr) * scale for f in present], marker, color=colour,
+                label=label, ms=4)
 
 
 def _plot_errors(ax, frames: list[FrameReport]) -> None:
-    for attr, label, marker in (("init_mtre", "initial (network)", "x"), ("ref_mtre", "refined", "o")):
-        scored = [f for f in frames if getattr(f, attr) is not None]
-        ax.plot([f.index for f in scored], [getattr(f, attr) for f in scored], marker, label=label, ms=4)
+    _plot_series(ax, frames, "init_mtre", 1.0, "initial (network)", "x", "C0")
+    for suffix, marker, colour, sel in _path_groups(frames):
+        _plot_series(ax, sel, "ref_mtre", 1.0, "refined" + suffix, marker, colour)
     ax.axhline(1.0, color="g", lw=0.8, ls="--", label="1 mm")
+    ax.axhline(2.0, color="r", lw=0.8, ls=":", label="2 mm")  # an accepted frame above it is a false accept
     ax.set_yscale("log")
     ax.set_ylabel("mTRE, mm")
 
 
 def _plot_latencies(ax, frames: list[FrameReport]) -> None:
-    for attr, label, marker in (("lat_pose", "image -> initial pose", "x"), ("lat_tf", "image -> TF", "o")):
-        seconds = [getattr(f, attr) / 1e3 if getattr(f, attr) is not None else np.nan for f in frames]
-        ax.plot([f.index for f in frames], seconds, marker, label=label, ms=4)
+    _plot_series(ax, frames, "lat_pose", 1e-3, "image -> initial pose", "x", "C0")
+    for suffix, marker, colour, sel in _path_groups(frames):
+        _plot_series(ax, sel, "lat_tf", 1e-3, "image -> TF" + suffix, marker, colour)
     ax.set_ylabel("latency, s")
     ax.set_xlabel("frame")
 

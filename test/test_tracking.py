@@ -1,0 +1,101 @@
+"""Frame-to-frame tracking (core/register/tracking.py): when to track, where to start, the tracked refinement."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from test_refine import DET, FIDUCIALS, offset, setup  # noqa: F401 - fixture
+
+from xvr_ros.core.geometry import carm_parameters, carm_pose
+from xvr_ros.core.io.xray import Xray
+from xvr_ros.core.metrics import mtre, pose_errors
+from xvr_ros.core.register.tracking import Tracker, TrackingOptions, same_intrinsics, track
+
+
+def pose(alpha=10.0, beta=-5.0, gamma=3.0, x=4.0, y=820.0, z=-6.0):
+    f64 = dict(dtype=torch.float64)
+    return carm_pose(torch.tensor([alpha, beta, gamma], **f64), torch.tensor([x, y, z], **f64), degrees=True)
+
+
+def test_tracks_only_a_recent_frame_with_the_same_intrinsics():
+    tracker = Tracker(TrackingOptions(max_gap=0.5))
+    assert "no accepted frame" in tracker.why_not(0.1, DET)
+    tracker.accepted(1.0, pose(), DET)
+    assert tracker.why_not(1.2, DET) == ""
+    assert "since the last accepted frame" in tracker.why_not(1.6, DET)  # a gap in time
+    assert "since the last accepted frame" in tracker.why_not(0.9, DET)  # an older frame
+    zoomed = dataclasses.replace(DET, delx=2.0, dely=2.0)
+    panned = dataclasses.replace(DET, x0=5.0)
+    for other in (zoomed, panned, dataclasses.replace(DET, height=60)):
+        assert not same_intrinsics(DET, other)
+        assert "intrinsics changed" in tracker.why_not(1.2, other)
+    assert same_intrinsics(DET, dataclasses.replace(DET, delx=DET.delx * (1 + 1e-9)))  # rounding is not a change
+    tracker.rejected()
+    assert "no accepted frame" in tracker.why_not(1.2, DET)
+
+
+def test_the_prior_continues_at_the_last_velocity():
+    tracker = Tracker(TrackingOptions(max_gap=1.0))
+    tracker.accepted(0.0, pose(alpha=10.0, x=4.0), DET)
+    prior, why = tracker.prior(0.2, DET)
+    assert why == "" and torch.allclose(prior[0], pose(alpha=10.0, x=4.0))  # one frame: no velocity yet
+    tracker.accepted(0.2, pose(alpha=11.0, x=5.0), DET)  # 5 deg/s, 5 mm/s
+    prior, _ = tracker.prior(0.3, DET)
+    angles, xyz = carm_parameters(prior[0], degrees=True)
+    assert angles.tolist() == pytest.approx([11.5, -5.0, 3.0], abs=1e-9)
+    assert xyz.tolist() == pytest.approx([5.5, 820.0, -6.0], abs=1e-9)
+    still = Tracker(TrackingOptions(extrapolate=False))
+    still.accepted(0.0, pose(alpha=10.0), DET)
+    still.accepted(0.2, pose(alpha=11.0), DET)
+    assert torch.allclose(still.prior(0.3, DET)[0][0], pose(alpha=11.0))
+
+
+def test_the_velocity_crosses_the_angle_wrap():
+    tracker = Tracker()
+    tracker.accepted(0.0, pose(gamma=179.0), DET)
+    tracker.accepted(0.1, pose(gamma=-179.0), DET)  # +2 deg across +-180
+    prior, _ = tracker.prior(0.2, DET)
+    rot, _ = pose_errors(pose(gamma=-177.0)[None], prior)
+    assert float(rot[0]) < 1e-6
+
+
+def test_a_far_network_estimate_means_the_view_changed():
+    tracker = Tracker(TrackingOptions(max_jump_deg=20.0, max_jump_mm=100.0))
+    tracker.accepted(0.0, pose(), DET)
+    assert tracker.prior(0.1, DET, pose(alpha=25.0))[1] == ""  # the network's usual error: still tracked
+    start, why = tracker.prior(0.1, DET, pose(alpha=45.0))
+    assert start is None and "view changed" in why
+    assert "view changed" in tracker.prior(0.1, DET, pose(x=150.0))[1]
+    unchecked = Tracker(TrackingOptions(max_jump_deg=None, max_jump_mm=None))
+    unchecked.accepted(0.0, pose(), DET)
+    assert unchecked.prior(0.1, DET, pose(alpha=90.0))[1] == ""
+
+
+def test_time_going_backwards_restarts_the_track():
+    tracker = Tracker()
+    tracker.accepted(5.0, pose(), DET)
+    tracker.accepted(0.0, pose(alpha=30.0), DET)  # a bag played again from its start
+    prior, _ = tracker.prior(0.1, DET)
+    assert torch.allclose(prior[0], pose(alpha=30.0))  # no velocity from the stale frame
+
+
+def test_invalid_options_are_refused():
+    for bad in (dict(max_gap=0.0), dict(levels=0), dict(time_budget=0.0)):
+        with pytest.raises(ValueError):
+            TrackingOptions(**bad)
+
+
+def test_track_refines_a_frame_to_frame_offset(setup):  # noqa: F811 - the fixture
+    renderer, truth, image = setup
+    start = offset(truth, (0.6, -0.5, 0.4), (1.5, -2.0, 1.0))  # a frame's motion at 7.5 frames/s
+    before = float(mtre(truth, start, FIDUCIALS)[0])
+    reg = track(renderer, Xray(image, DET), start, options=TrackingOptions(time_budget=30.0))
+    after = float(mtre(truth, reg.pose.double(), FIDUCIALS)[0])
+    assert before > 2.0 and after < 0.5 * before, (before, after, reg.refinement.message)
+    assert reg.initial_source == "tracking"
+    assert reg.refinement.scales == (2.0, 1.0)  # the finest two of the image's scales only
+    assert reg.field_of_view is None or reg.field_of_view.shape == (1, 1, *DET.shape)
+    assert math.isfinite(float(reg.refinement.similarity[0]))
