@@ -126,6 +126,20 @@ def test_scaled_detector_keeps_physical_size():
     assert small.width * small.delx == pytest.approx(det.width * det.delx)
 
 
+@pytest.mark.parametrize("factor", [5.5, 16 / 3, 10.7])
+def test_scaled_non_square_detector_projects_to_the_same_place(factor):
+    """Issue 13: a non-square detector scaled by a non-integer factor (rounding makes the two axes'
+    factors differ) sees every point where the full-resolution pixel grid, shrunk per axis, does;
+    the principal point stays put in mm."""
+    det = Detector(1020.0, 448, 512, 0.582, 0.582, x0=7.9, y0=-4.3)
+    small = det.scaled(factor)
+    T = g.carm_pose(torch.tensor([[12.0, -7.0, 3.0]]), torch.tensor([[5.0, 800.0, -9.0]]), degrees=True).double()
+    X = torch.tensor([[30.0, -20.0, 40.0], [-60.0, 15.0, -25.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    per_axis = torch.tensor([small.width / det.width, small.height / det.height], dtype=torch.float64)
+    torch.testing.assert_close(small.project(T, X), det.project(T, X) * per_axis)
+    assert (small.x0, small.y0) == (det.x0, det.y0)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -228,7 +228,9 @@ def system(tmp_path_factory):
         # accept_threshold 0 = publish every registration's TF: a 64 px phantom is far from what the
         # quality model was fitted on (it rejects it); the gate has its own test (test_refiner_gate.py).
         ("refiner", ["-p", f"source_frame:={SOURCE_FRAME}", "-p", "time_budget:=3.0", "-p", "pairing_timeout:=3.0",
-                     "-p", "accept_threshold:=0.0"]),
+                     "-p", "accept_threshold:=0.0",
+                     # frame by frame, each from the network (tracking has its own test, test_refiner_gate.py)
+                     "-p", "tracking:=false"]),
     ):
         logs[name] = tmp / f"{name}.log"
         procs[name] = start(["-m", f"xvr_ros.ros.{name}", "--ros-args", *common, *extra], env, logs[name])

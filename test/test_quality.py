@@ -140,6 +140,16 @@ def test_a_start_far_outside_the_capture_range_is_rejected():
     assert good.features["moved_translation_mm"] > 0
 
 
+def test_a_refinement_cut_short_before_its_finest_scale_is_rejected():
+    renderer = BlobRenderer(cloud(12), 8.0)
+    xray = renderer(POSE, DETECTOR)
+    near = POSE @ se3_exp(torch.tensor([[1.0, 2.0, -1.0, 0.002, 0.0, 0.001]], dtype=torch.float64))
+    cut = refine(renderer, xray, DETECTOR, near, similarity="ncc", scales=(2.0, 1.0), time_budget=0.0)
+    assert math.isnan(float(cut.similarity[0])), cut.message
+    verdict = quality.assess(renderer, xray, DETECTOR, cut, initial_pose=near, model=toy_model(threshold=0.0))
+    assert not verdict.accepted and verdict.p_success == 0.0 and "finest scale" in verdict.reason
+
+
 def test_features_of_a_wrong_optimum_are_rejected_by_the_shipped_model():
     """A refinement that ended far from its start on a poor match, unconverged, with a flat optimum."""
     model = load_model()

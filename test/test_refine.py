@@ -11,7 +11,7 @@ import torch
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
 from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.metrics import mtre
-from xvr_ros.core.register.refine import auto_scales, pyramid, refine
+from xvr_ros.core.register.refine import auto_scales, depth_gain, pyramid, refine
 from xvr_ros.core.render.renderer import Renderer
 
 DET = Detector(sdd=1020.0, height=64, width=64, delx=2.5, dely=2.5)
@@ -173,3 +173,18 @@ def test_pyramid_keeps_the_physical_detector_and_masks_partial_pixels():
     assert math.isclose(det.width * det.delx, DET.width * DET.delx) and det.sdd == DET.sdd
     assert not m[..., :, 0].any() and m[..., :, 1:].all()  # the partly collimated column is invalid
     torch.testing.assert_close(img[..., 1:], torch.nn.functional.avg_pool2d(x, 4)[..., 1:])
+
+
+@pytest.mark.parametrize("orientation", ["AP", None])
+def test_depth_gain_is_along_the_central_ray(orientation):
+    """The faster translation axis is the one that moves the source along the central ray: the
+    magnification, not the image position, changes."""
+    det = Detector(sdd=1020.0, height=48, width=64, delx=1.0, dely=1.0, orientation=orientation)
+    gain = depth_gain(det, 4.0)
+    assert sorted(gain.tolist()) == [1.0, 1.0, 4.0]
+    angles, xyz = torch.tensor([[20.0, -10.0, 5.0]], dtype=torch.float64), torch.tensor([[3.0, 800.0, -4.0]])
+    T = carm_pose(angles, xyz.double(), degrees=True)
+    moved = carm_pose(angles, xyz.double() + (gain - 1.0) / 3.0, degrees=True)
+    ray = T[0, :3, :3] @ det.reorient(torch.float64)[:3, :3] @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    shift = moved[0, :3, 3] - T[0, :3, 3]
+    torch.testing.assert_close(shift.abs(), ray.abs())  # one mm along the central ray

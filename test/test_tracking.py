@@ -99,3 +99,14 @@ def test_track_refines_a_frame_to_frame_offset(setup):  # noqa: F811 - the fixtu
     assert reg.refinement.scales == (2.0, 1.0)  # the finest two of the image's scales only
     assert reg.field_of_view is None or reg.field_of_view.shape == (1, 1, *DET.shape)
     assert math.isfinite(float(reg.refinement.similarity[0]))
+
+
+def test_a_velocity_over_long_times_is_not_extrapolated():
+    tracker = Tracker(TrackingOptions(max_gap=5.0, max_extrapolation=1.0))
+    tracker.accepted(0.0, pose(alpha=10.0), DET)
+    tracker.accepted(2.0, pose(alpha=12.0), DET)  # measured over 2 s: an average, not a velocity
+    assert torch.allclose(tracker.prior(2.1, DET)[0][0], pose(alpha=12.0))
+    tracker.accepted(2.5, pose(alpha=13.0), DET)  # measured over 0.5 s ...
+    assert torch.allclose(tracker.prior(4.0, DET)[0][0], pose(alpha=13.0))  # ... but applied over 1.5 s: no
+    angles, _ = carm_parameters(tracker.prior(2.6, DET)[0][0], degrees=True)
+    assert float(angles[0]) == pytest.approx(13.2, abs=1e-9)

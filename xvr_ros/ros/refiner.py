@@ -33,6 +33,17 @@ render at the refinement's finest scale) and it is accepted when ``p_success >= 
 The quality model is loaded once at start; if it cannot be, the node reports ERROR on
 ``/diagnostics`` and accepts nothing (results still flow, with ``accepted`` false).
 
+**Tracking** (continuous fluoroscopy, parameter ``tracking``): a frame that arrives within
+``tracking_max_gap`` of the last *accepted* one, with the same intrinsics, does not wait for the
+network: it is refined from the last accepted pose moved at the last velocity
+(``core.register.tracking``) on the finest ``tracking_levels`` scales within
+``tracking_time_budget``, reusing the field of view detected on the track's first frame (the
+collimator does not move between frames), and assessed as any other. The full path runs
+instead (and the result's ``status`` says why) for the first frame, after a rejection, after a
+gap, when the intrinsics change (zoom, pan), or when the network's latest estimate lies beyond
+``tracking_max_jump_rotation`` / ``tracking_max_jump_translation`` of the tracked pose (the
+C-arm moved to another view). ``RegistrationResult.path`` says which path produced the pose.
+
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
 waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
 ``/diagnostics`` with ``outcome=superseded``, counted in the next result). Bad input never stops
@@ -143,7 +154,7 @@ PARAMETERS: dict[str, Param] = {
         "false = every frame takes the full path (network start, multi-start if needed, coarse to fine)",
     ),
     "tracking_max_gap": Param(
-        1.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
+        5.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
     ),
     "tracking_max_jump_rotation": Param(
         0.35,

@@ -405,6 +405,11 @@ def assess(
     terms = similarity_terms(renderer, xray, detector, refinement.pose, mask=mask, factor=unc.factor)
     values = features(refinement, unc, terms, initial_pose=initial_pose, mask=mask,
                       multistart_similarity=multistart_similarity)
+    if not math.isfinite(values["log10_dissimilarity"]):
+        # The time budget ran out before the finest scale: the final match, the model's main
+        # evidence, is unknown, and a missing feature would take the fitted median (say "typical").
+        return Assessment(0.0, False, threshold, "rejected: the refinement stopped before its finest scale "
+                          "(time budget), so its match is unknown", unc.covariance, values, unc)
     p = model.p_success(values)
     ok = accept(p, threshold)
     return Assessment(p, ok, threshold, _reason(model, values, p, ok, threshold), unc.covariance, values, unc)

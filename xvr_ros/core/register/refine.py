@@ -11,9 +11,10 @@ X-ray and a DRR rendered at the pose, by autodiff through the renderer:
   volume's isocenter in the C-arm frame (pivoting about the source instead would couple a small
   rotation to a large in-plane shift of the anatomy).
 - **Optimiser.** Adam (maximising), separate learning rates for rotation (rad) and translation
-  (mm); reduce-on-plateau x0.1 (``patience`` iterations without a relative improvement of
-  ``threshold``). Each batch item has its own learning rates and plateau counters, so items are
-  independent; a finished item is frozen while the others go on.
+  (mm), the depth (along the central ray) ``depth_lr_factor`` times faster; reduce-on-plateau
+  x0.1 (``patience`` iterations without a relative improvement of ``threshold``). Each batch item
+  has its own learning rates and plateau counters, so items are independent; a finished item is
+  frozen while the others go on.
 - **Coarse-to-fine.** The X-ray is average-pooled by each factor of ``scales`` in turn (coarsest
   first) and rendered on ``detector.scaled(f)``: the same physical detector with fewer, larger
   pixels, so the X-ray's own intrinsics (size, spacing, principal point, SDD) are kept at every
@@ -36,12 +37,19 @@ README hold the figures):
   detector). Coarse iterations are cheap; a finer last scale costs more per iteration (more rays,
   and the renderer then needs a finer CT level: 128 px costs about twice 96 px) for no measurable
   gain, and starting at 32 px loses accuracy for the same time.
-- Similarity ``"mncc+gncc"`` everywhere, ``sigma=1``: global NCC is biased in depth by the
-  non-affine intensity shift (gamma, background) and gradNCC is what pins depth down.
+- ``similarity="auto"``: ``"mncc+gncc"`` (``sigma=1``) at the coarse scales, where its wide
+  capture range matters, and gradient NCC without smoothing alone at the finest scale, where the
+  depth is decided. There mNCC is nearly flat in depth and biased by the non-affine intensity
+  shifts of a real image (heel ramp, leakage, scatter): on collimated views its maximum lay mm
+  from the truth, and the smoothing halves the gradient NCC's curvature in depth.
 - ``lr_rot=0.08`` rad, ``lr_xyz=8`` mm at the coarsest scale, ``lr_decay=4``: an Adam step is
   about one learning rate whatever the gradient, so the coarse scales (pixels of 10-20 mm) take
   steps to match and cross a 50 mm depth error in a few iterations, while the finest of four
-  scales keeps steps of 0.07° and 0.125 mm. ``patience=5``, ``max_plateaus=2`` at the finest
+  scales keeps steps of 0.07° and 0.125 mm. ``depth_lr_factor=4``: the coarse scales see the
+  magnification poorly and hand the finest scale depth errors of several mm, which steps of
+  0.125 mm did not cover before the (flat) similarity stopped improving; the depth therefore
+  moves 4 times faster than the in-plane translation at every scale.
+  ``patience=5``, ``max_plateaus=2`` at the finest
   scale: smaller patience or a single plateau fails more often, larger costs time for little gain.
   ``parameterization="se3"`` and a float64 similarity give the same accuracy.
 
@@ -70,7 +78,10 @@ from xvr_ros.core.geometry import (
 from xvr_ros.core.register import similarity as sim_mod
 from xvr_ros.core.rotations import se3_exp
 
-__all__ = ["LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales", "pyramid", "refine"]
+__all__ = [
+    "COARSE_SIMILARITY", "FINEST_SIMILARITY", "LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales",
+    "depth_gain", "pyramid", "refine",
+]
 
 PARAMETERIZATIONS = ("euler_zxy", "se3")
 
@@ -88,6 +99,18 @@ def auto_scales(detector: Detector, sizes: Sequence[int] = LEVEL_SIZES) -> tuple
         if not factors or f < factors[-1]:
             factors.append(f)
     return tuple(factors)
+
+
+#: ``similarity="auto"``: at every scale but the finest, and at the finest (see the module docstring).
+COARSE_SIMILARITY = "mncc+gncc"
+FINEST_SIMILARITY = "gncc"
+
+
+def depth_gain(detector: Detector, factor: float) -> torch.Tensor:
+    """(3,) multiplier of the translation rate per C-arm axis: ``factor`` along the central ray
+    (y of the C-arm frame for the ``"AP"`` orientation), 1 across it."""
+    ray = detector.reorient(torch.float64)[:3, 2].abs()  # the detector frame's z (the central ray) in the C-arm frame
+    return 1.0 + (factor - 1.0) * ray
 
 
 @dataclass
@@ -207,17 +230,29 @@ def _per_scale(value, n: int, name: str) -> list:
     return values
 
 
-def _check_options(n_scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget):
-    """Validate the optimiser's options; return the similarity functions, iteration caps and thresholds per scale."""
+def _similarities(similarity, sigma: float, n_scales: int) -> list[Callable]:
+    """One similarity function per scale; ``"auto"`` = ``COARSE_SIMILARITY`` (with ``sigma``), then
+    ``FINEST_SIMILARITY`` without smoothing at the finest scale."""
+    if isinstance(similarity, str) and similarity == "auto":
+        return [sim_mod.get(COARSE_SIMILARITY, sigma=sigma)] * (n_scales - 1) + [
+            sim_mod.get(FINEST_SIMILARITY, sigma=0.0)
+        ]
     sims = list(similarity) if isinstance(similarity, (list, tuple)) else [similarity] * n_scales
     if len(sims) != n_scales:
         raise ValueError(f"{len(sims)} similarities for {n_scales} scales")
-    sims = [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
+    return [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
+
+
+def _check_options(n_scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
+                   depth_lr_factor):
+    """Validate the optimiser's options; return the similarity functions, iteration caps and thresholds per scale."""
+    sims = _similarities(similarity, sigma, n_scales)
     caps = _per_scale(iterations_per_scale, n_scales, "iterations_per_scale")
     thresholds = _per_scale(threshold, n_scales, "threshold")
     if not all(math.isfinite(t) and t >= 0 for t in thresholds):
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
-    for name, v in (("lr_rot", lr_rot), ("lr_xyz", lr_xyz), ("lr_decay", lr_decay)):
+    rates = (("lr_rot", lr_rot), ("lr_xyz", lr_xyz), ("lr_decay", lr_decay), ("depth_lr_factor", depth_lr_factor))
+    for name, v in rates:
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be positive, got {v}")
     if time_budget is not None and not time_budget >= 0:
@@ -261,16 +296,18 @@ class _Params:
 class _Adam:
     """Adam ascent (maximising) with a learning rate and a step count per batch item.
 
-    ``lr`` is (B, 2): rotation (rad) and translation (mm) rates. Inactive items neither move nor
+    ``lr`` is (B, 2): rotation (rad) and translation (mm) rates. ``xyz_gain`` (3,) multiplies the
+    translation rate per C-arm axis (the depth axis moves faster). Inactive items neither move nor
     update their moments.
     """
 
     betas = (0.9, 0.999)
     eps = 1e-8
 
-    def __init__(self, params: _Params, lr_rot: float, lr_xyz: float):
+    def __init__(self, params: _Params, lr_rot: float, lr_xyz: float, xyz_gain: torch.Tensor):
         B = len(params.rot)
         self.lr = torch.tensor([lr_rot, lr_xyz], dtype=torch.float64).expand(B, 2).clone()
+        self.gain = [torch.ones(3, dtype=torch.float64), xyz_gain.to(torch.float64)]
         self.restart(params)
 
     def restart(self, params: _Params) -> None:
@@ -291,7 +328,7 @@ class _Adam:
             self.v[k] = torch.where(a, b2 * self.v[k] + (1 - b2) * g * g, self.v[k])
             mhat = self.m[k] / (1 - b1**t)
             vhat = self.v[k] / (1 - b2**t)
-            update = self.lr[:, k : k + 1] * mhat / (vhat.sqrt() + self.eps)
+            update = self.lr[:, k : k + 1] * self.gain[k] * mhat / (vhat.sqrt() + self.eps)
             p += torch.where(a, update, torch.zeros_like(update))
 
 
@@ -512,13 +549,14 @@ def refine(
     init_pose: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
-    similarity: str | Callable | Sequence[str | Callable] = "mncc+gncc",
+    similarity: str | Callable | Sequence[str | Callable] = "auto",
     sigma: float = 1.0,
     parameterization: str = "euler_zxy",
     scales: Sequence[float] | str = "auto",
     lr_rot: float = 0.08,
     lr_xyz: float = 8.0,
     lr_decay: float = 4.0,
+    depth_lr_factor: float = 4.0,
     max_iterations: int = 500,
     iterations_per_scale: int | Sequence[int] | None = None,
     time_budget: float | None = None,
@@ -538,14 +576,18 @@ def refine(
         detector: the X-ray's own intrinsics, full resolution.
         init_pose: (B, 4, 4) or (4, 4) starting poses, mm; each is refined independently.
         mask: optional (1 or B, 1, H, W) validity mask (bool or weights); invalid pixels are ignored.
-        similarity: ``"mncc+gncc"`` (default), ``"mncc"``, ``"gncc"``, ``"ncc"``, a callable
-            ``f(drr, xray, mask) -> (B,)``, or one of those per scale.
-        sigma: Gaussian smoothing (px) before the gradient NCC's Sobel filter.
+        similarity: ``"auto"`` (default: ``"mncc+gncc"`` at every scale but the finest, ``"gncc"``
+            without smoothing there, see the module docstring), ``"mncc+gncc"``, ``"mncc"``, ``"gncc"``, ``"ncc"``, a
+            callable ``f(drr, xray, mask) -> (B,)``, or one of those per scale.
+        sigma: Gaussian smoothing (px) before the gradient NCC's Sobel filter (with ``"auto"``: at
+            the coarse scales only).
         parameterization: ``"euler_zxy"`` or ``"se3"`` (see the module docstring).
         scales: downsampling factors, coarsest first (1 = full resolution), or ``"auto"``
             (:func:`auto_scales`: long side 16, 32, 64 then 96 px).
         lr_rot, lr_xyz: Adam learning rates at the first scale, rad and mm.
         lr_decay: learning rates are divided by this at each new scale.
+        depth_lr_factor: the translation along the central ray (depth) moves at this multiple of
+            ``lr_xyz``.
         max_iterations: total iteration cap.
         iterations_per_scale: cap per coarse scale (one int, or one per scale); None = plateau only.
         time_budget: seconds; stops (``converged=False``) when spent.
@@ -569,8 +611,8 @@ def refine(
     """
     with _intra_op_threads(num_threads):
         return _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parameterization, scales, lr_rot,
-                       lr_xyz, lr_decay, max_iterations, iterations_per_scale, time_budget, patience, threshold,
-                       max_plateaus, callback, similarity_dtype)
+                       lr_xyz, lr_decay, depth_lr_factor, max_iterations, iterations_per_scale, time_budget, patience,
+                       threshold, max_plateaus, callback, similarity_dtype)
 
 
 @contextmanager
@@ -589,12 +631,13 @@ def _intra_op_threads(n: int | None):
 
 
 def _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parameterization, scales, lr_rot, lr_xyz,
-            lr_decay, max_iterations, iterations_per_scale, time_budget, patience, threshold, max_plateaus, callback,
-            similarity_dtype) -> RefineResult:
+            lr_decay, depth_lr_factor, max_iterations, iterations_per_scale, time_budget, patience, threshold,
+            max_plateaus, callback, similarity_dtype) -> RefineResult:
     t_start = time.perf_counter()
     init_pose, scales = _check_inputs(xray, detector, init_pose, mask, scales, parameterization)
     sims, caps, thresholds = _check_options(
-        len(scales), similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget
+        len(scales), similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
+        depth_lr_factor,
     )
     run = _Run(
         renderer,
@@ -616,7 +659,7 @@ def _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parame
 
     isocenter = getattr(renderer, "isocenter", torch.zeros(3, dtype=torch.float64)).cpu()
     params = _Params(init_pose, parameterization, isocenter)
-    adam = _Adam(params, lr_rot, lr_xyz)
+    adam = _Adam(params, lr_rot, lr_xyz, depth_gain(detector, depth_lr_factor))
     items = _Items(params)
 
     i, scale = 0, scale_at(0)

@@ -36,7 +36,7 @@ from xvr_ros.core.model.checkpoint import Checkpoint
 from xvr_ros.core.model.inference import predict_initial_pose
 from xvr_ros.core.register import fov as fov_detection
 from xvr_ros.core.register.fov import detect_outliers, erode
-from xvr_ros.core.register.refine import RefineResult, auto_scales, refine
+from xvr_ros.core.register.refine import COARSE_SIMILARITY, RefineResult, auto_scales, refine
 from xvr_ros.core.render.renderer import Renderer
 
 
@@ -63,8 +63,10 @@ def multistart(
     angles, xyz = carm_parameters(init_pose.reshape(1, 4, 4).double())
     offs = torch.tensor(offsets, dtype=torch.float64)
     candidates = carm_pose(torch.rad2deg(angles) + offs, xyz.expand(len(offs), 3), degrees=True)
+    # The coarse scales' similarity throughout: the candidates are compared far from any optimum.
     result = refine(renderer, image, detector, candidates.to(init_pose.dtype), mask=mask, scales=scales[:2],
-                    max_plateaus=1, max_iterations=max_iterations, time_budget=time_budget)
+                    similarity=COARSE_SIMILARITY, max_plateaus=1, max_iterations=max_iterations,
+                    time_budget=time_budget)
     similarity = torch.nan_to_num(result.similarity.detach().float().cpu(), nan=-math.inf)
     best = int(similarity.argmax())
     return result.pose[best : best + 1].to(init_pose.dtype), similarity

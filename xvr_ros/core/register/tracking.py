@@ -38,22 +38,26 @@ __all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track"]
 class TrackingOptions:
     """When to track and how (see the module docstring).
 
-    max_gap: s after the last accepted frame beyond which the next one is registered afresh.
+    max_gap: s after the last accepted frame beyond which the next one is registered afresh. A
+        still C-arm keeps its pose for any time; a moving one leaves the capture range within a
+        second or two, and the quality gate then rejects the tracked frame (the full path follows).
     max_jump_deg, max_jump_mm: the network's estimate of a frame may differ from the tracked
         prior by at most this rotation (deg) and translation (mm); beyond either, the C-arm is
         taken to have moved to another view and the full path runs. None = no such check.
     extrapolate: start from the last pose moved by the last velocity (constant-velocity model),
-        else from the last pose itself.
+        else from the last pose itself. The velocity is used only when it was measured, and is
+        applied, over at most ``max_extrapolation`` s (an average over longer times says little).
     levels: how many of the finest refinement scales a tracked frame is refined on.
     time_budget: s allowed for one tracked refinement.
     lr_rot, lr_xyz: Adam learning rates on the coarsest of those scales (rad, mm): the size of
         a frame-to-frame change.
     """
 
-    max_gap: float = 1.0
+    max_gap: float = 5.0
     max_jump_deg: float | None = 20.0
     max_jump_mm: float | None = 100.0
     extrapolate: bool = True
+    max_extrapolation: float = 1.0
     levels: int = 2
     time_budget: float = 0.25
     lr_rot: float = 0.005
@@ -125,7 +129,8 @@ class Tracker:
         if not self.options.extrapolate or len(self._last) < 2:
             return last.pose
         before = self._last[0]
-        if not same_intrinsics(before.detector, last.detector) or last.time - before.time > self.options.max_gap:
+        span = self.options.max_extrapolation
+        if not same_intrinsics(before.detector, last.detector) or max(last.time - before.time, t - last.time) > span:
             return last.pose
         a0, x0 = carm_parameters(before.pose)
         a1, x1 = carm_parameters(last.pose)
