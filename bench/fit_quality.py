@@ -11,13 +11,17 @@ Cases (all seeded):
   resolution through the simulator's image chain (``simulate.simulate_xray`` with its default
   appearance model: instrument, blur, collimation with leakage, noise, gamma, saturation, text)
   and read as detector counts through ``read_xray_image`` (the nodes' reading path).
-- Starts: half of the cases perturbed as a network errs (±6°, ±20 mm in-plane, ±50 mm depth), a
-  quarter deliberately bad (±12°, ±40 mm, ±100 mm), and a quarter far beyond the refinement's capture
+- Starts: a third of the cases perturbed as a network errs (±6°, ±20 mm in-plane, ±50 mm depth), a
+  sixth deliberately bad (±12°, ±40 mm, ±100 mm), and a sixth far beyond the refinement's capture
   range (±30°, ±60 mm, ±150 mm): the multi-start recovers nearly all of the bad ones and most of
   the far ones, and the model needs failures to learn from.
-- The registration is ``registration.register`` with its defaults (field-of-view detection,
-  multi-start, refinement), given only the X-ray (counts read as line integrals, intrinsics)
-  and the initial pose. Then ``uncertainty.pose_uncertainty`` and the quality features, from
+- Tracking: a third of the cases start as a tracked fluoroscopy frame does (the previous frame's
+  pose: ``track``, ±1°, ±3 mm, ±6 mm; and ``track_moved``, a C-arm that moved during a gap, ±4°,
+  ±10 mm, ±25 mm) and are refined as the refiner tracks them (``tracking.track``, its default
+  options, capped by iterations instead of time so that the fit does not depend on the CPU).
+- Otherwise the registration is ``registration.register`` with its defaults (field-of-view
+  detection, multi-start, refinement), given only the X-ray (counts read as line integrals,
+  intrinsics) and the initial pose. Then ``uncertainty.pose_uncertainty`` and the quality features, from
   what the registration returned. The true pose scores only: mTRE on 100 points inside the body
   (``metrics.body_points``), and the pose error twist for the covariance.
 
@@ -41,6 +45,7 @@ with other fitting options costs seconds; ``--fresh`` ignores the cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -56,6 +61,7 @@ import xvr_ros  # noqa: F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless se
 from xvr_ros.core.geometry import Detector
 from xvr_ros.core.register import quality
 from xvr_ros.core.register import registration as reg_mod
+from xvr_ros.core.register.tracking import TrackingOptions, track
 from xvr_ros.core.register.uncertainty import (
     CHI2_6DOF_95,
     carm_covariance,
@@ -66,14 +72,18 @@ from xvr_ros.core.register.uncertainty import (
 
 SDD = 1020.0
 DETECTOR = Detector(sdd=SDD, height=256, width=256, delx=1.0, dely=1.0)
-#: Initial-pose errors (deg, in-plane mm, depth mm) by case index modulo 4: as a network errs, far
-#: outside it, as the network errs, deliberately bad.
+#: Initial-pose errors (deg, in-plane mm, depth mm) by case index modulo 6: as a network errs, far
+#: outside it, as the network errs, deliberately bad, a tracked frame, a tracked frame after the
+#: C-arm moved.
 STARTS = {
     "network": (6.0, 20.0, 50.0),
     "far": (30.0, 60.0, 150.0),
     "bad": (12.0, 40.0, 100.0),
+    "track": (1.0, 3.0, 6.0),
+    "track_moved": (4.0, 10.0, 25.0),
 }
-START_OF_CASE = ("network", "far", "network", "bad")
+START_OF_CASE = ("network", "far", "network", "bad", "track", "track_moved")
+TRACKED = ("track", "track_moved")
 N_FIDUCIALS = 100
 SUCCESS_MM = 1.0
 FAIL_MM = 2.0
@@ -107,6 +117,21 @@ def _recorder(log: list):
     return refine
 
 
+def _register(renderer, xray, init):
+    """``register`` with its defaults -> (mask, final refinement, multi-start similarities or None)."""
+    log: list = []
+    reg_mod.refine, original = _recorder(log), reg_mod.refine
+    try:
+        result = reg_mod.register(renderer, xray, init_pose=init)
+    finally:
+        reg_mod.refine = original
+    mask, refinement = log[-1]
+    ms = getattr(result, "multistart_similarity", None)
+    if ms is None and len(log) > 1:
+        ms = log[0][1].similarity
+    return mask, refinement, ms
+
+
 def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
     """Simulate, register and score case ``index`` -> one JSON-able record."""
     from xvr_ros.core.io.xray_image import read_xray_image
@@ -114,24 +139,20 @@ def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
     from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
     from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 
-    start = START_OF_CASE[index % 4]
+    start = START_OF_CASE[index % len(START_OF_CASE)]
     true = sample_poses(resolve_ranges("chest"), 1, pose_generator(seed * 100_003 + index)).to(torch.float64)
     init = perturb_poses(true, *STARTS[start], seed=seed * 100_003 + index + 7)
     sim = simulate_xray(siddon, true, DETECTOR, seed=seed * 100_003 + index + 11)
     xray = read_xray_image(sim.counts[0, 0].numpy(), sdd=SDD, pixel_spacing=DETECTOR.delx)
 
-    log: list = []
-    reg_mod.refine, original = _recorder(log), reg_mod.refine
-    try:
-        t0 = time.perf_counter()
-        result = reg_mod.register(renderer, xray, init_pose=init)
-        seconds = time.perf_counter() - t0
-    finally:
-        reg_mod.refine = original
-    mask, refinement = log[-1]
-    ms = getattr(result, "multistart_similarity", None)
-    if ms is None and len(log) > 1:
-        ms = log[0][1].similarity
+    t0 = time.perf_counter()
+    if start in TRACKED:
+        options = dataclasses.replace(TrackingOptions(), time_budget=3600.0)  # max_iterations caps it
+        result = track(renderer, xray, init, options=options)
+        mask, refinement, ms = result.mask, result.refinement, None
+    else:
+        mask, refinement, ms = _register(renderer, xray, init)
+    seconds = time.perf_counter() - t0
     image = xray.image.to(torch.float32)
 
     t1 = time.perf_counter()
@@ -180,7 +201,7 @@ def cached(cache_dir: Path, seed: int) -> dict[int, dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a killed worker
                 continue
-            if r.get("start") == START_OF_CASE[r["index"] % 4]:  # else made with another case plan
+            if r.get("start") == START_OF_CASE[r["index"] % len(START_OF_CASE)]:  # else another case plan
                 records[r["index"]] = r
     return records
 
@@ -361,8 +382,8 @@ def main() -> None:
         "cases": len(fitting),
         "successes": int((errors < SUCCESS_MM).sum()),
         "simulator": "simulate.simulate_xray default appearance, chest preset, demo CT, 256 px of 1 mm, SDD 1020 mm",
-        "starts": {name: STARTS[name] for name in START_OF_CASE} | {"by_index_mod_4": list(START_OF_CASE)},
-        "registration": "registration.register defaults",
+        "starts": {name: STARTS[name] for name in START_OF_CASE} | {"by_index_mod_6": list(START_OF_CASE)},
+        "registration": "registration.register defaults; tracked starts: tracking.track defaults",
         "threshold_rule": f"lowest >= 0.5 with <= {MAX_FALSE_ACCEPT:.0%} of the accepted {FOLDS}-fold CV cases "
                           f"over {FAIL_MM} mm",
         "command": "python bench/fit_quality.py " + " ".join(sys.argv[1:]),
@@ -381,6 +402,8 @@ def main() -> None:
     report("fit", model, fitting)
     if held_out:
         report("holdout", model, held_out)
+        report("holdout_full", model, [r for r in held_out if r["start"] not in TRACKED])
+        report("holdout_tracked", model, [r for r in held_out if r["start"] in TRACKED])
     bench("total", time.perf_counter() - t0, "s")
 
 

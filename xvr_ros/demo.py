@@ -146,9 +146,10 @@ def _load_volume(volume_path):
 
 
 def _node_overrides(node_overrides, models: Path, refine_budget) -> dict:
-    """The caller's parameters plus the demo's models directory (no model at start) and budget."""
+    """The caller's parameters plus the demo's models directory (no model at start), budget and overlays."""
     overrides = {k: dict(v) for k, v in (node_overrides or {}).items()}
     overrides.setdefault("model_manager", {}).update(models_dir=str(models), model="")
+    overrides.setdefault("refiner", {}).setdefault("overlay_period", 0.0)  # the demo saves every frame's overlay
     if refine_budget is not None:
         overrides.setdefault("refiner", {})["time_budget"] = float(refine_budget)
     return overrides

@@ -179,6 +179,13 @@ PARAMETERS: dict[str, Param] = {
         "false = it starts as soon as image and CameraInfo are in, checked against the latest network estimate",
     ),
     "publish_overlay": Param(True, "publish the overlay image (rendered only while someone subscribes)"),
+    "overlay_period": Param(
+        0.5,
+        "s: at most one overlay per this period (rendering one costs about as much as tracking a frame); 0 = every "
+        "registration",
+        low=0.0,
+        high=3600.0,
+    ),
     "overlay_max_size": Param(
         512, "px: the overlay's DRR is rendered at most this large (then upsampled)", low=16, high=65536
     ),
@@ -232,6 +239,7 @@ class Refiner(ImageNode):
         self._track_fov = None  # the field of view of the track's first frame (the collimator stays put)
         self._network_msg: PoseWithCovarianceStamped | None = None  # the latest network estimate
         self._track_lock = threading.Lock()
+        self._last_overlay = -math.inf  # time.monotonic() of the last overlay
         self._early: set = set()  # stamps released to be tracked before their initial pose came
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
@@ -514,7 +522,7 @@ class Refiner(ImageNode):
                 status=status,
             )
         )
-        if self._overlay_pub is not None and self._overlay_pub.get_subscription_count() > 0:
+        if self._overlay_due():
             rgb = registration_overlay(renderer, xray, pose, p["overlay_max_size"], reg.field_of_view)
             self._overlay_pub.publish(convert.numpy_to_image(rgb, "rgb8", header=image.header))
         self._set_state(
@@ -535,6 +543,16 @@ class Refiner(ImageNode):
         )
         if verdict.accepted:
             self.get_logger().info(f"image {stamp}: {status}")
+
+    def _overlay_due(self) -> bool:
+        """Someone subscribes to the overlay and the last one is at least ``overlay_period`` old."""
+        if self._overlay_pub is None or self._overlay_pub.get_subscription_count() == 0:
+            return False
+        now = time.monotonic()
+        if now - self._last_overlay < self.params["overlay_period"]:
+            return False
+        self._last_overlay = now
+        return True
 
     def _assess(self, renderer: Renderer, reg, xray) -> _Verdict:
         """Accept or reject one registration; its covariance in ``pose_with_covariance_to_msg``'s

@@ -37,11 +37,13 @@ README hold the figures):
   detector). Coarse iterations are cheap; a finer last scale costs more per iteration (more rays,
   and the renderer then needs a finer CT level: 128 px costs about twice 96 px) for no measurable
   gain, and starting at 32 px loses accuracy for the same time.
-- ``similarity="auto"``: ``"mncc+gncc"`` (``sigma=1``) at the coarse scales, where its wide
-  capture range matters, and gradient NCC without smoothing alone at the finest scale, where the
-  depth is decided. There mNCC is nearly flat in depth and biased by the non-affine intensity
-  shifts of a real image (heel ramp, leakage, scatter): on collimated views its maximum lay mm
-  from the truth, and the smoothing halves the gradient NCC's curvature in depth.
+- ``similarity="auto"``, ``sigma=1``: ``"mncc+gncc"`` at the coarse scales, where its wide capture
+  range matters, and gradient NCC alone at the finest scale, where the depth is decided. There
+  mNCC is nearly flat in depth and biased by the non-affine intensity shifts of a real image
+  (heel ramp, leakage, scatter): on collimated views its maximum lay mm from the truth. Where the
+  finest scale pools 2 or more pixels per side (any X-ray of more than 192 px) the gradient NCC
+  goes unsmoothed: the pooling has averaged the noise, and without the smoothing it is about
+  twice as sharp in depth; on a barely pooled image (128 px) it would be bumpy and stop in a bump.
 - ``lr_rot=0.08`` rad, ``lr_xyz=8`` mm at the coarsest scale, ``lr_decay=4``: an Adam step is
   about one learning rate whatever the gradient, so the coarse scales (pixels of 10-20 mm) take
   steps to match and cross a 50 mm depth error in a few iterations, while the finest of four
@@ -80,7 +82,7 @@ from xvr_ros.core.rotations import se3_exp
 
 __all__ = [
     "COARSE_SIMILARITY", "FINEST_SIMILARITY", "LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales",
-    "depth_gain", "pyramid", "refine",
+    "UNSMOOTHED_FROM_FACTOR", "depth_gain", "pyramid", "refine",
 ]
 
 PARAMETERIZATIONS = ("euler_zxy", "se3")
@@ -104,6 +106,9 @@ def auto_scales(detector: Detector, sizes: Sequence[int] = LEVEL_SIZES) -> tuple
 #: ``similarity="auto"``: at every scale but the finest, and at the finest (see the module docstring).
 COARSE_SIMILARITY = "mncc+gncc"
 FINEST_SIMILARITY = "gncc"
+#: ``similarity="auto"`` leaves out the smoothing at a finest scale that pools at least this many
+#: pixels per side: the pooling has averaged the noise already.
+UNSMOOTHED_FROM_FACTOR = 2.0
 
 
 def depth_gain(detector: Detector, factor: float) -> torch.Tensor:
@@ -230,23 +235,25 @@ def _per_scale(value, n: int, name: str) -> list:
     return values
 
 
-def _similarities(similarity, sigma: float, n_scales: int) -> list[Callable]:
-    """One similarity function per scale; ``"auto"`` = ``COARSE_SIMILARITY`` (with ``sigma``), then
-    ``FINEST_SIMILARITY`` without smoothing at the finest scale."""
+def _similarities(similarity, sigma: float, scales: tuple[float, ...]) -> list[Callable]:
+    """One similarity function per scale; ``"auto"`` = ``COARSE_SIMILARITY``, then ``FINEST_SIMILARITY``,
+    unsmoothed where the finest scale pools by at least ``UNSMOOTHED_FROM_FACTOR``."""
+    n_scales = len(scales)
     if isinstance(similarity, str) and similarity == "auto":
-        return [sim_mod.get(COARSE_SIMILARITY, sigma=sigma)] * (n_scales - 1) + [
-            sim_mod.get(FINEST_SIMILARITY, sigma=0.0)
-        ]
+        finest_sigma = 0.0 if scales[-1] >= UNSMOOTHED_FROM_FACTOR else sigma
+        coarse = [sim_mod.get(COARSE_SIMILARITY, sigma=sigma)] * (n_scales - 1)
+        return coarse + [sim_mod.get(FINEST_SIMILARITY, sigma=finest_sigma)]
     sims = list(similarity) if isinstance(similarity, (list, tuple)) else [similarity] * n_scales
     if len(sims) != n_scales:
         raise ValueError(f"{len(sims)} similarities for {n_scales} scales")
     return [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
 
 
-def _check_options(n_scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
+def _check_options(scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
                    depth_lr_factor):
     """Validate the optimiser's options; return the similarity functions, iteration caps and thresholds per scale."""
-    sims = _similarities(similarity, sigma, n_scales)
+    sims = _similarities(similarity, sigma, scales)
+    n_scales = len(scales)
     caps = _per_scale(iterations_per_scale, n_scales, "iterations_per_scale")
     thresholds = _per_scale(threshold, n_scales, "threshold")
     if not all(math.isfinite(t) and t >= 0 for t in thresholds):
@@ -577,10 +584,10 @@ def refine(
         init_pose: (B, 4, 4) or (4, 4) starting poses, mm; each is refined independently.
         mask: optional (1 or B, 1, H, W) validity mask (bool or weights); invalid pixels are ignored.
         similarity: ``"auto"`` (default: ``"mncc+gncc"`` at every scale but the finest, ``"gncc"``
-            without smoothing there, see the module docstring), ``"mncc+gncc"``, ``"mncc"``, ``"gncc"``, ``"ncc"``, a
+            there, without ``sigma`` when that scale pools by ``UNSMOOTHED_FROM_FACTOR`` or more; see
+            the module docstring), ``"mncc+gncc"``, ``"mncc"``, ``"gncc"``, ``"ncc"``, a
             callable ``f(drr, xray, mask) -> (B,)``, or one of those per scale.
-        sigma: Gaussian smoothing (px) before the gradient NCC's Sobel filter (with ``"auto"``: at
-            the coarse scales only).
+        sigma: Gaussian smoothing (px) before the gradient NCC's Sobel filter.
         parameterization: ``"euler_zxy"`` or ``"se3"`` (see the module docstring).
         scales: downsampling factors, coarsest first (1 = full resolution), or ``"auto"``
             (:func:`auto_scales`: long side 16, 32, 64 then 96 px).
@@ -636,7 +643,7 @@ def _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parame
     t_start = time.perf_counter()
     init_pose, scales = _check_inputs(xray, detector, init_pose, mask, scales, parameterization)
     sims, caps, thresholds = _check_options(
-        len(scales), similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
+        scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
         depth_lr_factor,
     )
     run = _Run(

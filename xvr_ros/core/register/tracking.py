@@ -48,7 +48,7 @@ class TrackingOptions:
         else from the last pose itself. The velocity is used only when it was measured, and is
         applied, over at most ``max_extrapolation`` s (an average over longer times says little).
     levels: how many of the finest refinement scales a tracked frame is refined on.
-    time_budget: s allowed for one tracked refinement.
+    time_budget: s allowed for one tracked refinement; max_iterations: its iteration cap.
     lr_rot, lr_xyz: Adam learning rates on the coarsest of those scales (rad, mm): the size of
         a frame-to-frame change.
     """
@@ -60,11 +60,12 @@ class TrackingOptions:
     max_extrapolation: float = 1.0
     levels: int = 2
     time_budget: float = 0.25
+    max_iterations: int = 60
     lr_rot: float = 0.005
     lr_xyz: float = 0.5
 
     def __post_init__(self):
-        if not self.max_gap > 0 or self.levels < 1 or not self.time_budget > 0:
+        if not self.max_gap > 0 or self.levels < 1 or not self.time_budget > 0 or self.max_iterations < 1:
             raise ValueError(f"need max_gap > 0, levels >= 1 and time_budget > 0, got {self}")
 
 
@@ -192,6 +193,7 @@ def track(
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
     result = refine(
         renderer, image, xray.detector, pose, mask=mask, scales=auto_scales(xray.detector)[-options.levels:],
-        lr_rot=options.lr_rot, lr_xyz=options.lr_xyz, time_budget=options.time_budget, callback=callback,
+        lr_rot=options.lr_rot, lr_xyz=options.lr_xyz, time_budget=options.time_budget,
+        max_iterations=options.max_iterations, callback=callback,
     )
     return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask)
