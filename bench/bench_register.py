@@ -30,12 +30,13 @@ Set-up (all seeded, so every run sees the same cases):
   % of cases with mTRE < 1 mm; wall time per registration, one at a time, after a warm-up.
 - ``fov_iou``: intersection over union of the detected field of view with the simulator's.
 
-Run: ``python bench/bench_register.py [--n 20] [--quick] [--sizes 512 1024] [--skip-variants]``.
+Run: ``python bench/bench_register.py [--n 20] [--quick] [--sizes 512 1024] [--skip-variants] [--per-case]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 import xvr_ros  # noqa: F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless set) before torch loads OpenMP
-from xvr_ros.core.geometry import Detector
+from xvr_ros.core.geometry import Detector, carm_parameters
 from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_image import read_xray_image
@@ -100,9 +101,10 @@ def make_cases(siddon: Renderer, name: str, n: int, seed: int) -> list[Case]:
     return cases
 
 
-def run(renderer, cases, points, method) -> dict:
+def run(renderer, cases, points, method, label: str | None = None) -> dict:
+    """Register every case with ``method``; with a ``label``, print one ``CASE`` line per case."""
     errors, seconds, cpu, iterations = [], [], [], []
-    for c in cases:
+    for i, c in enumerate(cases):
         t0, c0 = time.perf_counter(), time.process_time()
         result = method(renderer, c)
         seconds.append(time.perf_counter() - t0)
@@ -110,8 +112,28 @@ def run(renderer, cases, points, method) -> dict:
         refinement = getattr(result, "refinement", result)
         iterations.append(refinement.iterations)
         errors.append(float(mtre(c.true, result.pose.to(torch.float64), points)))
+        if label is not None:
+            print_case(label, i, c, result, points, seconds[-1])
     return {"mtre": torch.tensor(errors), "seconds": torch.tensor(seconds), "cpu_seconds": torch.tensor(cpu),
             "iterations": torch.tensor(iterations, dtype=torch.float64)}
+
+
+def print_case(label: str, i: int, c: Case, result, points, seconds: float) -> None:
+    """One line: start and final mTRE, the final error split into rotation, in-plane and depth
+    (C-arm frame), similarity, iterations, multi-start, the scored fraction of the image."""
+    pose = result.pose.to(torch.float64)
+    refinement = getattr(result, "refinement", result)
+    d = (carm_parameters(pose)[1] - carm_parameters(c.true)[1])[0]  # x, z in-plane, y depth
+    R = c.true[0, :3, :3].T @ pose[0, :3, :3]
+    rot = math.degrees(math.acos(max(-1.0, min(1.0, (float(R.trace()) - 1) / 2))))
+    mask = getattr(result, "mask", None)
+    scored = 1.0 if mask is None else float(mask.float().mean())
+    multistart = getattr(result, "multistart_similarity", None) is not None
+    print(f"CASE {label} {i:2d} start {float(mtre(c.true, c.init, points)):6.1f} mm final "
+          f"{float(mtre(c.true, pose, points)):7.3f} mm | rot {rot:.3f} deg in-plane {float(d[0]):+.2f} "
+          f"{float(d[2]):+.2f} depth {float(d[1]):+.2f} mm | similarity {float(refinement.similarity.max()):.4f} "
+          f"{refinement.iterations} it{' multistart' if multistart else ''} scored {scored:.2f} "
+          f"fov {float(c.fov.float().mean()):.2f} {seconds:.1f} s", flush=True)
 
 
 def ours(renderer, c: Case, **options) -> Registration:
@@ -163,6 +185,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-variants", action="store_true",
                         help="only register's defaults and the baseline (no no-fov / oracle / no-outlier runs)")
+    parser.add_argument("--per-case", action="store_true",
+                        help="print a CASE line per registration with register's defaults (errors split by axis)")
     args = parser.parse_args()
     n, sizes = (6, ["512", "1024"]) if args.quick else (args.n, args.sizes)
 
@@ -183,7 +207,7 @@ def main() -> None:
         bench(f"{name}_fov_iou_median", float(ious.median()), "")
         bench(f"{name}_fov_iou_min", float(ious.min()), "")
         ours(renderer, cases[0], max_iterations=20)  # warm-up: volume levels, kernels
-        report(f"{name}_register", run(renderer, cases, points, ours))
+        report(f"{name}_register", run(renderer, cases, points, ours, name if args.per_case else None))
         if not args.skip_variants and name == sizes[0]:
             report(f"{name}_no_fov", run(renderer, cases, points, lambda r, c: ours(r, c, detect_fov=False)))
             report(f"{name}_oracle_fov", run(renderer, cases, points, oracle_fov))

@@ -188,3 +188,18 @@ def test_depth_gain_is_along_the_central_ray(orientation):
     ray = T[0, :3, :3] @ det.reorient(torch.float64)[:3, :3] @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     shift = moved[0, :3, 3] - T[0, :3, 3]
     torch.testing.assert_close(shift.abs(), ray.abs())  # one mm along the central ray
+
+
+def test_auto_similarity_scores_the_finest_scale_with_gradient_ncc(setup):
+    """``similarity="auto"``: the reported (finest-scale) similarity is gradient NCC, smoothed by
+    ``sigma`` only where that scale does not pool the X-ray by 2 or more pixels per side."""
+    from xvr_ros.core.register.similarity import gradncc
+
+    renderer, truth, xray = setup
+    init = offset(truth).float()
+    for factor, sigma in ((1.0, 1.0), (2.0, 0.0)):
+        res = refine(renderer, xray, DET, init, scales=(factor,), max_iterations=0)
+        img, _, det = pyramid(xray.float(), None, DET, factor)
+        with torch.no_grad():
+            expected = gradncc(renderer(init, det), img, sigma=sigma).double()
+        torch.testing.assert_close(res.similarity, expected, rtol=0, atol=1e-5)
