@@ -26,11 +26,18 @@ Set-up (all seeded, so every run sees the same cases):
   set-up, printed once so the difference shows); with the instrument left in the similarity
   (``_no_outliers``); xvr's single-scale defaults (``_baseline_xvr``: 1/8 resolution, mNCC +
   gradNCC, no mask, no multi-start).
+- End to end (``<size>_network``, issue: initial poses from the network): the same images
+  registered from the pose-regression network's estimate instead of a perturbed truth
+  (``register(checkpoint=...)``: field of view detected and given to the network, Eq. 26
+  resampling, then the refinement), with the training benchmark's chest network
+  (``bench_train.NETWORK``, or ``--network``); ``<size>_network_initial_mtre_median`` is the
+  network's own error. Skipped with a note when there is no network.
 - Scores: mTRE (``metrics.mtre``) on 100 voxel centres of the CT's labelled structures; SMSR =
   % of cases with mTRE < 1 mm; wall time per registration, one at a time, after a warm-up.
 - ``fov_iou``: intersection over union of the detected field of view with the simulator's.
 
-Run: ``python bench/bench_register.py [--n 20] [--quick] [--sizes 512 1024] [--skip-variants] [--per-case]``.
+Run: ``python bench/bench_register.py [--n 20] [--quick] [--sizes 512 1024] [--skip-variants] [--per-case]
+[--network PATH | --skip-network]``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +58,7 @@ from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.metrics import mtre, smsr
+from xvr_ros.core.model.checkpoint import load_checkpoint
 from xvr_ros.core.register.refine import RefineResult, refine
 from xvr_ros.core.register.registration import Registration, field_of_view, register
 from xvr_ros.core.render.renderer import Renderer
@@ -145,6 +155,27 @@ def oracle_fov(renderer, c: Case) -> Registration:
     return register(renderer, xray, init_pose=c.init, detect_fov=False)
 
 
+def end_to_end(renderer, cases: list[Case], points, checkpoint, prefix: str) -> None:
+    """Register every case from the network's estimate; report the network's error and the result."""
+    initial = []
+
+    def from_network(r, c: Case) -> Registration:
+        result = register(r, c.xray, checkpoint=checkpoint)
+        initial.append(float(mtre(c.true, result.initial_pose.to(torch.float64).cpu(), points)))
+        return result
+
+    out = run(renderer, cases, points, from_network)
+    bench(f"{prefix}_initial_mtre_median", float(np.median(initial)), "mm")
+    report(prefix, out)
+
+
+def default_network() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import NETWORK
+
+    return NETWORK
+
+
 def baseline(renderer, c: Case) -> RefineResult:
     return refine(renderer, c.xray.image, c.xray.detector, c.init.float(), **BASELINE)
 
@@ -187,6 +218,9 @@ def main() -> None:
                         help="only register's defaults and the baseline (no no-fov / oracle / no-outlier runs)")
     parser.add_argument("--per-case", action="store_true",
                         help="print a CASE line per registration with register's defaults (errors split by axis)")
+    parser.add_argument("--network", type=Path, default=None,
+                        help="checkpoint for the end-to-end runs (default: the training benchmark's network)")
+    parser.add_argument("--skip-network", action="store_true", help="no end-to-end runs from the network")
     args = parser.parse_args()
     n, sizes = (6, ["512", "1024"]) if args.quick else (args.n, args.sizes)
 
@@ -198,6 +232,13 @@ def main() -> None:
     volume = load_volume(*demo_ct_path())
     renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
     points = fiducials(volume)
+    checkpoint = None
+    if not args.skip_network:
+        path = args.network or default_network()
+        if path.exists():
+            checkpoint = load_checkpoint(path)
+        else:
+            print(f"# no network at {path}: end-to-end runs skipped (bench/bench_train.py makes it)", flush=True)
     for name in sizes:
         cases = make_cases(siddon, name, n, args.seed)
         bench(f"{name}_cases", len(cases), "targets")
@@ -212,6 +253,8 @@ def main() -> None:
             report(f"{name}_no_fov", run(renderer, cases, points, lambda r, c: ours(r, c, detect_fov=False)))
             report(f"{name}_oracle_fov", run(renderer, cases, points, oracle_fov))
             report(f"{name}_no_outliers", run(renderer, cases, points, lambda r, c: ours(r, c, mask_outliers=False)))
+        if checkpoint is not None:
+            end_to_end(renderer, cases, points, checkpoint, f"{name}_network")
         report(f"{name}_baseline_xvr", run(renderer, cases, points, baseline))
     bench("load_average_1min_end", os.getloadavg()[0], "processes")
 

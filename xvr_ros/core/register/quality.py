@@ -43,7 +43,7 @@ from xvr_ros.core.geometry import Detector
 from xvr_ros.core.io.files import atomic_path
 from xvr_ros.core.metrics import pose_errors
 from xvr_ros.core.register import similarity as sim_mod
-from xvr_ros.core.register.refine import RefineResult, pyramid
+from xvr_ros.core.register.refine import RefineResult, intra_op_threads, pyramid
 from xvr_ros.core.register.uncertainty import MAX_SD, PoseUncertainty, covariance_from_hessian, pose_uncertainty
 
 __all__ = [
@@ -394,8 +394,11 @@ def assess(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     factor = refinement.scales[-1] if refinement.scales else None
     try:
-        unc = pose_uncertainty(renderer, xray, detector, refinement.pose, mask=mask, scale=model.covariance_scale,
-                               factor=factor)
+        # One thread, as the refinement: small images, and a second thread on a busy CPU waits for
+        # a time slice at every operation, several times slower.
+        with intra_op_threads(1):
+            unc = pose_uncertainty(renderer, xray, detector, refinement.pose, mask=mask,
+                                   scale=model.covariance_scale, factor=factor)
     except ValueError as e:  # e.g. the similarity is not finite near the pose: nothing to trust
         cov = torch.diag(torch.tensor(MAX_SD, dtype=torch.float64) ** 2)
         zeros = torch.zeros(6, 6, dtype=torch.float64)

@@ -82,7 +82,7 @@ from xvr_ros.core.rotations import se3_exp
 
 __all__ = [
     "COARSE_SIMILARITY", "FINEST_SIMILARITY", "LEVEL_SIZES", "PARAMETERIZATIONS", "RefineResult", "auto_scales",
-    "UNSMOOTHED_FROM_FACTOR", "depth_gain", "pyramid", "refine",
+    "UNSMOOTHED_FROM_FACTOR", "depth_gain", "finest_similarity", "intra_op_threads", "pyramid", "refine",
 ]
 
 PARAMETERIZATIONS = ("euler_zxy", "se3")
@@ -247,6 +247,11 @@ def _similarities(similarity, sigma: float, scales: tuple[float, ...]) -> list[C
     if len(sims) != n_scales:
         raise ValueError(f"{len(sims)} similarities for {n_scales} scales")
     return [sim_mod.get(s, sigma=sigma) if s in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(s) for s in sims]
+
+
+def finest_similarity(factor: float, sigma: float = 1.0) -> Callable:
+    """The similarity ``similarity="auto"`` scores a finest scale of downsampling ``factor`` with."""
+    return _similarities("auto", sigma, (float(factor),))[-1]
 
 
 def _check_options(scales, similarity, sigma, iterations_per_scale, threshold, lr_rot, lr_xyz, lr_decay, time_budget,
@@ -616,14 +621,15 @@ def refine(
         ValueError: invalid input only (shapes, NaN/inf, an empty mask, bad options).
 
     """
-    with _intra_op_threads(num_threads):
+    with intra_op_threads(num_threads):
         return _refine(renderer, xray, detector, init_pose, mask, similarity, sigma, parameterization, scales, lr_rot,
                        lr_xyz, lr_decay, depth_lr_factor, max_iterations, iterations_per_scale, time_budget, patience,
                        threshold, max_plateaus, callback, similarity_dtype)
 
 
 @contextmanager
-def _intra_op_threads(n: int | None):
+def intra_op_threads(n: int | None):
+    """Torch intra-op threads set to ``n`` (None: unchanged) inside the block (see ``refine``'s ``num_threads``)."""
     if n is not None and not (isinstance(n, int) and n >= 1):
         raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
     old = torch.get_num_threads()

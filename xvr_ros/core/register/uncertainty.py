@@ -45,7 +45,7 @@ import torch
 
 from xvr_ros.core.geometry import Detector, invert, make_pose
 from xvr_ros.core.register import similarity as sim_mod
-from xvr_ros.core.register.refine import auto_scales, pyramid
+from xvr_ros.core.register.refine import auto_scales, finest_similarity, pyramid
 from xvr_ros.core.rotations import hat, se3_exp, se3_log
 
 __all__ = [
@@ -205,7 +205,7 @@ def pose_uncertainty(
     mask: torch.Tensor | None = None,
     scale: float = 1.0,
     factor: float | None = None,
-    similarity: str | Callable = "mncc+gncc",
+    similarity: str | Callable = "auto",
     sigma: float = 1.0,
     steps=STEPS,
     max_sd=MAX_SD,
@@ -221,7 +221,8 @@ def pose_uncertainty(
         scale: calibration factor (``QualityModel.covariance_scale``); 1 = the raw ``H^-1``.
         factor: pyramid downsampling factor to evaluate at; default the finest of
             ``refine.auto_scales(detector)`` (the refinement's last scale).
-        similarity, sigma: the refinement's similarity.
+        similarity, sigma: the refinement's similarity; ``"auto"``: what ``refine``'s default
+            scores the finest scale ``factor`` with (the objective the refinement maximised there).
         steps: (6,) finite-difference steps (mm x3, rad x3) about the isocenter.
         max_sd: (6,) standard deviations (mm x3, rad x3) given to unconstrained directions.
 
@@ -241,9 +242,12 @@ def pose_uncertainty(
         raise ValueError(f"pose must be one finite (4, 4) transform, got {tuple(pose.shape)}")
     T = T[0]
     factor = auto_scales(detector)[-1] if factor is None else float(factor)
-    fn = sim_mod.get(similarity, sigma=sigma) if similarity in ("gncc", "gradncc", "mncc+gncc") else sim_mod.get(
-        similarity
-    )
+    if similarity == "auto":
+        fn = finest_similarity(factor, sigma)
+    elif similarity in ("gncc", "gradncc", "mncc+gncc"):
+        fn = sim_mod.get(similarity, sigma=sigma)
+    else:
+        fn = sim_mod.get(similarity)
     dtype = getattr(renderer, "dtype", torch.float32)
     device = getattr(renderer, "device", torch.device("cpu"))
     img, msk, det = pyramid(xray.to(device, dtype), None if mask is None else mask.to(device), detector, factor)
