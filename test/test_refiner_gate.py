@@ -4,9 +4,10 @@ outside it is rejected (result with ``accepted`` false and a reason, WARN on /di
 no refined pose, nothing republished).
 
 The quality model was fitted on the demo chest CT with the default refinement, whose finest
-scale is 128 px of 2 mm; the test feeds that CT at exactly that resolution (a 128 px image of
-2 mm pixels) so the model is inside what it was fitted on, with the simulator's default image
-degradations. The initial poses are given (no network): the refiner alone is under test.
+scale is 96 px here as there; the test feeds that CT with the simulator's default image
+degradations, so the model is inside what it was fitted on. The initial poses are given (no
+network): the refiner alone is under test. A last test follows a few frames of continuous
+fluoroscopy through the tracking path and its fall-backs.
 """
 
 from __future__ import annotations

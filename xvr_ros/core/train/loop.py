@@ -12,8 +12,10 @@ intensity augmentations, predicts the poses, re-renders at the predictions and m
 
 with the paper's weights (0.01, 1, 0.1). ``w_ncc = 0`` skips the re-render (cheaper on a CPU).
 With ``prefetch`` the next batch is prepared in a worker thread while the network trains on this
-one; torch runs ``threads`` threads meanwhile (one by default: the CPU is usually shared, and an
-OpenMP pool that competes for cores runs several times slower than one thread).
+one, and torch runs ``threads`` threads. The defaults (no prefetch, torch's threads) are the
+fastest on a CPU that training has to itself (``bench/bench_train.py`` measures each); on a CPU
+shared with other busy processes, ``threads=1`` with ``prefetch`` can be faster, since an OpenMP
+pool that competes for cores waits for time slices.
 Training is bounded by a step count and/or a wall-time budget, reports progress through a
 callback, can be cancelled from another thread within one step, writes checkpoints atomically at
 intervals and at the end (also on cancel), and resumes from its own checkpoints (exactly, i.e.
@@ -97,8 +99,8 @@ class TrainConfig:
     render_margin: float = VIEW_MARGIN  # C-arm views: field rendered beyond each canonical edge, fraction of a side
     pool_size: int = 256  # DRRs rendered once and reused with fresh augmentations (0: render every batch)
     pool_refresh: int = 2  # pool entries re-rendered at new poses every step
-    threads: int | None = 1  # torch CPU threads during training (None: torch's own setting)
-    prefetch: bool = True  # prepare the next batch in a worker thread while the network trains
+    threads: int | None = None  # torch CPU threads during training (None: torch's own setting)
+    prefetch: bool = False  # prepare the next batch in a worker thread while the network trains
     sdd: float = 1020.0
     delx: float = 2.0  # canonical detector: height x height pixels of delx mm
     reverse_x_axis: bool = False  # xvr's training default
