@@ -37,7 +37,7 @@ from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert, qos
 
 SDD = 1020.0
-DET = Detector(sdd=SDD, height=128, width=128, delx=2.0, dely=2.0)
+DET = Detector(sdd=SDD, height=256, width=256, delx=1.0, dely=1.0)  # as bench/fit_quality.py fits on
 TRUE_POSE = sample_poses(resolve_ranges("chest"), 1, pose_generator(0)).to(torch.float64)
 # Inside the capture range: 1 deg, 2 mm in-plane, 5 mm depth (mTRE ~5 mm).
 NEAR = perturb_poses(TRUE_POSE, 1.0, 2.0, 5.0, seed=7)
@@ -45,7 +45,7 @@ NEAR = perturb_poses(TRUE_POSE, 1.0, 2.0, 5.0, seed=7)
 _angles, _xyz = carm_parameters(TRUE_POSE)
 FAR = carm_pose(torch.rad2deg(_angles) + torch.tensor([120.0, 0.0, 0.0], dtype=torch.float64),
                 _xyz + torch.tensor([40.0, 100.0, 0.0], dtype=torch.float64), degrees=True)
-TIMEOUT = 180.0  # s: a refinement of up to 150 iterations at 128 px on a busy CPU
+TIMEOUT = 180.0  # s: a refinement of up to 150 iterations on a busy CPU
 
 
 class Client:
@@ -203,6 +203,20 @@ def test_continuous_frames_are_tracked_from_the_last_accepted_pose(gate):
     assert float(mtre(TRUE_POSE, refined[None], points)[0]) < 1.0
     assert wait_for(lambda: [t for m in client.messages("tf") for t in m.transforms
                              if t.header.stamp == tracked.header.stamp], 10.0, what="the tracked frame's TF")
+    # The network's latest estimate (of a frame whose image never came) is far from the track:
+    # the next frame, ready without its own estimate, waits for it instead of being tracked ...
+    send_initial_pose(client, FAR, rclpy.time.Time(nanoseconds=300_150_000_000).to_msg())
+    waiting = rclpy.time.Time(nanoseconds=300_200_000_000).to_msg()
+    header = Header(stamp=waiting, frame_id="carm_source_optical")
+    client.info_pub.publish(convert.camera_info_from_detector(DET, header))
+    client.image_pub.publish(convert.numpy_to_image(counts, "mono16", header=header))
+    threading.Event().wait(3.0)
+    assert not [m for m in client.messages("result") if m.header.stamp == waiting]
+    # ... and with its own estimate, near the track, it is tracked.
+    send_initial_pose(client, NEAR, waiting)
+    rechecked = wait_for(lambda: next((m for m in client.messages("result") if m.header.stamp == waiting), None),
+                         TIMEOUT, what="the frame that waited for its estimate")
+    assert rechecked.path == "tracking", rechecked.status
     # The network's estimate of the next frame is far from the track: the view changed, full path
     # from that estimate (which is hopeless here, so rejected) and the track is cleared.
     jumped = register(client, counts, FAR, 300.267)

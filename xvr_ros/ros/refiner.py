@@ -154,7 +154,7 @@ PARAMETERS: dict[str, Param] = {
         "false = every frame takes the full path (network start, multi-start if needed, coarse to fine)",
     ),
     "tracking_max_gap": Param(
-        5.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
+        10.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
     ),
     "tracking_max_jump_rotation": Param(
         0.35,
@@ -241,6 +241,7 @@ class Refiner(ImageNode):
         self._track_lock = threading.Lock()
         self._last_overlay = -math.inf  # time.monotonic() of the last overlay
         self._early: set = set()  # stamps released to be tracked before their initial pose came
+        self._needs_network: set = set()  # stamps released early that must wait for their initial pose after all
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -353,6 +354,8 @@ class Refiner(ImageNode):
             self._refine_frame(entry)
         finally:
             self._early.discard(entry.key)
+            if "initial_pose" in entry.parts:
+                self._needs_network.discard(entry.key)
 
     def _refine_frame(self, entry: Pending) -> None:
         p = self.params
@@ -421,6 +424,7 @@ class Refiner(ImageNode):
                 pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
                 return _Outcome(reg, "tracking", self._similarity_at(renderer, xray, reg, prior), pose_msg)
         if initial is None:
+            self._needs_network.add(entry.key)  # not released early again: no loop
             self.repair(entry)
             return None
         init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
@@ -470,7 +474,7 @@ class Refiner(ImageNode):
         """Pairer hook (tracking without waiting for the network): image and CameraInfo are in and
         the tracker would take the frame."""
         image, info = entry.parts.get("image"), entry.parts.get("camera_info")
-        if image is None or info is None:
+        if image is None or info is None or entry.key in self._needs_network:
             return False
         try:
             detector = convert.detector_from_camera_info(info, self.params["sdd_mm"])
@@ -569,6 +573,7 @@ class Refiner(ImageNode):
 
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop
+        self._needs_network.discard(key)
         super().drop(key, *args, **kwargs)
 
     # ---- shutdown -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class TrackingOptions:
         a frame-to-frame change.
     """
 
-    max_gap: float = 5.0
+    max_gap: float = 10.0
     max_jump_deg: float | None = 20.0
     max_jump_mm: float | None = 100.0
     extrapolate: bool = True
