@@ -157,14 +157,14 @@ PARAMETERS: dict[str, Param] = {
         10.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
     ),
     "tracking_max_jump_rotation": Param(
-        0.35,
+        0.6,
         "rad: a network estimate this far (rotation) from the tracked pose means the view changed: full path; "
         "0 = no rotation check",
         low=0.0,
         high=3.1416,
     ),
     "tracking_max_jump_translation": Param(
-        0.1,
+        0.25,
         "m: a network estimate this far (C-arm translation) from the tracked pose means the view changed: full path; "
         "0 = no translation check",
         low=0.0,
@@ -242,6 +242,7 @@ class Refiner(ImageNode):
         self._last_overlay = -math.inf  # time.monotonic() of the last overlay
         self._early: set = set()  # stamps released to be tracked before their initial pose came
         self._needs_network: set = set()  # stamps released early that must wait for their initial pose after all
+        self._upstream_dropped: set = set()  # stamps released early that the pose estimator dropped
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -302,8 +303,10 @@ class Refiner(ImageNode):
         self.pair("initial_pose", msg)
 
     def _on_upstream_drop(self, msg: Header) -> None:
-        if convert.stamp_key(msg.stamp) in self._early:
-            return  # being tracked without the pose estimator's answer: this node answers it
+        key = convert.stamp_key(msg.stamp)
+        if key in self._early:
+            self._upstream_dropped.add(key)  # tracked without the pose estimator's answer: answered here
+            return
         # The pose estimator reported it: counted and passed on here, not reported twice.
         self.drop(convert.stamp_key(msg.stamp), "upstream", "dropped by the pose estimator", report=False)
 
@@ -354,6 +357,7 @@ class Refiner(ImageNode):
             self._refine_frame(entry)
         finally:
             self._early.discard(entry.key)
+            self._upstream_dropped.discard(entry.key)
             if "initial_pose" in entry.parts:
                 self._needs_network.discard(entry.key)
 
@@ -424,6 +428,9 @@ class Refiner(ImageNode):
                 pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
                 return _Outcome(reg, "tracking", self._similarity_at(renderer, xray, reg, prior), pose_msg)
         if initial is None:
+            if entry.key in self._upstream_dropped:  # its initial pose will never come
+                self.drop(entry.key, "upstream", f"dropped by the pose estimator and not trackable ({why})")
+                return None
             self._needs_network.add(entry.key)  # not released early again: no loop
             self.repair(entry)
             return None
@@ -574,6 +581,7 @@ class Refiner(ImageNode):
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop
         self._needs_network.discard(key)
+        self._upstream_dropped.discard(key)
         super().drop(key, *args, **kwargs)
 
     # ---- shutdown -----------------------------------------------------------------------------
