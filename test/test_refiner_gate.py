@@ -262,9 +262,14 @@ def close(node, context) -> None:
 
 
 def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domain):
+    import sys
+
+    from xvr_ros.ros.pipeline import GIL_SWITCH_INTERVAL
+
     node, context = refiner()
     try:
         assert node.params["accept_threshold"] == load_model().threshold
+        assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL  # the worker's torch calls get the GIL back soon
     finally:
         close(node, context)
     node, context = refiner(accept_threshold=0.9)

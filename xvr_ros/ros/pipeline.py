@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -174,6 +175,10 @@ def file_key(path: str) -> tuple | None:
     except OSError:
         return None
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+#: s: the interpreter's thread switch interval while an image node runs (see ``start_pipeline``).
+GIL_SWITCH_INTERVAL = 2e-4
 
 
 @dataclass
@@ -359,6 +364,11 @@ class ImageNode(Node):
         """``work`` names what the processing does, for drop messages ("a refinement"); ``early``:
         see :class:`StampPairer`."""
         p = self.params
+        # The workers run thousands of short torch operations, each taking the GIL back; with
+        # Python's default 5 ms switch interval, any busy Python thread in the process (message
+        # conversion, a recorder, another node) makes each wait its full turn, and a refinement
+        # ran many times slower than alone. Process-wide, so only ever lowered.
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         self.diagnostics = Diagnostics(
             self, topic=p["diagnostics_topic"], hardware_id=p["device"], period=p["diagnostics_period"]
         )

@@ -172,7 +172,7 @@ PARAMETERS: dict[str, Param] = {
     ),
     "tracking_extrapolate": Param(True, "start a tracked frame from the last pose moved at the last velocity"),
     "tracking_levels": Param(2, "how many of the finest refinement scales a tracked frame uses", low=1, high=8),
-    "tracking_time_budget": Param(0.25, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
+    "tracking_time_budget": Param(0.5, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
     "tracking_wait_for_network": Param(
         False,
         "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "

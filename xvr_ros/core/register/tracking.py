@@ -61,7 +61,7 @@ class TrackingOptions:
     extrapolate: bool = True
     max_extrapolation: float = 1.0
     levels: int = 2
-    time_budget: float = 0.25
+    time_budget: float = 0.5
     max_iterations: int = 60
     lr_rot: float = 0.005
     lr_xyz: float = 0.5
