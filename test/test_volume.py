@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -30,7 +31,6 @@ from xvr_ros.core.io.volume import (
 )
 
 # shared/ sits beside the repository checkout.
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 SHAPE = (12, 10, 8)
 SPACING = (0.7, 0.9, 1.3)  # all different, so a swapped PixelSpacing or axis shows up
