@@ -154,7 +154,7 @@ PARAMETERS: dict[str, Param] = {
         "false = every frame takes the full path (network start, multi-start if needed, coarse to fine)",
     ),
     "tracking_max_gap": Param(
-        10.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
+        1.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
     ),
     "tracking_max_jump_rotation": Param(
         0.6,

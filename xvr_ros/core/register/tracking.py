@@ -38,9 +38,10 @@ __all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track"]
 class TrackingOptions:
     """When to track and how (see the module docstring).
 
-    max_gap: s after the last accepted frame beyond which the next one is registered afresh. A
-        still C-arm keeps its pose for any time; a moving one leaves the capture range within a
-        second or two, and the quality gate then rejects the tracked frame (the full path follows).
+    max_gap: s after the last accepted frame beyond which the next one is registered afresh. The
+        quality gate was calibrated on tracked starts within about a second of C-arm motion
+        (``bench/fit_quality.py``); after longer gaps a moving C-arm leaves that range and the
+        gate would be extrapolating: it can accept a tracked frame that is mm off.
     max_jump_deg, max_jump_mm: the network's estimate of a frame may differ from the tracked
         prior by at most this rotation (deg) and translation (mm); beyond either, the C-arm is
         taken to have moved to another view and the full path runs. None = no such check. The
@@ -55,7 +56,7 @@ class TrackingOptions:
         a frame-to-frame change.
     """
 
-    max_gap: float = 10.0
+    max_gap: float = 1.0
     max_jump_deg: float | None = 35.0
     max_jump_mm: float | None = 250.0
     extrapolate: bool = True
