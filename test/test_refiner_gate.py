@@ -217,6 +217,15 @@ def test_a_start_far_outside_the_capture_range_is_rejected_and_publishes_no_tf(g
     assert len(client.messages("tf")) == tf_before and len(client.messages("refined")) == poses_before
 
 
+def waits_for_its_estimate(client: Client, counts: np.ndarray, stamp) -> RegistrationResult:
+    """Send an image without its initial pose: no result for 3 s; then the (NEAR) pose: its result."""
+    send_image(client, counts, stamp)
+    threading.Event().wait(3.0)
+    assert result_of(client, stamp, 0) is None, "answered without waiting for its initial pose"
+    send_initial_pose(client, NEAR, stamp)
+    return result_of(client, stamp)
+
+
 def test_continuous_frames_are_tracked_from_the_last_accepted_pose(tracking_gate):
     client, counts, points, _ = tracking_gate
     first = register(client, counts, NEAR, 300)
@@ -232,13 +241,8 @@ def test_continuous_frames_are_tracked_from_the_last_accepted_pose(tracking_gate
     # The network's latest estimate (of a frame whose image never came) is far from the track:
     # the next frame, ready without its own estimate, waits for it instead of being tracked ...
     send_initial_pose(client, FAR, stamp_of(300.15))
-    waiting = stamp_of(300.2)
-    send_image(client, counts, waiting)
-    threading.Event().wait(3.0)
-    assert result_of(client, waiting, 0) is None
     # ... and with its own estimate, near the track, it is tracked.
-    send_initial_pose(client, NEAR, waiting)
-    rechecked = result_of(client, waiting)
+    rechecked = waits_for_its_estimate(client, counts, stamp_of(300.2))
     assert rechecked.path == "tracking", rechecked.status
     # The network's estimate of the next frame is far from the track: the view changed, full path
     # from that estimate (which is hopeless here, so rejected) and the track is cleared.
@@ -246,13 +250,8 @@ def test_continuous_frames_are_tracked_from_the_last_accepted_pose(tracking_gate
     assert jumped.path == "full" and "view changed" in jumped.status, jumped.status
     assert not jumped.accepted
     # After a rejection the next frame waits for its initial pose: nothing comes without one ...
-    late = stamp_of(300.4)
-    send_image(client, counts, late)
-    threading.Event().wait(3.0)
-    assert result_of(client, late, 0) is None
     # ... and it takes the full path when it comes.
-    send_initial_pose(client, NEAR, late)
-    again = result_of(client, late)
+    again = waits_for_its_estimate(client, counts, stamp_of(300.4))
     assert again.path == "full" and again.accepted, again.status
 
 
