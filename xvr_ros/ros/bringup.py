@@ -300,14 +300,25 @@ def _executor(nodes: Sequence, num_threads: int | None, context=None):
     return executor
 
 
+_STOPPING = "_xvr_stopping"  # set on an executor by _teardown before it shuts it down
+
+
 def _spin(executor) -> None:
     from rclpy.executors import ExternalShutdownException
 
-    with contextlib.suppress(ExternalShutdownException):
+    try:
         executor.spin()
+    except ExternalShutdownException:
+        pass
+    except Exception:  # noqa: BLE001
+        # A spin_once still under way when the shutdown destroys the executor's handles raises
+        # (rclpy InvalidHandle); during a requested shutdown that is the shutdown, not an error.
+        if not getattr(executor, _STOPPING, False):
+            raise
 
 
 def _teardown(executor, thread: threading.Thread, nodes: Sequence, timeout: float = 10.0) -> None:
+    setattr(executor, _STOPPING, True)
     executor.shutdown(timeout_sec=timeout)
     thread.join(timeout)
     for node in reversed(nodes):
