@@ -1,8 +1,9 @@
 """Fit the registration quality model and the covariance calibration, then score them on held-out cases.
 
-One command refits ``xvr_ros/core/register/quality_model.json``::
+One command refits ``xvr_ros/core/register/quality_model.json`` (full registrations) or, with
+``--path tracking``, ``quality_model_tracking.json`` (tracked fluoroscopy frames)::
 
-    python bench/fit_quality.py [--fit 120] [--holdout 40] [--workers 2] [--seed 0] [--out PATH]
+    python bench/fit_quality.py [--path full|tracking] [--fit 120] [--holdout 40] [--workers 2] [--seed 0] [--out PATH]
 
 Cases (all seeded):
 
@@ -11,25 +12,28 @@ Cases (all seeded):
   resolution through the simulator's image chain (``simulate.simulate_xray`` with its default
   appearance model: instrument, blur, collimation with leakage, noise, gamma, saturation, text)
   and read as detector counts through ``read_xray_image`` (the nodes' reading path).
-- Starts: a third of the cases perturbed as a network errs (±6°, ±20 mm in-plane, ±50 mm depth), a
-  sixth deliberately bad (±12°, ±40 mm, ±100 mm), and a sixth far beyond the refinement's capture
-  range (±30°, ±60 mm, ±150 mm): the multi-start recovers nearly all of the bad ones and most of
-  the far ones, and the model needs failures to learn from.
-- Tracking: a third of the cases start as a tracked fluoroscopy frame does (the previous frame's
-  pose: ``track``, ±1°, ±3 mm, ±6 mm; and ``track_moved``, a C-arm that moved during a gap, ±4°,
-  ±10 mm, ±25 mm) and are refined as the refiner tracks them (``tracking.track``, its default
-  options, capped by iterations instead of time so that the fit does not depend on the CPU).
-- Otherwise the registration is ``registration.register`` with its defaults (field-of-view
-  detection, multi-start, refinement), given only the X-ray (counts read as line integrals,
-  intrinsics) and the initial pose. Then ``uncertainty.pose_uncertainty`` and the quality features, from
-  what the registration returned. The true pose scores only: mTRE on 100 points inside the body
-  (``metrics.body_points``), and the pose error twist for the covariance.
+- Starts, full registrations: half of the cases perturbed as a network errs (±6°, ±20 mm in-plane,
+  ±50 mm depth), a quarter deliberately bad (±12°, ±40 mm, ±100 mm), and a quarter far beyond the
+  refinement's capture range (±30°, ±60 mm, ±150 mm): the multi-start recovers nearly all of the
+  bad ones and most of the far ones, and the model needs failures to learn from. The registration
+  is ``registration.register`` with its defaults (field-of-view detection, multi-start,
+  refinement), given only the X-ray (counts read as line integrals, intrinsics) and the initial pose.
+- Starts, tracked frames (``--path tracking``): as the previous frame's pose extrapolated is off
+  (``track_near`` ±0.5°, ±1.5 mm, ±3 mm), a C-arm that turned faster than extrapolated (``track``
+  ±1°, ±3 mm, ±6 mm) and one that moved during a gap (``track_moved``, ±4°, ±10 mm, ±25 mm; most of
+  these fail: the failures to learn from), a third each, refined as the refiner tracks them
+  (``tracking.track`` with its defaults, capped by renders instead of time so that the fit does not
+  depend on the CPU; the Hessian for the Newton steps computed at the start).
+- Then ``uncertainty.pose_uncertainty`` and the quality features, from what the registration
+  returned. The true pose scores only: mTRE on 100 points inside the body (``metrics.body_points``),
+  and the pose error twist for the covariance.
 
 The first ``--fit`` cases fit the model: logistic regression (``quality.fit_logistic``) for
 mTRE < 1 mm on standardised features, with the ridge strength of the best cross-validated AUROC.
-The threshold is the lowest one (at least 0.5) at which at most 1 % of the accepted fitting cases
-have mTRE > 2 mm (the target), judged on 5-fold cross-validated probabilities (in-sample ones are
-optimistic). A match worse than every successful fitting registration's, by 2 robust scales (the
+The threshold is the lowest one (at least 0.5) at which at most 1 % (``--max-false-accept``; the
+tracking model is fitted with 0) of the accepted fitting cases have mTRE > 2 mm, judged on 5-fold
+cross-validated probabilities (in-sample ones are optimistic).
+A match worse than every successful fitting registration's, by 2 robust scales (the
 image terms, ``LIMITED``), gets ``p_success`` 0: the logistic model would be extrapolating there.
 The covariance scale makes 95 % of the successful fitting cases' pose errors fall
 inside their 95 % region (chi-square, 6 dof). The next ``--holdout`` cases are never used for
@@ -61,10 +65,11 @@ import xvr_ros  # noqa: F401 - first: it sets OMP_WAIT_POLICY=PASSIVE (unless se
 from xvr_ros.core.geometry import Detector
 from xvr_ros.core.register import quality
 from xvr_ros.core.register import registration as reg_mod
-from xvr_ros.core.register.tracking import TrackingOptions, track
+from xvr_ros.core.register.tracking import TrackingOptions, track, tracking_renderer
 from xvr_ros.core.register.uncertainty import (
     CHI2_6DOF_95,
     carm_covariance,
+    carried_uncertainty,
     mahalanobis_sq,
     pose_error_twist,
     pose_uncertainty,
@@ -82,8 +87,13 @@ STARTS = {
     "track": (1.0, 3.0, 6.0),
     "track_moved": (4.0, 10.0, 25.0),
 }
-START_OF_CASE = ("network", "far", "network", "bad", "track", "track_moved")
-TRACKED = ("track", "track_moved")
+STARTS["track_near"] = (0.5, 1.5, 3.0)
+#: The start of case ``index`` is ``PLANS[path][index % len(PLANS[path])]``.
+PLANS = {
+    "full": ("network", "far", "network", "bad"),
+    "tracking": ("track_near", "track", "track_moved"),
+}
+TRACKED = ("track_near", "track", "track_moved")
 N_FIDUCIALS = 100
 SUCCESS_MM = 1.0
 FAIL_MM = 2.0
@@ -132,14 +142,14 @@ def _register(renderer, xray, init):
     return mask, refinement, ms
 
 
-def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
+def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict:
     """Simulate, register and score case ``index`` -> one JSON-able record."""
     from xvr_ros.core.io.xray_image import read_xray_image
     from xvr_ros.core.metrics import mtre
     from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
     from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 
-    start = START_OF_CASE[index % len(START_OF_CASE)]
+    start = PLANS[path][index % len(PLANS[path])]
     true = sample_poses(resolve_ranges("chest"), 1, pose_generator(seed * 100_003 + index)).to(torch.float64)
     init = perturb_poses(true, *STARTS[start], seed=seed * 100_003 + index + 7)
     sim = simulate_xray(siddon, true, DETECTOR, seed=seed * 100_003 + index + 11)
@@ -148,6 +158,7 @@ def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
     t0 = time.perf_counter()
     if start in TRACKED:
         options = dataclasses.replace(TrackingOptions(), time_budget=3600.0)  # max_iterations caps it
+        renderer = tracking_renderer(renderer, options)
         result = track(renderer, xray, init, options=options)
         mask, refinement, ms = result.mask, result.refinement, None
     else:
@@ -156,7 +167,11 @@ def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
     image = xray.image.to(torch.float32)
 
     t1 = time.perf_counter()
-    unc = pose_uncertainty(renderer, image, xray.detector, refinement.pose, mask=mask, factor=refinement.scales[-1])
+    if start in TRACKED:  # as the refiner assesses a tracked frame: its Newton steps' Hessian, carried
+        unc = carried_uncertainty(result.uncertainty, renderer, refinement.pose, 1.0)
+    else:
+        unc = pose_uncertainty(renderer, image, xray.detector, refinement.pose, mask=mask,
+                               factor=refinement.scales[-1])
     terms = quality.similarity_terms(renderer, image, xray.detector, refinement.pose, mask=mask, factor=unc.factor)
     values = quality.features(refinement, unc, terms, initial_pose=init, mask=mask, multistart_similarity=ms)
     assess_seconds = time.perf_counter() - t1
@@ -176,7 +191,7 @@ def run_case(renderer, siddon, points, index: int, seed: int) -> dict:
     }
 
 
-def worker(indices: list[int], seed: int, cache: Path) -> None:
+def worker(indices: list[int], seed: int, cache: Path, path: str) -> None:
     from xvr_ros.core.io.volume import demo_ct_path, load_volume
     from xvr_ros.core.metrics import body_points
     from xvr_ros.core.render.renderer import Renderer
@@ -186,41 +201,41 @@ def worker(indices: list[int], seed: int, cache: Path) -> None:
     renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
     points = body_points(volume, N_FIDUCIALS, seed=0)
     for i in indices:
-        record = run_case(renderer, siddon, points, i, seed)
+        record = run_case(renderer, siddon, points, i, seed, path)
         with open(cache, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"# case {i}: mTRE {record['initial_mtre']:.1f} -> {record['mtre']:.2f} mm in {record['seconds']:.0f} s",
               flush=True)
 
 
-def cached(cache_dir: Path, seed: int) -> dict[int, dict]:
+def cached(cache_dir: Path, seed: int, path: str) -> dict[int, dict]:
     records = {}
-    for path in sorted(cache_dir.glob(f"seed{seed}_*.jsonl")):
-        for line in path.read_text().splitlines():
+    for file in sorted(cache_dir.glob(f"seed{seed}_*.jsonl")):
+        for line in file.read_text().splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a killed worker
                 continue
-            if r.get("start") == START_OF_CASE[r["index"] % len(START_OF_CASE)]:  # else another case plan
+            if r.get("start") == PLANS[path][r["index"] % len(PLANS[path])]:  # else another case plan
                 records[r["index"]] = r
     return records
 
 
-def simulate_all(n: int, seed: int, workers: int, cache_dir: Path) -> list[dict]:
+def simulate_all(n: int, seed: int, workers: int, cache_dir: Path, path: str) -> list[dict]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    have = cached(cache_dir, seed)
+    have = cached(cache_dir, seed, path)
     todo = [i for i in range(n) if i not in have]
     procs = []
     for k in range(workers):
         part = todo[k::workers]
         if part:
-            cmd = [sys.executable, __file__, "--worker", ",".join(map(str, part)), "--seed", str(seed),
+            cmd = [sys.executable, __file__, "--worker", ",".join(map(str, part)), "--seed", str(seed), "--path", path,
                    "--cache", str(cache_dir / f"seed{seed}_w{k}_{time.time_ns()}.jsonl")]
             procs.append(subprocess.Popen(cmd))
     for p in procs:
         if p.wait() != 0:
             raise SystemExit(f"a worker failed (exit {p.returncode})")
-    have = cached(cache_dir, seed)
+    have = cached(cache_dir, seed, path)
     return [have[i] for i in range(n)]
 
 
@@ -290,13 +305,13 @@ def cross_validated(records: list[dict], l2: float) -> torch.Tensor:
     return p
 
 
-def choose_threshold(p: torch.Tensor, errors: torch.Tensor) -> float:
-    """The lowest threshold (>= 0.5) at which at most MAX_FALSE_ACCEPT of the accepted cases have
+def choose_threshold(p: torch.Tensor, errors: torch.Tensor, max_false_accept: float = MAX_FALSE_ACCEPT) -> float:
+    """The lowest threshold (>= 0.5) at which at most ``max_false_accept`` of the accepted cases have
     mTRE > FAIL_MM (the target's definition of a false accept)."""
     for t in sorted({0.5, *(float(v) + 1e-6 for v in p if v >= 0.5)}):
         accepted = p >= t
         false = int((accepted & (errors > FAIL_MM)).sum())
-        if false <= MAX_FALSE_ACCEPT * int(accepted.sum()):
+        if false <= max_false_accept * int(accepted.sum()):
             return min(t, 0.999)
     return 0.999
 
@@ -352,39 +367,45 @@ def report(prefix: str, model: quality.QualityModel, records: list[dict]) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", choices=tuple(PLANS), default="full",
+                        help="full registrations (quality_model.json) or tracked frames (quality_model_tracking.json)")
     parser.add_argument("--fit", type=int, default=120, help="fitting cases (default 120)")
     parser.add_argument("--holdout", type=int, default=40, help="held-out evaluation cases (default 40)")
     parser.add_argument("--workers", type=int, default=2, help="registration processes (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default="out/fit_quality", help="case cache directory (default out/fit_quality)")
+    parser.add_argument("--max-false-accept", type=float, default=MAX_FALSE_ACCEPT,
+                        help="threshold rule: the largest share of accepted CV cases over 2 mm (default 0.01)")
+    parser.add_argument("--cache", default="out/fit_quality",
+                        help="case cache directory (default out/fit_quality; a directory per --path inside)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached cases")
-    parser.add_argument("--out", default=str(quality.MODEL_PATH), help="model file (default: the package's)")
+    parser.add_argument("--out", default=None, help="model file (default: the package's, for --path)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker is not None:
-        worker([int(i) for i in args.worker.split(",")], args.seed, Path(args.cache))
+        worker([int(i) for i in args.worker.split(",")], args.seed, Path(args.cache), args.path)
         return
-    cache_dir = Path(args.cache)
+    cache_dir = Path(args.cache) / args.path
+    out = args.out or (quality.MODEL_PATH if args.path == "full" else quality.TRACKING_MODEL_PATH)
     if args.fresh:
         for path in cache_dir.glob(f"seed{args.seed}_*.jsonl"):
             path.unlink()
     t0 = time.perf_counter()
-    records = simulate_all(args.fit + args.holdout, args.seed, args.workers, cache_dir)
+    records = simulate_all(args.fit + args.holdout, args.seed, args.workers, cache_dir, args.path)
     fitting, held_out = records[: args.fit], records[args.fit :]
 
     errors = torch.tensor([r["mtre"] for r in fitting], dtype=torch.float64)
     cv = {l2: cross_validated(fitting, l2) for l2 in L2_CHOICES}
     l2 = max(L2_CHOICES, key=lambda v: auroc(cv[v], errors < SUCCESS_MM))
-    threshold = choose_threshold(cv[l2], errors)
+    threshold = choose_threshold(cv[l2], errors, args.max_false_accept)
     covariance_scale = calibrate_scale([r for r in fitting if r["mtre"] < SUCCESS_MM])
     fitted_on = {
         "cases": len(fitting),
         "successes": int((errors < SUCCESS_MM).sum()),
         "simulator": "simulate.simulate_xray default appearance, chest preset, demo CT, 256 px of 1 mm, SDD 1020 mm",
-        "starts": {name: STARTS[name] for name in START_OF_CASE} | {"by_index_mod_6": list(START_OF_CASE)},
-        "registration": "registration.register defaults; tracked starts: tracking.track defaults",
-        "threshold_rule": f"lowest >= 0.5 with <= {MAX_FALSE_ACCEPT:.0%} of the accepted {FOLDS}-fold CV cases "
+        "starts": {name: STARTS[name] for name in PLANS[args.path]} | {"by_index_mod": list(PLANS[args.path])},
+        "registration": "tracking.track defaults" if args.path == "tracking" else "registration.register defaults",
+        "threshold_rule": f"lowest >= 0.5 with <= {args.max_false_accept:.0%} of the accepted {FOLDS}-fold CV cases "
                           f"over {FAIL_MM} mm",
         "command": "python bench/fit_quality.py " + " ".join(sys.argv[1:]),
         "seed": args.seed,
@@ -392,7 +413,7 @@ def main() -> None:
     fitted_on["l2"] = l2
     fitted_on["cv_auroc"] = round(auroc(cv[l2], errors < SUCCESS_MM), 4)
     model = fit_model(fitting, threshold, covariance_scale, fitted_on, l2)
-    path = model.save(args.out)
+    path = model.save(out)
     quality.load_model(path)  # what was written reads back
     print(f"# wrote {path}: threshold {threshold:.3f}, covariance scale {covariance_scale:.3g}", flush=True)
     for name, w in sorted(zip(model.features, model.weights), key=lambda kv: -abs(kv[1])):
@@ -402,8 +423,8 @@ def main() -> None:
     report("fit", model, fitting)
     if held_out:
         report("holdout", model, held_out)
-        report("holdout_full", model, [r for r in held_out if r["start"] not in TRACKED])
-        report("holdout_tracked", model, [r for r in held_out if r["start"] in TRACKED])
+        for start in PLANS[args.path]:
+            report(f"holdout_{start}", model, [r for r in held_out if r["start"] == start])
     bench("total", time.perf_counter() - t0, "s")
 
 

@@ -30,7 +30,7 @@ from tf2_msgs.msg import TFMessage
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
 from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.metrics import body_points, mtre
-from xvr_ros.core.register.quality import load_model
+from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, load_model
 from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 from xvr_ros.msg import ModelInfo, RegistrationResult
@@ -98,9 +98,9 @@ def gate(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracking_gate(tmp_path_factory):
-    # The quality model is conservative on tracked frames (it accepts about two thirds of the good
-    # ones): this refiner accepts from p_success 0.5, so that the paths, not the model, are tested.
-    yield from refiner_process(tmp_path_factory.mktemp("refiner_tracking"), accept_threshold=0.5)
+    # This refiner accepts from p_success 0.5 on both paths, so that the paths, not the models, are tested.
+    yield from refiner_process(tmp_path_factory.mktemp("refiner_tracking"), accept_threshold=0.5,
+                               tracking_accept_threshold=0.5)
 
 
 def refiner_process(tmp, **parameters):
@@ -287,6 +287,7 @@ def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domai
     node, context = refiner()
     try:
         assert node.params["accept_threshold"] == load_model().threshold
+        assert node.params["tracking_accept_threshold"] == load_model(TRACKING_MODEL_PATH).threshold
         assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL  # the worker's torch calls get the GIL back soon
     finally:
         close(node, context)

@@ -12,7 +12,15 @@ from test_refine import DET, FIDUCIALS, offset, setup  # noqa: F401 - fixture
 from xvr_ros.core.geometry import carm_parameters, carm_pose
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.metrics import mtre, pose_errors
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, same_intrinsics, track
+from xvr_ros.core.register.tracking import (
+    Tracker,
+    TrackingOptions,
+    same_intrinsics,
+    track,
+    tracking_factor,
+    tracking_renderer,
+)
+from xvr_ros.core.register.uncertainty import pose_uncertainty
 
 
 def pose(alpha=10.0, beta=-5.0, gamma=3.0, x=4.0, y=820.0, z=-6.0):
@@ -83,7 +91,7 @@ def test_time_going_backwards_restarts_the_track():
 
 
 def test_invalid_options_are_refused():
-    for bad in (dict(max_gap=0.0), dict(levels=0), dict(time_budget=0.0)):
+    for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 
@@ -96,7 +104,8 @@ def test_track_refines_a_frame_to_frame_offset(setup):  # noqa: F811 - the fixtu
     after = float(mtre(truth, reg.pose.double(), FIDUCIALS)[0])
     assert before > 2.0 and after < 0.5 * before, (before, after, reg.refinement.message)
     assert reg.initial_source == "tracking"
-    assert reg.refinement.scales == (2.0, 1.0)  # the finest two of the image's scales only
+    assert reg.refinement.scales == (tracking_factor(DET),)  # one level only
+    assert reg.refinement.iterations <= TrackingOptions().max_iterations
     assert reg.field_of_view is None or reg.field_of_view.shape == (1, 1, *DET.shape)
     assert math.isfinite(float(reg.refinement.similarity[0]))
 
@@ -110,3 +119,43 @@ def test_a_velocity_over_long_times_is_not_extrapolated():
     assert torch.allclose(tracker.prior(4.0, DET)[0][0], pose(alpha=13.0))  # ... but applied over 1.5 s: no
     angles, _ = carm_parameters(tracker.prior(2.6, DET)[0][0], degrees=True)
     assert float(angles[0]) == pytest.approx(13.2, abs=1e-9)
+
+
+def test_newton_steps_with_the_last_frames_hessian_converge_in_a_few_renders(setup):  # noqa: F811 - the fixture
+    renderer, truth, image = setup
+    # The assessment of the previous frame (here: at the truth) supplies the Hessian.
+    previous = pose_uncertainty(renderer, image, DET, truth, factor=tracking_factor(DET))
+    start = offset(truth, (0.3, -0.2, 0.2), (0.8, -1.0, 0.5))
+    options = TrackingOptions(time_budget=30.0, max_iterations=40)
+    reg = track(renderer, Xray(image, DET), start, hessian=previous, options=options)
+    before = float(mtre(truth, start, FIDUCIALS)[0])
+    after = float(mtre(truth, reg.pose.double(), FIDUCIALS)[0])
+    assert after < 0.3 * before, (before, after, reg.refinement.message)
+    assert bool(reg.refinement.converged[0]) and reg.refinement.iterations < 15, reg.refinement.message
+    # The similarity never gets worse: a step that would lower it is halved, not taken.
+    assert float(reg.refinement.similarity[0]) >= float(reg.refinement.trajectory[0][0])
+
+
+def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejection(setup):  # noqa: F811
+    renderer, truth, image = setup
+    unc = pose_uncertainty(renderer, image, DET, truth, factor=tracking_factor(DET))
+    tracker = Tracker(TrackingOptions(hessian_frames=2))
+    tracker.accepted(1.0, truth[0], DET, unc)
+    assert tracker.hessian is unc  # used once: serves the next frame
+    tracker.accepted(1.1, truth[0], DET, unc)
+    assert tracker.hessian is None  # used twice: the next frame computes a fresh one
+    tracker.accepted(1.2, truth[0], DET, unc)  # (a new one, in the refiner; here the same again)
+    tracker.accepted(1.3, truth[0], DET, None)  # a full registration's frame brings none
+    assert tracker.hessian is None
+    tracker.accepted(1.4, truth[0], DET, unc)
+    tracker.rejected()
+    assert tracker.hessian is None and "no accepted frame" in tracker.why_not(1.5, DET)
+
+
+def test_the_tracking_renderer_shares_the_volume_with_finer_levels(setup):  # noqa: F811 - the fixture
+    renderer, truth, _ = setup
+    fine = tracking_renderer(renderer, TrackingOptions(footprint_ratio=0.5))
+    assert fine.volume is renderer.volume and fine.footprint_ratio == 0.5 and renderer.footprint_ratio == 1.5
+    source, _ = DET.scaled(4.0).rays(truth.float())
+    assert all(a <= b for a, b in zip(fine.level_factors(DET.scaled(4.0), source),
+                                      renderer.level_factors(DET.scaled(4.0), source)))

@@ -28,7 +28,13 @@ from geometry_msgs.msg import PoseWithCovarianceStamped
 from std_msgs.msg import Header
 
 from xvr_ros.core.model.checkpoint import load_checkpoint
-from xvr_ros.core.model.inference import canonical_detector, predict_initial_pose
+from xvr_ros.core.model.inference import (
+    canonical_detector,
+    detected_field_of_view,
+    predict_initial_pose,
+    uses_field_of_view,
+)
+from xvr_ros.core.register.tracking import same_intrinsics
 from xvr_ros.msg import ModelInfo
 from xvr_ros.ros import convert
 from xvr_ros.ros.pipeline import (
@@ -59,6 +65,13 @@ PARAMETERS: dict[str, Param] = {
     "camera_info_timeout": Param(
         1.0, "s an image waits for the CameraInfo with its stamp before it is dropped", low=0.01, high=3600.0
     ),
+    "field_of_view_period": Param(
+        1.0,
+        "s: the field of view (collimator blades, intensifier circle) detected on a frame serves the frames of the "
+        "same intrinsics that follow within this time (detecting it costs ~10x the network); 0 = detect on every frame",
+        low=0.0,
+        high=3600.0,
+    ),
 }
 
 _KINDS = ("image", "camera_info")
@@ -82,6 +95,7 @@ class PoseEstimator(ImageNode):
         p = self.params = declare_parameters(self, PARAMETERS)
         self._model: _Model | None = None
         self._model_lock = threading.Lock()
+        self._fov: tuple[float, Any, Any] | None = None  # (time.monotonic(), detector, mask) of the last detection
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["initial_pose_topic"], 10)
         self.start_pipeline(_KINDS, p["camera_info_timeout"], self._load_model, self._estimate, "an estimate")
         self.diagnostics.set_state("WARN", f"no model loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
@@ -149,7 +163,8 @@ class PoseEstimator(ImageNode):
         xray = self.read_xray(entry, orientation=model.canonical.orientation)
         if xray is None:
             return
-        pose = predict_initial_pose(model.checkpoint, xray.image, xray.detector)
+        mask = self._field_of_view(xray) if uses_field_of_view(model.checkpoint) else None
+        pose = predict_initial_pose(model.checkpoint, xray.image, xray.detector, mask)
         try:
             optical = convert.optical_from_carm(pose[0], xray.detector)
             cov = model.covariance_mm if model.covariance_mm is not None else _UNINFORMATIVE_MM
@@ -172,6 +187,18 @@ class PoseEstimator(ImageNode):
             dropped_total=self.dropped_total,
         )
         self.get_logger().debug(f"initial pose for image {stamp} in {latency:.3f} s")
+
+    def _field_of_view(self, xray):
+        """The (1, 1, H, W) field of view of ``xray``: the last one detected, while it is recent and
+        the intrinsics are the same (fluoroscopy frames share the collimation), else detected now."""
+        now = time.monotonic()
+        if self._fov is not None:
+            when, detector, mask = self._fov
+            if now - when < self.params["field_of_view_period"] and same_intrinsics(detector, xray.detector):
+                return mask
+        mask = detected_field_of_view(xray.image)
+        self._fov = (now, xray.detector, mask)
+        return mask
 
 
 # 1 m and pi rad standard deviations: "unknown" without claiming certainty (zeros would).

@@ -29,16 +29,18 @@ stamp:
 The refinement (``core.registration.register``) renders at the image's original intrinsics under
 a time budget, in a worker thread; then ``core.register.quality`` assesses it (a calibrated
 covariance and ``p_success``, the probability that the pose is within 1 mm mTRE, from one batched
-render at the refinement's finest scale) and it is accepted when ``p_success >= accept_threshold``.
-The quality model is loaded once at start; if it cannot be, the node reports ERROR on
+render at the refinement's finest scale) and it is accepted when ``p_success >= accept_threshold``
+(``tracking_accept_threshold`` for a tracked frame, assessed by the tracking quality model). The
+quality models are loaded once at start; if they cannot be, the node reports ERROR on
 ``/diagnostics`` and accepts nothing (results still flow, with ``accepted`` false).
 
 **Tracking** (continuous fluoroscopy, parameter ``tracking``): a frame that arrives within
 ``tracking_max_gap`` of the last *accepted* one, with the same intrinsics, does not wait for the
 network: it is refined from the last accepted pose moved at the last velocity
-(``core.register.tracking``) on the finest ``tracking_levels`` scales within
-``tracking_time_budget``, reusing the field of view detected on the track's first frame (the
-collimator does not move between frames), and assessed as any other. The full path runs
+(``core.register.tracking``: a few Newton steps on the pyramid level of ``tracking_size`` px,
+shaped by the last frame's Hessian, within ``tracking_time_budget``), reusing the field of view
+detected on the track's first frame (the collimator does not move between frames), and assessed
+as any other. The full path runs
 instead (and the result's ``status`` says why) for the first frame, after a rejection, after a
 gap, when the intrinsics change (zoom, pan), or when the network's latest estimate lies beyond
 ``tracking_max_jump_rotation`` / ``tracking_max_jump_translation`` of the tracked pose (the
@@ -67,10 +69,16 @@ from tf2_msgs.msg import TFMessage
 
 from xvr_ros.core.imaging import registration_overlay
 from xvr_ros.core.io.volume import load_volume
-from xvr_ros.core.register.quality import QualityModel, QualityModelError, assess_registration, load_model
+from xvr_ros.core.register.quality import (
+    TRACKING_MODEL_PATH,
+    QualityModel,
+    QualityModelError,
+    assess_registration,
+    load_model,
+)
 from xvr_ros.core.register.refine import refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track
+from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, tracking_renderer
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
@@ -154,7 +162,7 @@ PARAMETERS: dict[str, Param] = {
         "false = every frame takes the full path (network start, multi-start if needed, coarse to fine)",
     ),
     "tracking_max_gap": Param(
-        1.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=60.0
+        10.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=600.0
     ),
     "tracking_max_jump_rotation": Param(
         0.6,
@@ -171,8 +179,17 @@ PARAMETERS: dict[str, Param] = {
         high=10.0,
     ),
     "tracking_extrapolate": Param(True, "start a tracked frame from the last pose moved at the last velocity"),
-    "tracking_levels": Param(2, "how many of the finest refinement scales a tracked frame uses", low=1, high=8),
-    "tracking_time_budget": Param(0.5, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
+    "tracking_size": Param(
+        64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
+    ),
+    "tracking_time_budget": Param(0.25, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
+    "tracking_accept_threshold": Param(
+        0.5,
+        "a tracked frame is accepted when its p_success (the tracking quality model's) is at least this; unset = "
+        "that model file's threshold; 0 = accept every tracked frame",
+        low=0.0,
+        high=1.0,
+    ),
     "tracking_wait_for_network": Param(
         False,
         "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "
@@ -192,6 +209,8 @@ PARAMETERS: dict[str, Param] = {
 }
 
 _KINDS = ("image", "camera_info", "initial_pose")
+#: The acceptance threshold parameter of each path's quality model.
+_THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
 
 @dataclass
@@ -226,7 +245,7 @@ class Refiner(ImageNode):
 
     def __init__(self, node_name: str = "refiner", **kwargs):
         super().__init__(node_name, **kwargs)
-        self._quality, self._quality_error = self._load_quality_model()
+        self._quality, self._quality_error = self._load_quality_models()
         p = self.params = declare_parameters(self, self._parameter_table())
         self._scales, self._labels = tuple(p["scales"]), p["labels"]
         if self._scales and (min(self._scales) < 1 or any(b >= a for a, b in zip(self._scales, self._scales[1:]))):
@@ -255,19 +274,19 @@ class Refiner(ImageNode):
         # Compile (or load) the render kernels now, beside the volume loading, not in the first refinement.
         threading.Thread(target=self._warm_kernels, name=f"{self.get_name()}-warm", daemon=True).start()
 
-    def _load_quality_model(self) -> tuple[QualityModel | None, str]:
-        """(model, "") or (None, why: the message of the node's standing ERROR)."""
+    def _load_quality_models(self) -> tuple[dict[str, QualityModel], str]:
+        """({path: model}, "") or ({}, why: the message of the node's standing ERROR)."""
         try:
-            return load_model(), ""
+            return {"full": load_model(), "tracking": load_model(TRACKING_MODEL_PATH)}, ""
         except QualityModelError as exc:
-            return None, f"no quality model ({exc}): no registration can be accepted, no TF is published"
+            return {}, f"no quality model ({exc}): no registration can be accepted, no TF is published"
 
     def _parameter_table(self) -> dict[str, Param]:
-        """:data:`PARAMETERS`, with the loaded quality model's threshold as ``accept_threshold``'s default."""
-        if self._quality is None:
+        """:data:`PARAMETERS`, with the quality models' thresholds as the accept thresholds' defaults."""
+        if not self._quality:
             return PARAMETERS
-        return {**PARAMETERS, "accept_threshold": dataclasses.replace(
-            PARAMETERS["accept_threshold"], default=float(self._quality.threshold))}
+        defaults = {name: float(self._quality[path].threshold) for name, path in _THRESHOLDS.items()}
+        return {**PARAMETERS, **{n: dataclasses.replace(PARAMETERS[n], default=v) for n, v in defaults.items()}}
 
     def _tracking_options(self) -> TrackingOptions:
         p = self.params
@@ -276,7 +295,7 @@ class Refiner(ImageNode):
             max_jump_deg=math.degrees(p["tracking_max_jump_rotation"]) or None,
             max_jump_mm=convert.m_to_mm(p["tracking_max_jump_translation"]) or None,
             extrapolate=p["tracking_extrapolate"],
-            levels=p["tracking_levels"],
+            size=p["tracking_size"],
             time_budget=p["tracking_time_budget"],
         )
 
@@ -394,7 +413,7 @@ class Refiner(ImageNode):
         if outcome is None or self._stopping.is_set():
             return
         t_assess = time.monotonic()
-        verdict = self._assess(volume.renderer, outcome.registration, xray)
+        verdict = self._assess(volume.renderer, outcome, xray)
         if self._stopping.is_set():
             return
         self._update_track(entry, xray, outcome, verdict)
@@ -421,12 +440,12 @@ class Refiner(ImageNode):
             network = self._network_estimate(initial, xray.detector)
             with self._track_lock:
                 prior, why = self._tracker.prior(t, xray.detector, network)
-                fov = self._track_fov
+                fov, hessian = self._track_fov, self._tracker.hessian
             if prior is not None:
-                reg = track(renderer, xray, prior, field_of_view=fov, options=self._tracker.options,
-                            callback=lambda _: self._stopping.is_set())
+                reg = track(tracking_renderer(renderer, self._tracker.options), xray, prior, field_of_view=fov,
+                            hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
                 pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
-                return _Outcome(reg, "tracking", self._similarity_at(renderer, xray, reg, prior), pose_msg)
+                return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg)
         if initial is None:
             if entry.key in self._upstream_dropped:  # its initial pose will never come
                 self.drop(entry.key, "upstream", f"dropped by the pose estimator and not trackable ({why})")
@@ -473,7 +492,7 @@ class Refiner(ImageNode):
                 self._tracker.rejected()
                 self._track_fov = None
                 return
-            self._tracker.accepted(t, outcome.registration.pose[0], xray.detector)
+            self._tracker.accepted(t, outcome.registration.pose[0], xray.detector, outcome.registration.uncertainty)
             if outcome.path == "full":
                 self._track_fov = outcome.registration.field_of_view
 
@@ -565,14 +584,18 @@ class Refiner(ImageNode):
         self._last_overlay = now
         return True
 
-    def _assess(self, renderer: Renderer, reg, xray) -> _Verdict:
-        """Accept or reject one registration; its covariance in ``pose_with_covariance_to_msg``'s
-        convention (mm, rad; along the volume frame's axes), None when unknown."""
-        if self._quality is None:
+    def _assess(self, renderer: Renderer, outcome: _Outcome, xray) -> _Verdict:
+        """Accept or reject one registration with its path's quality model; its covariance in
+        ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown."""
+        if not self._quality:
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
+        reg = outcome.registration
+        threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
+        if outcome.path == "tracking":
+            renderer = tracking_renderer(renderer, self._tracker.options)  # the one it was tracked with
         try:
-            a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality,
-                                    threshold=self.params["accept_threshold"])
+            a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],
+                                    threshold=self.params[threshold])
         except ValueError as exc:  # e.g. a degenerate image: nothing to trust
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
         covariance = world_axes_covariance(reg.pose[0], a.covariance).numpy()

@@ -20,13 +20,17 @@ reject decision:
    low false-accept rate; a caller may pass a stricter one.
 
 The fitted model is a small versioned JSON file shipped in the package (:data:`MODEL_PATH`); it
-also carries the covariance calibration factor (``covariance_scale``). Refit it with
-``python bench/fit_quality.py`` (simulated registrations, see that script). :func:`load_model`
+also carries the covariance calibration factor (``covariance_scale``). Tracked fluoroscopy frames
+(``tracking.track``: Newton steps from the previous frame's pose, assessed on a coarser level) have
+a model of their own (:data:`TRACKING_MODEL_PATH`): their features lie elsewhere and separate
+success from failure differently. Refit with ``python bench/fit_quality.py [--path tracking]``
+(simulated registrations, see that script). :func:`load_model`
 refuses a missing, corrupt, or other-version file with :class:`QualityModelError`.
 
 After a registration: ``assess_registration(renderer, registration, xray.image, xray.detector)``
 (or :func:`assess` with the pieces) -> :class:`Assessment` (``p_success``, ``accepted``,
-``reason``, ``covariance``). It costs 13 renders at the refinement's finest scale.
+``reason``, ``covariance``). It costs 13 renders at the refinement's finest scale (one for a
+tracked frame, whose Newton steps brought a Hessian along).
 """
 
 from __future__ import annotations
@@ -44,12 +48,19 @@ from xvr_ros.core.io.files import atomic_path
 from xvr_ros.core.metrics import pose_errors
 from xvr_ros.core.register import similarity as sim_mod
 from xvr_ros.core.register.refine import RefineResult, intra_op_threads, pyramid
-from xvr_ros.core.register.uncertainty import MAX_SD, PoseUncertainty, covariance_from_hessian, pose_uncertainty
+from xvr_ros.core.register.uncertainty import (
+    MAX_SD,
+    PoseUncertainty,
+    carried_uncertainty,
+    covariance_from_hessian,
+    pose_uncertainty,
+)
 
 __all__ = [
     "FEATURES",
     "FORMAT",
     "MODEL_PATH",
+    "TRACKING_MODEL_PATH",
     "VERSION",
     "Assessment",
     "QualityModel",
@@ -66,6 +77,7 @@ __all__ = [
 FORMAT = "xvr_ros.quality_model"
 VERSION = 1
 MODEL_PATH = Path(__file__).resolve().parent / "quality_model.json"
+TRACKING_MODEL_PATH = MODEL_PATH.with_name("quality_model_tracking.json")
 
 #: The features, in the model's order (see the module docstring).
 FEATURES: tuple[str, ...] = (
@@ -371,6 +383,7 @@ def assess(
     multistart_similarity: torch.Tensor | None = None,
     model: QualityModel | None = None,
     threshold: float | None = None,
+    uncertainty: PoseUncertainty | None = None,
 ) -> Assessment:
     """Covariance, ``p_success`` and accept/reject for one finished registration.
 
@@ -382,6 +395,8 @@ def assess(
         multistart_similarity: (K,) the multi-start candidates' similarities, if multi-start ran.
         model: the quality model; default :func:`load_model` of the package's file.
         threshold: acceptance threshold; default the model's.
+        uncertainty: a Hessian already computed near the refined pose (a tracked frame's, see
+            ``tracking.track``): carried to the pose and calibrated, instead of the 12 renders.
 
     Raises:
         QualityModelError: no usable model. ValueError: an invalid threshold. A pose whose
@@ -394,11 +409,14 @@ def assess(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     factor = refinement.scales[-1] if refinement.scales else None
     try:
-        # One thread, as the refinement: small images, and a second thread on a busy CPU waits for
-        # a time slice at every operation, several times slower.
-        with intra_op_threads(1):
-            unc = pose_uncertainty(renderer, xray, detector, refinement.pose, mask=mask,
-                                   scale=model.covariance_scale, factor=factor)
+        if uncertainty is not None:
+            unc = carried_uncertainty(uncertainty, renderer, refinement.pose, model.covariance_scale)
+        else:
+            # One thread, as the refinement: small images, and a second thread on a busy CPU waits
+            # for a time slice at every operation, several times slower.
+            with intra_op_threads(1):
+                unc = pose_uncertainty(renderer, xray, detector, refinement.pose, mask=mask,
+                                       scale=model.covariance_scale, factor=factor)
     except ValueError as e:  # e.g. the similarity is not finite near the pose: nothing to trust
         cov = torch.diag(torch.tensor(MAX_SD, dtype=torch.float64) ** 2)
         zeros = torch.zeros(6, 6, dtype=torch.float64)
@@ -426,7 +444,7 @@ def assess_registration(
 
     Reads ``registration.refinement``, ``.initial_pose``, the mask the refinement used (``.mask``;
     ``.field_of_view`` when there is none) and the multi-start candidates' similarities
-    (``.multistart_similarity``, if present).
+    (``.multistart_similarity``, if present) and a tracked frame's Hessian (``.uncertainty``).
     """
     mask = getattr(registration, "mask", None)
     if mask is None:
@@ -434,4 +452,5 @@ def assess_registration(
     return assess(
         renderer, xray, detector, registration.refinement, initial_pose=registration.initial_pose, mask=mask,
         multistart_similarity=getattr(registration, "multistart_similarity", None), model=model, threshold=threshold,
+        uncertainty=getattr(registration, "uncertainty", None),
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,9 @@ class Registration:
     field_of_view: torch.Tensor | None = None  # (1, 1, H, W) bool, anatomy shown (before the margin and metal)
     mask: torch.Tensor | None = None  # (1, 1, H, W) bool, the pixels the refinement scored (None = all)
     multistart_similarity: torch.Tensor | None = None  # (K,) the multi-start candidates' similarities, if it ran
+    # A tracked frame's: the Hessian its Newton steps used (uncertainty.PoseUncertainty), which
+    # its assessment carries to the refined pose instead of computing another.
+    uncertainty: Any = None
 
     @property
     def pose(self) -> torch.Tensor:

@@ -28,20 +28,28 @@ from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.metrics import pose_errors
 from xvr_ros.core.register import registration
-from xvr_ros.core.register.refine import auto_scales, refine
+from xvr_ros.core.register.refine import RefineResult, auto_scales, intra_op_threads
+from xvr_ros.core.register.uncertainty import (
+    MAX_SD,
+    IsocenterObjective,
+    PoseUncertainty,
+    covariance_from_hessian,
+    pose_uncertainty,
+)
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track"]
+__all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track", "tracking_factor", "tracking_renderer"]
 
 
 @dataclass(frozen=True)
 class TrackingOptions:
     """When to track and how (see the module docstring).
 
-    max_gap: s after the last accepted frame beyond which the next one is registered afresh. The
-        quality gate was calibrated on tracked starts within about a second of C-arm motion
-        (``bench/fit_quality.py``); after longer gaps a moving C-arm leaves that range and the
-        gate would be extrapolating: it can accept a tracked frame that is mm off.
+    max_gap: s after the last accepted frame beyond which the next one is registered afresh. A
+        full registration takes seconds on a CPU, so the next frame it can take comes that much
+        later: tracking from it costs one tracked refinement and succeeds when the C-arm held
+        still meanwhile; when it moved, the tracked frame fails the quality gate (its model was
+        fitted on such starts, ``track_moved`` in ``bench/fit_quality.py``) and the full path runs.
     max_jump_deg, max_jump_mm: the network's estimate of a frame may differ from the tracked
         prior by at most this rotation (deg) and translation (mm); beyond either, the C-arm is
         taken to have moved to another view and the full path runs. None = no such check. The
@@ -50,26 +58,40 @@ class TrackingOptions:
     extrapolate: start from the last pose moved by the last velocity (constant-velocity model),
         else from the last pose itself. The velocity is used only when it was measured, and is
         applied, over at most ``max_extrapolation`` s (an average over longer times says little).
-    levels: how many of the finest refinement scales a tracked frame is refined on.
-    time_budget: s allowed for one tracked refinement; max_iterations: its iteration cap.
-    lr_rot, lr_xyz: Adam learning rates on the coarsest of those scales (rad, mm): the size of
-        a frame-to-frame change.
+    size: long side (px) of the pyramid level a tracked frame is refined and assessed on (the
+        refinement's second-finest level by default: a tracked frame starts within a millimetre or
+        two, where this level is as accurate as the finest and renders ~4x faster).
+    time_budget: s allowed for one tracked refinement; max_iterations: its cap on renders.
+    max_step_mm, max_step_rad: trust region of one Newton step, in the isocenter twist: at most
+        this translation (mm) and rotation (rad); a frame-to-frame change is smaller.
+    tolerance_mm, tolerance_rad: a Newton step smaller than both ends the refinement (converged).
+    footprint_ratio: the renderer's volume levels for tracked frames (:func:`tracking_renderer`):
+        finer than the full path's at the same image size, since a coarse level's slices
+        (e.g. 5 mm for a CT of 2.5 mm) bias the depth by about a millimetre at this image size.
+    hessian_frames: a Hessian (12 renders) serves this many tracked frames, then is computed
+        anew at the next one's start.
     """
 
-    max_gap: float = 1.0
+    max_gap: float = 10.0
     max_jump_deg: float | None = 35.0
     max_jump_mm: float | None = 250.0
     extrapolate: bool = True
     max_extrapolation: float = 1.0
-    levels: int = 2
-    time_budget: float = 0.5
-    max_iterations: int = 60
-    lr_rot: float = 0.005
-    lr_xyz: float = 0.5
+    size: int = 64
+    time_budget: float = 0.25
+    max_iterations: int = 10
+    max_step_mm: float = 3.0
+    max_step_rad: float = 0.03
+    tolerance_mm: float = 0.05
+    tolerance_rad: float = 5e-4
+    footprint_ratio: float = 1.0
+    hessian_frames: int = 8
 
     def __post_init__(self):
-        if not self.max_gap > 0 or self.levels < 1 or not self.time_budget > 0 or self.max_iterations < 1:
-            raise ValueError(f"need max_gap > 0, levels >= 1 and time_budget > 0, got {self}")
+        positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
+        if not all(v > 0 for v in positive) or self.size < 8 or self.max_iterations < 1 or self.hessian_frames < 1:
+            raise ValueError(f"need max_gap, time_budget and the step limits > 0, size >= 8 and max_iterations >= 1, "
+                             f"got {self}")
 
 
 @dataclass(frozen=True)
@@ -85,17 +107,30 @@ class Tracker:
     def __init__(self, options: TrackingOptions = TrackingOptions()):
         self.options = options
         self._last: list[_Accepted] = []  # at most two, oldest first
+        self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
+        self._hessian_uses = 0  # ... and how many accepted frames used it
+
+    @property
+    def hessian(self) -> PoseUncertainty | None:
+        """The Hessian for the next tracked frame's Newton steps; None = compute one."""
+        return self._hessian if self._hessian_uses < self.options.hessian_frames else None
 
     def reset(self) -> None:
         """Forget the track: the next frame takes the full path."""
         self._last = []
+        self._hessian, self._hessian_uses = None, 0
 
-    def accepted(self, t: float, pose: torch.Tensor, detector: Detector) -> None:
-        """Record an accepted frame (time ``t`` s, (4, 4) or (1, 4, 4) pose mm)."""
+    def accepted(self, t: float, pose: torch.Tensor, detector: Detector,
+                 hessian: PoseUncertainty | None = None) -> None:
+        """Record an accepted frame (time ``t`` s, (4, 4) or (1, 4, 4) pose mm) and the Hessian its
+        refinement used (``Registration.uncertainty`` of a tracked frame; it serves the next ones)."""
         if self._last and t <= self._last[-1].time:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
         self._last = [*self._last[-1:], entry]
+        if hessian is not self._hessian:
+            self._hessian, self._hessian_uses = hessian, 0
+        self._hessian_uses += hessian is not None
 
     def rejected(self) -> None:
         """A frame was rejected: its successor is registered afresh."""
@@ -169,24 +204,48 @@ def _wrapped(angles: torch.Tensor) -> torch.Tensor:
     return torch.remainder(angles + math.pi, 2 * math.pi) - math.pi
 
 
+def tracking_factor(detector: Detector, options: TrackingOptions = TrackingOptions()) -> float:
+    """The pyramid factor tracked frames of ``detector`` are refined and assessed at."""
+    return auto_scales(detector, (options.size,))[0]
+
+
+def tracking_renderer(renderer: Renderer, options: TrackingOptions = TrackingOptions()) -> Renderer:
+    """The renderer to track and assess tracked frames with: ``renderer`` with the options'
+    ``footprint_ratio`` (it shares the volume and its levels)."""
+    return renderer.with_footprint_ratio(options.footprint_ratio)
+
+
 def track(
     renderer: Renderer,
     xray: Xray,
     prior: torch.Tensor,
     *,
     field_of_view: torch.Tensor | None = None,
+    hessian: PoseUncertainty | None = None,
     fov_margin_mm: float = 3.0,
     mask_outliers: bool = True,
     options: TrackingOptions = TrackingOptions(),
     callback=None,
 ) -> registration.Registration:
-    """Refine ``prior`` (1, 4, 4) mm on the finest ``options.levels`` scales of ``xray``
+    """Refine ``prior`` (1, 4, 4) mm on one pyramid level of ``xray`` by damped Newton steps
     -> a :class:`Registration` with ``initial_source="tracking"``.
+
+    Newton's method, ``xi = -H^-1 g`` in the twist about the isocenter, converges in a few renders
+    from a start this close, where a first-order optimiser needs tens. ``H`` is the Hessian of
+    ``-s`` (``hessian``: an earlier frame's of the track, :attr:`Tracker.hessian`, at
+    :func:`tracking_factor`; else computed at the prior, 12 renders); it changes little between
+    frames, and the steps only need its shape. A step that does not improve the similarity is
+    halved; steps are capped at ``options.max_step_*``. The result carries it
+    (``Registration.uncertainty``): the assessment carries it to the refined pose
+    (``quality.assess``) and the tracker keeps it for the next frames.
+
+    ``renderer``: :func:`tracking_renderer` of the full path's (finer volume levels).
 
     ``field_of_view``: (1, 1, H, W) bool, the field of view of an earlier frame of the track
     (the collimator does not move between fluoroscopy frames; its detection costs more than
     a tracked refinement); None = detect it in this frame. The scored pixels are made from it
-    as :func:`registration.register` makes them (margin, metal left out).
+    as :func:`registration.register` makes them (margin, metal left out). ``callback(dict)``
+    returning True stops the refinement (as :func:`refine.refine`'s).
     """
     t0 = time.perf_counter()
     fov = registration.field_of_view(xray) if field_of_view is None else field_of_view
@@ -194,9 +253,60 @@ def track(
     mask = None if mask is None else mask.to(renderer.device)
     pose = prior.to(device=renderer.device, dtype=torch.float32).reshape(1, 4, 4)
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
-    result = refine(
-        renderer, image, xray.detector, pose, mask=mask, scales=auto_scales(xray.detector)[-options.levels:],
-        lr_rot=options.lr_rot, lr_xyz=options.lr_xyz, time_budget=options.time_budget,
-        max_iterations=options.max_iterations, callback=callback,
+    factor = tracking_factor(xray.detector, options)
+    with intra_op_threads(1):
+        if hessian is None or hessian.factor != factor:
+            hessian = pose_uncertainty(renderer, image, xray.detector, pose, mask=mask, factor=factor)
+        objective = IsocenterObjective(renderer, image, xray.detector, pose, mask=mask, factor=factor)
+        result = _newton(objective, hessian.hessian_isocenter, options, t0, callback)
+    result.pose = result.pose.to(pose)
+    result.init_pose = pose
+    return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask,
+                                     uncertainty=hessian)
+
+
+def _newton(objective: IsocenterObjective, H: torch.Tensor, options: TrackingOptions, t0: float,
+            callback) -> RefineResult:
+    """Damped Newton ascent of the similarity from the objective's centre, the prior (see :func:`track`)."""
+    inverse, _ = covariance_from_hessian(H, 1.0, MAX_SD)
+    xi = torch.zeros(1, 6, dtype=torch.float64)
+    loss, g = objective(xi)
+    trajectory, renders, converged, why = [-loss.float()], 1, False, "iteration cap"
+    step = _trust(-(inverse @ g[0]), options)
+    while renders < options.max_iterations:
+        if time.perf_counter() - t0 > options.time_budget:
+            why = "time budget"
+            break
+        if _small(step, options):
+            converged, why = True, "converged"
+            break
+        trial_loss, trial_g = objective(xi + step)
+        renders += 1
+        trajectory.append(-trial_loss.float())
+        if float(trial_loss[0]) <= float(loss[0]):
+            xi, loss, g = xi + step, trial_loss, trial_g
+            step = _trust(-(inverse @ g[0]), options)
+        else:
+            step = step / 2  # the quadratic model overshot: back-track along the same direction
+        if callback is not None and callback({"iteration": renders, "scale": objective.factor,
+                                              "pose": objective.poses(xi), "similarity": -loss}):
+            why = "stopped by the caller"
+            break
+    seconds = time.perf_counter() - t0
+    return RefineResult(
+        pose=objective.poses(xi), init_pose=objective.center[None], similarity=-loss.float(),
+        trajectory=trajectory, trajectory_scale=[objective.factor] * len(trajectory), iterations=renders,
+        time_per_scale={objective.factor: seconds}, scales=(objective.factor,),
+        converged=torch.tensor([converged]), message=f"tracking: {renders} renders, {why}",
     )
-    return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask)
+
+
+def _trust(step: torch.Tensor, options: TrackingOptions) -> torch.Tensor:
+    """(6,) Newton step -> (1, 6), shrunk to the trust region."""
+    shrink = min(1.0, options.max_step_mm / max(float(step[:3].norm()), 1e-12),
+                 options.max_step_rad / max(float(step[3:].norm()), 1e-12))
+    return (step * shrink)[None]
+
+
+def _small(step: torch.Tensor, options: TrackingOptions) -> bool:
+    return float(step[0, :3].norm()) < options.tolerance_mm and float(step[0, 3:].norm()) < options.tolerance_rad

@@ -50,13 +50,16 @@ from xvr_ros.core.rotations import hat, se3_exp, se3_log
 
 __all__ = [
     "CHI2_6DOF_95",
+    "IsocenterObjective",
     "MAX_SD",
     "STEPS",
     "PoseUncertainty",
     "adjoint",
     "carm_covariance",
+    "carried_uncertainty",
     "covariance_from_hessian",
     "hessian_from_gradients",
+    "isocenter_adjoint",
     "mahalanobis_sq",
     "pose_error_twist",
     "pose_uncertainty",
@@ -105,6 +108,64 @@ class PoseUncertainty:
 # --------------------------------------------------------------------------------------------
 # the maths, independent of images
 # --------------------------------------------------------------------------------------------
+
+class IsocenterObjective:
+    """``-s`` (the similarity, negated) as a function of a twist about the volume's isocenter.
+
+    ``pose(xi') = T P se3_exp(xi') P^-1`` with ``T`` the (4, 4) pose it is centred on and ``P`` the
+    translation to the isocenter in the C-arm frame (rotation and translation barely couple there,
+    so its Hessian is well conditioned). Evaluated on one pyramid level ``factor`` of the X-ray
+    (default the finest of ``refine.auto_scales``) with the similarity ``refine`` scores it with
+    (``"auto"``), or ``similarity`` / ``sigma`` as :func:`refine.refine` takes them.
+
+    ``objective(offsets)``: (K, 6) twists (mm x3, rad x3) -> (``-s`` (K,), its gradient (K, 6)),
+    one batched render with a backward pass. Raises ValueError when the similarity is not finite.
+    """
+
+    def __init__(self, renderer, xray: torch.Tensor, detector: Detector, pose: torch.Tensor, *,
+                 mask: torch.Tensor | None = None, factor: float | None = None, similarity: str | Callable = "auto",
+                 sigma: float = 1.0):
+        if not isinstance(xray, torch.Tensor) or xray.dim() != 4 or xray.shape[:2] != (1, 1):
+            raise ValueError(f"xray must be a (1, 1, H, W) tensor, got {getattr(xray, 'shape', type(xray))}")
+        if tuple(xray.shape[-2:]) != detector.shape:
+            raise ValueError(f"xray is {tuple(xray.shape[-2:])} pixels but the detector is {detector.shape}")
+        T = torch.as_tensor(pose).to(torch.float64).cpu().reshape(-1, 4, 4)
+        if len(T) != 1 or not bool(torch.isfinite(T).all()):
+            raise ValueError(f"pose must be one finite (4, 4) transform, got {tuple(pose.shape)}")
+        self.center = T[0]
+        self.factor = auto_scales(detector)[-1] if factor is None else float(factor)
+        if similarity == "auto":
+            self._fn = finest_similarity(self.factor, sigma)
+        elif similarity in ("gncc", "gradncc", "mncc+gncc"):
+            self._fn = sim_mod.get(similarity, sigma=sigma)
+        else:
+            self._fn = sim_mod.get(similarity)
+        self._renderer = renderer
+        self._dtype = getattr(renderer, "dtype", torch.float32)
+        device = getattr(renderer, "device", torch.device("cpu"))
+        self._img, self._msk, self._det = pyramid(
+            xray.to(device, self._dtype), None if mask is None else mask.to(device), detector, self.factor)
+        c = _isocenter_in_carm(renderer, self.center)
+        self._P = make_pose(torch.eye(3, dtype=torch.float64), c)
+        self._P_inv = make_pose(torch.eye(3, dtype=torch.float64), -c)
+        self.adjoint = adjoint(self._P)  # xi (C-arm frame, right perturbation) = Ad xi'
+
+    def poses(self, offsets: torch.Tensor) -> torch.Tensor:
+        """(K, 6) isocenter twists -> (K, 4, 4) float64 poses."""
+        return self.center @ self._P @ se3_exp(offsets.to(torch.float64)) @ self._P_inv
+
+    def __call__(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xi = offsets.detach().to(torch.float64).clone().requires_grad_(True)
+        drr = self._renderer(self.poses(xi).to(self._dtype), self._det)
+        if drr.shape[1] != 1:
+            drr = drr.sum(dim=1, keepdim=True)
+        loss = -self._fn(drr.float(), self._img.float(), self._msk)
+        if not bool(torch.isfinite(loss).all()):
+            raise ValueError("the similarity is not finite near the pose")
+        (g,) = torch.autograd.grad(loss.sum(), [xi])
+        return loss.detach().to(torch.float64), g
+
+
 def hessian_from_gradients(grad: Callable[[torch.Tensor], torch.Tensor], steps) -> torch.Tensor:
     """Hessian at 0 of a function of n parameters from central differences of its gradient.
 
@@ -233,45 +294,36 @@ def pose_uncertainty(
         ValueError: invalid input (shapes, non-finite values).
 
     """
-    if not isinstance(xray, torch.Tensor) or xray.dim() != 4 or xray.shape[:2] != (1, 1):
-        raise ValueError(f"xray must be a (1, 1, H, W) tensor, got {getattr(xray, 'shape', type(xray))}")
-    if tuple(xray.shape[-2:]) != detector.shape:
-        raise ValueError(f"xray is {tuple(xray.shape[-2:])} pixels but the detector is {detector.shape}")
-    T = torch.as_tensor(pose).to(torch.float64).cpu().reshape(-1, 4, 4)
-    if len(T) != 1 or not bool(torch.isfinite(T).all()):
-        raise ValueError(f"pose must be one finite (4, 4) transform, got {tuple(pose.shape)}")
-    T = T[0]
-    factor = auto_scales(detector)[-1] if factor is None else float(factor)
-    if similarity == "auto":
-        fn = finest_similarity(factor, sigma)
-    elif similarity in ("gncc", "gradncc", "mncc+gncc"):
-        fn = sim_mod.get(similarity, sigma=sigma)
-    else:
-        fn = sim_mod.get(similarity)
-    dtype = getattr(renderer, "dtype", torch.float32)
-    device = getattr(renderer, "device", torch.device("cpu"))
-    img, msk, det = pyramid(xray.to(device, dtype), None if mask is None else mask.to(device), detector, factor)
+    objective = IsocenterObjective(renderer, xray, detector, pose, mask=mask, factor=factor, similarity=similarity,
+                                   sigma=sigma)
+    H_iso = hessian_from_gradients(lambda offsets: objective(offsets)[1], steps)
+    return _from_isocenter_hessian(H_iso, objective.adjoint, scale, max_sd, objective.factor)
 
-    # The isocenter in the C-arm frame: pivot of the differenced twist.
+
+def carried_uncertainty(uncertainty: PoseUncertainty, renderer, pose: torch.Tensor, scale: float,
+                        max_sd=MAX_SD) -> PoseUncertainty:
+    """``uncertainty``'s Hessian about the isocenter carried to ``pose`` (1, 4, 4) or (4, 4) mm and
+    calibrated by ``scale``: the covariance of a pose near the one it was computed at, without a
+    render (tracking: consecutive frames differ by a fraction of a degree)."""
+    T = torch.as_tensor(pose).to(torch.float64).cpu().reshape(4, 4)
+    return _from_isocenter_hessian(uncertainty.hessian_isocenter, isocenter_adjoint(renderer, T), scale, max_sd,
+                                   uncertainty.factor)
+
+
+def isocenter_adjoint(renderer, pose: torch.Tensor) -> torch.Tensor:
+    """(6, 6) adjoint ``Ad_P`` of the translation ``P`` from the C-arm source to the renderer's
+    isocenter, for the (4, 4) float64 camera-to-world ``pose``: ``xi = Ad_P xi'``."""
+    return adjoint(make_pose(torch.eye(3, dtype=torch.float64), _isocenter_in_carm(renderer, pose)))
+
+
+def _isocenter_in_carm(renderer, pose: torch.Tensor) -> torch.Tensor:
+    """(3,) the renderer's isocenter in the C-arm frame of the (4, 4) float64 ``pose``, mm."""
     isocenter = getattr(renderer, "isocenter", torch.zeros(3, dtype=torch.float64)).to(torch.float64).cpu()
-    c = invert(T)[:3, :3] @ isocenter + invert(T)[:3, 3]
-    P = make_pose(torch.eye(3, dtype=torch.float64), c)
-    P_inv = make_pose(torch.eye(3, dtype=torch.float64), -c)
+    return invert(pose)[:3, :3] @ isocenter + invert(pose)[:3, 3]
 
-    def grad(offsets: torch.Tensor) -> torch.Tensor:
-        xi = offsets.clone().requires_grad_(True)
-        poses = T @ P @ se3_exp(xi) @ P_inv
-        drr = renderer(poses.to(dtype), det)
-        if drr.shape[1] != 1:
-            drr = drr.sum(dim=1, keepdim=True)
-        s = fn(drr.float(), img.float(), msk)
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("the similarity is not finite near the pose")
-        (g,) = torch.autograd.grad(-s.sum(), [xi])
-        return g
 
-    H_iso = hessian_from_gradients(grad, steps)
-    Ad = adjoint(P)
+def _from_isocenter_hessian(H_iso: torch.Tensor, Ad: torch.Tensor, scale: float, max_sd, factor: float
+                            ) -> PoseUncertainty:
     covariance, flat = carm_covariance(H_iso, Ad, scale, max_sd)
     Ad_inv = torch.linalg.inv(Ad)
     return PoseUncertainty(
@@ -281,5 +333,5 @@ def pose_uncertainty(
         isocenter_adjoint=Ad,
         scale=float(scale),
         flat_directions=flat,
-        factor=factor,
+        factor=float(factor),
     )

@@ -19,6 +19,7 @@ one channel, or one channel per selected label when ``label_channels`` is set.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -102,6 +103,15 @@ class Renderer(torch.nn.Module):
         self.volume = volume.crop()
         self.isocenter = volume.isocenter.to(torch.float64)
         self._levels: dict[tuple[int, int, int], _Level] = {}
+
+    def with_footprint_ratio(self, ratio: float) -> Renderer:
+        """This renderer choosing its volume levels with another ``footprint_ratio`` (finer levels
+        for a smaller one); it shares this one's volume and level cache."""
+        if not ratio > 0:
+            raise ValueError(f"footprint_ratio must be positive, got {ratio}")
+        other = copy.copy(self)
+        other.footprint_ratio = float(ratio)
+        return other
 
     @property
     def channels(self) -> int:
