@@ -19,8 +19,8 @@ test: setup lint
 demo: setup
 	@$(ENV) xvr-ros demo --out out/demo
 
-# In this order: the registration and replay benchmarks start from the training benchmark's network.
-BENCHES := bench/bench_render.py bench/bench_train.py bench/bench_register.py bench/bench_replay.py
+# In this order: the registration, tracking and replay benchmarks start from the training benchmark's network.
+BENCHES := bench/bench_render.py bench/bench_train.py bench/bench_register.py bench/bench_tracking.py bench/bench_replay.py
 
 bench: setup
 	@$(ENV) set -e; for f in $(BENCHES); do echo "# $$f"; python $$f; done

@@ -218,3 +218,40 @@ def test_an_incompatible_image_publisher_is_reported(ros_domain):
         assert errors and "RELIABILITY" in errors[0] and "image_qos" in errors[0], errors
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def test_the_pose_estimator_reuses_a_recent_field_of_view_of_the_same_intrinsics(ros_domain, monkeypatch):
+    """Fluoroscopy frames share their collimation: detection (~10x the network) runs once per period."""
+    import dataclasses
+
+    import rclpy
+    import torch
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.core.geometry import Detector
+    from xvr_ros.core.io.xray import Xray
+    from xvr_ros.ros import pose_estimator
+
+    calls = []
+    monkeypatch.setattr(pose_estimator, "detected_field_of_view",
+                        lambda image: calls.append(1) or torch.ones(image.shape, dtype=torch.bool))
+    det = Detector(sdd=1020.0, height=32, width=32, delx=1.0, dely=1.0)
+    xray = Xray(torch.rand(1, 1, 32, 32), det)
+    zoomed = Xray(torch.rand(1, 1, 32, 32), dataclasses.replace(det, delx=0.5, dely=0.5))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = pose_estimator.PoseEstimator(context=context)
+        first = node._field_of_view(xray)
+        assert node._field_of_view(xray) is first and len(calls) == 1  # the next frame: reused
+        node._field_of_view(zoomed)
+        assert len(calls) == 2  # other intrinsics: detected
+        node.destroy_node()
+        node = pose_estimator.PoseEstimator(context=context,
+                                            parameter_overrides=[Parameter("field_of_view_period", value=0.0)])
+        node._field_of_view(xray)
+        node._field_of_view(xray)
+        assert len(calls) == 4  # period 0: every frame
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)

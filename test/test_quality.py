@@ -11,7 +11,15 @@ import torch
 from test_uncertainty import DETECTOR, POSE, BlobRenderer, cloud
 
 from xvr_ros.core.register import quality
-from xvr_ros.core.register.quality import FEATURES, QualityModel, QualityModelError, accept, load_model
+from xvr_ros.core.register.quality import (
+    FEATURES,
+    MODEL_PATH,
+    TRACKING_MODEL_PATH,
+    QualityModel,
+    QualityModelError,
+    accept,
+    load_model,
+)
 from xvr_ros.core.register.refine import refine
 from xvr_ros.core.rotations import se3_exp
 
@@ -88,6 +96,20 @@ def test_a_match_worse_than_every_fitted_success_gets_zero():
     assert model.p_success({"log10_dissimilarity": -0.9}) == 0.0
     assert model.p_success({"log10_dissimilarity": math.nan}) == pytest.approx(0.5)  # unknown: the center
     assert model.outside({"log10_dissimilarity": -0.9}) == ["log10_dissimilarity"]
+
+
+def test_the_shipped_models_do_not_vouch_for_a_registration_that_turned_far_from_its_start():
+    # Seen in a fluoroscopy run (bench_tracking.py): from a network estimate 70 mm off, a full
+    # registration ended turned by 117 deg and 144 mm, 228 mm mTRE, at similarity 0.18; the
+    # previous model, whose weight on the move is positive, gave it p_success 0.999.
+    turned = {"log10_dissimilarity": -0.087, "log10_dissimilarity_mncc": -0.273, "log10_dissimilarity_gradncc": -0.113,
+              "log10_dissimilarity_coarse": -0.19, "multistart_agreement": 0.556, "log10_sd_translation": 1.553,
+              "log10_sd_rotation": -0.386, "flat_directions": 0.0, "moved_rotation_deg": 117.1,
+              "moved_translation_mm": 143.7, "masked_fraction": 0.538, "converged": 1.0}
+    for path in (MODEL_PATH, TRACKING_MODEL_PATH):
+        model = load_model(path)
+        assert {"moved_rotation_deg", "moved_translation_mm"} <= set(model.upper_limits), path
+        assert "moved_rotation_deg" in model.outside(turned) and model.p_success(turned) == 0.0, path
 
 
 def test_accept():

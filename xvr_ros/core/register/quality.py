@@ -14,8 +14,9 @@ reject decision:
 2. A logistic model on the standardised features: ``p = sigmoid(bias + w . (f - center) / scale)``,
    ``center`` and ``scale`` robust (the median and the MAD of the fitting cases, so that the few
    gross failures do not set the scale). A missing feature (NaN, e.g. no multi-start) takes the
-   center, so it says nothing. A registration whose image match is worse than every successful
-   fitting registration's (``upper_limits``) gets ``p = 0``: the model would be extrapolating.
+   center, so it says nothing. A registration whose image match is worse, or whose pose moved
+   further from its start, than every successful fitting registration's (``upper_limits``) gets
+   ``p = 0``: the model would be extrapolating.
 3. ``accepted = p >= threshold``. The model file's ``threshold`` was chosen when fitting for a
    low false-accept rate; a caller may pass a stricter one.
 
