@@ -144,7 +144,9 @@ def tracking(a, network, overrides) -> None:
                                duration_s=a.track_duration, size=size, seed=0, overwrite=True)
             print(f"# {name}: bag of {bag.frames} frames over {bag.duration_s:.1f} s, "
                   f"made in {time.perf_counter() - t:.0f} s", flush=True)
-            r = replay(bag.path, out=OUT / name, model=network, node_overrides=overrides, echo=lambda *x: None)
+            # Continuous fluoroscopy, collimation fixed during the run: as a user would configure it.
+            fluoro = {**(overrides or {}), "pose_estimator": {"field_of_view_period": 1.0}}
+            r = replay(bag.path, out=OUT / name, model=network, node_overrides=fluoro, echo=lambda *x: None)
             for line in format_summary(r.summary):
                 print(f"# {name}: {line}", flush=True)
             track_report(name, r.summary)

@@ -66,9 +66,11 @@ PARAMETERS: dict[str, Param] = {
         1.0, "s an image waits for the CameraInfo with its stamp before it is dropped", low=0.01, high=3600.0
     ),
     "field_of_view_period": Param(
-        1.0,
+        0.0,
         "s: the field of view (collimator blades, intensifier circle) detected on a frame serves the frames of the "
-        "same intrinsics that follow within this time (detecting it costs ~10x the network); 0 = detect on every frame",
+        "same intrinsics that follow within this time (detecting it costs ~10x the network): for continuous "
+        "fluoroscopy with the collimation fixed during a run; 0 = detect on every frame (shots whose collimation may "
+        "change)",
         low=0.0,
         high=3600.0,
     ),
