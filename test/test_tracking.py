@@ -41,8 +41,14 @@ def test_tracks_only_a_recent_frame_with_the_same_intrinsics():
         assert not same_intrinsics(DET, other)
         assert "intrinsics changed" in tracker.why_not(1.2, other)
     assert same_intrinsics(DET, dataclasses.replace(DET, delx=DET.delx * (1 + 1e-9)))  # rounding is not a change
-    tracker.rejected()
-    assert "no accepted frame" in tracker.why_not(1.2, DET)
+    assert tracker.rejected() and "no accepted frame" in tracker.why_not(1.2, DET)  # the default: one ends it
+    lenient = Tracker(TrackingOptions(max_gap=0.5, max_rejections=3))
+    lenient.accepted(1.0, pose(), DET)
+    assert not lenient.rejected() and lenient.why_not(1.2, DET) == ""  # tracked again from the last accepted
+    lenient.accepted(1.3, pose(), DET)  # an accepted frame clears the count
+    assert not lenient.rejected() and not lenient.rejected()
+    assert lenient.rejected()  # the third in a row ends the track
+    assert "no accepted frame" in lenient.why_not(1.4, DET)
 
 
 def test_the_prior_continues_at_the_last_velocity():
@@ -91,7 +97,8 @@ def test_time_going_backwards_restarts_the_track():
 
 
 def test_invalid_options_are_refused():
-    for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0)):
+    for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
+                dict(max_rejections=0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

@@ -190,6 +190,10 @@ PARAMETERS: dict[str, Param] = {
         low=0.0,
         high=1.0,
     ),
+    "tracking_max_rejections": Param(
+        1, "rejected frames in a row that end a track (until then the next frame is tracked again from the last "
+        "accepted one; then the full path runs)", low=1, high=1000
+    ),
     "tracking_wait_for_network": Param(
         False,
         "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "
@@ -296,6 +300,7 @@ class Refiner(ImageNode):
             max_jump_mm=convert.m_to_mm(p["tracking_max_jump_translation"]) or None,
             extrapolate=p["tracking_extrapolate"],
             size=p["tracking_size"],
+            max_rejections=p["tracking_max_rejections"],
             time_budget=p["tracking_time_budget"],
         )
 
@@ -489,8 +494,8 @@ class Refiner(ImageNode):
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         with self._track_lock:
             if not verdict.accepted:
-                self._tracker.rejected()
-                self._track_fov = None
+                if self._tracker.rejected():  # the track ended
+                    self._track_fov = None
                 return
             self._tracker.accepted(t, outcome.registration.pose[0], xray.detector, outcome.registration.uncertainty)
             if outcome.path == "full":

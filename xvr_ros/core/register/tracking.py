@@ -70,6 +70,10 @@ class TrackingOptions:
         (e.g. 5 mm for a CT of 2.5 mm) bias the depth by about a millimetre at this image size.
     hessian_frames: a Hessian (12 renders) serves this many tracked frames, then is computed
         anew at the next one's start.
+    max_rejections: rejected frames in a row that end the track (the next frame takes the full
+        path); until then the next frame is tracked again from the last accepted one. Measured
+        with 3 (``bench_tracking.py``): frames tracked after a rejection start from an older pose,
+        the gate accepted fewer of them, and one 2.4 mm off; hence 1.
     """
 
     max_gap: float = 10.0
@@ -86,12 +90,14 @@ class TrackingOptions:
     tolerance_rad: float = 5e-4
     footprint_ratio: float = 1.0
     hessian_frames: int = 8
+    max_rejections: int = 1
 
     def __post_init__(self):
         positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
-        if not all(v > 0 for v in positive) or self.size < 8 or self.max_iterations < 1 or self.hessian_frames < 1:
-            raise ValueError(f"need max_gap, time_budget and the step limits > 0, size >= 8 and max_iterations >= 1, "
-                             f"got {self}")
+        counts = (self.max_iterations, self.hessian_frames, self.max_rejections)
+        if not all(v > 0 for v in positive) or self.size < 8 or min(counts) < 1:
+            raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
+                             f"max_iterations, hessian_frames and max_rejections >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class Tracker:
         self._last: list[_Accepted] = []  # at most two, oldest first
         self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
         self._hessian_uses = 0  # ... and how many accepted frames used it
+        self._rejections = 0  # in a row, since the last accepted frame
 
     @property
     def hessian(self) -> PoseUncertainty | None:
@@ -119,6 +126,7 @@ class Tracker:
         """Forget the track: the next frame takes the full path."""
         self._last = []
         self._hessian, self._hessian_uses = None, 0
+        self._rejections = 0
 
     def accepted(self, t: float, pose: torch.Tensor, detector: Detector,
                  hessian: PoseUncertainty | None = None) -> None:
@@ -131,10 +139,15 @@ class Tracker:
         if hessian is not self._hessian:
             self._hessian, self._hessian_uses = hessian, 0
         self._hessian_uses += hessian is not None
+        self._rejections = 0
 
-    def rejected(self) -> None:
-        """A frame was rejected: its successor is registered afresh."""
-        self.reset()
+    def rejected(self) -> bool:
+        """A frame was rejected -> whether that ended the track (``max_rejections`` in a row): then
+        its successor is registered afresh, else tracked again from the last accepted frame."""
+        self._rejections += 1
+        if self._rejections >= self.options.max_rejections:
+            self.reset()
+        return not self._last
 
     def why_not(self, t: float, detector: Detector) -> str:
         """Why a frame at ``t`` s on ``detector`` cannot be tracked ("" = it can; the network's
