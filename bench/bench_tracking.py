@@ -11,7 +11,8 @@ chain (``session.render_session``) and read as 16-bit counts through ``read_xray
 
 What the method gets: the image, its intrinsics and the training benchmark's chest network
 (``bench_train.NETWORK``), as the nodes do: a frame without a usable track is registered in full
-(``register`` with its defaults from the network's estimate, as the refiner) and assessed with
+(``register`` from the network's estimate, or the last accepted pose when it is recent and
+matches better: ``other_starts``, as the refiner) and assessed with
 the full quality model; a trackable frame (``Tracker``: within ``max_gap`` of the last accepted
 one) is tracked (``track`` with the tracking renderer and the track's Hessian, reusing the field of
 view of the track's first frame) and assessed with the tracking model. Accepted frames extend the
@@ -77,7 +78,7 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
         else:
             used = renderer
             init = predict_initial_pose(checkpoint, xray.image, xray.detector)
-            reg = register(renderer, xray, init_pose=init)
+            reg = register(renderer, xray, init_pose=init, other_starts=tracker.recent_pose(fr.time, xray.detector))
             path = "full"
         verdict = assess_registration(used, reg, xray.image, xray.detector, model=models[path])
         seconds = time.perf_counter() - t0

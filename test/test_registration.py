@@ -105,3 +105,17 @@ def test_register_recovers_the_depth_on_a_non_square_detector(chest_case):
     depth_error = float((carm_parameters(reg.pose.double())[1] - carm_parameters(true)[1])[0, 1])
     assert abs(depth_error) < 0.5, reg.refinement.message
     assert float(mtre(true, reg.pose.double(), points)[0]) < 0.5, reg.refinement.message
+
+
+def test_register_starts_from_the_better_of_the_initial_pose_and_other_starts(chest_case):
+    """A network estimate far outside the capture range and a recent pose near the truth (a
+    fluoroscopy run's last accepted frame): the registration refines from the near one; the
+    reported initial pose stays the caller's."""
+    renderer, xray, true, _, points = chest_case
+    far = perturb_poses(true, 30.0, 60.0, 150.0, seed=3).float()
+    near = perturb_poses(true, 1.0, 3.0, 6.0, seed=4).float()
+    alone = register(renderer, xray, init_pose=far, multistart_offsets=())
+    helped = register(renderer, xray, init_pose=far, multistart_offsets=(), other_starts=near)
+    assert torch.equal(helped.initial_pose, far)
+    assert float(mtre(true, alone.pose.double(), points)[0]) > 10.0, "the far start alone must fail for this test"
+    assert float(mtre(true, helped.pose.double(), points)[0]) < 1.0, helped.refinement.message

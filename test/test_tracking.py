@@ -166,3 +166,14 @@ def test_the_tracking_renderer_shares_the_volume_with_finer_levels(setup):  # no
     source, _ = DET.scaled(4.0).rays(truth.float())
     assert all(a <= b for a, b in zip(fine.level_factors(DET.scaled(4.0), source),
                                       renderer.level_factors(DET.scaled(4.0), source)))
+
+
+def test_the_last_accepted_pose_stays_a_start_for_the_full_path_after_the_track_ended():
+    tracker = Tracker(TrackingOptions(max_gap=2.0))
+    assert tracker.recent_pose(1.0, DET) is None
+    tracker.accepted(1.0, pose(), DET)
+    tracker.rejected()  # the track ended ...
+    assert "no accepted frame" in tracker.why_not(1.5, DET)
+    assert torch.equal(tracker.recent_pose(1.5, DET)[0], pose())  # ... its last pose is still a start
+    assert tracker.recent_pose(3.5, DET) is None  # too old
+    assert tracker.recent_pose(1.5, dataclasses.replace(DET, delx=2.0, dely=2.0)) is None  # other intrinsics

@@ -459,6 +459,8 @@ class Refiner(ImageNode):
             self.repair(entry)
             return None
         init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
+        with self._track_lock:
+            recent = self._tracker.recent_pose(t, xray.detector) if p["tracking"] else None
         reg = register(
             renderer,
             xray,
@@ -467,6 +469,7 @@ class Refiner(ImageNode):
             time_budget=p["time_budget"] or None,
             callback=lambda _: self._stopping.is_set(),
             multistart_offsets=MULTISTART_OFFSETS if p["multistart"] else (),
+            other_starts=recent,
             detect_fov=p["detect_fov"],
             **self._scale_options(),
         )

@@ -60,17 +60,27 @@ def multistart(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best of ``init_pose`` (1, 4, 4) turned by each of ``offsets`` after a short refinement
     on the two coarsest of ``scales`` -> ((1, 4, 4) pose, (K,) similarity of every candidate)."""
-    scales = tuple(auto_scales(detector) if scales in (None, "auto") else scales)
     angles, xyz = carm_parameters(init_pose.reshape(1, 4, 4).double())
     offs = torch.tensor(offsets, dtype=torch.float64)
     candidates = carm_pose(torch.rad2deg(angles) + offs, xyz.expand(len(offs), 3), degrees=True)
+    return best_start(renderer, image, detector, candidates.to(init_pose.dtype), mask=mask, scales=scales,
+                      max_iterations=max_iterations, time_budget=time_budget)
+
+
+def best_start(
+    renderer: Renderer, image: torch.Tensor, detector: Detector, candidates: torch.Tensor, *,
+    mask: torch.Tensor | None = None, scales=None, max_iterations: int = 200, time_budget: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best of the (K, 4, 4) ``candidates`` after a short refinement on the two coarsest of
+    ``scales`` -> ((1, 4, 4) refined pose, (K,) similarity of every candidate)."""
+    scales = tuple(auto_scales(detector) if scales in (None, "auto") else scales)
     # The coarse scales' similarity throughout: the candidates are compared far from any optimum.
-    result = refine(renderer, image, detector, candidates.to(init_pose.dtype), mask=mask, scales=scales[:2],
+    result = refine(renderer, image, detector, candidates, mask=mask, scales=scales[:2],
                     similarity=COARSE_SIMILARITY, max_plateaus=1, max_iterations=max_iterations,
                     time_budget=time_budget)
     similarity = torch.nan_to_num(result.similarity.detach().float().cpu(), nan=-math.inf)
     best = int(similarity.argmax())
-    return result.pose[best : best + 1].to(init_pose.dtype), similarity
+    return result.pose[best : best + 1].to(candidates.dtype), similarity
 
 
 @dataclass
@@ -101,6 +111,7 @@ def register(
     init_pose: torch.Tensor | None = None,
     multistart_offsets=MULTISTART_OFFSETS,
     multistart_below: float | None = None,
+    other_starts: torch.Tensor | None = None,
     detect_fov: bool = True,
     fov_margin_mm: float = 3.0,
     mask_outliers: bool = True,
@@ -114,6 +125,9 @@ def register(
     of view (see the module docstring), kept ``fov_margin_mm`` (at the detector) inside its edges;
     else only the X-ray's own validity mask.
     ``mask_outliers``: leave metal (narrow attenuation peaks up to ``OUTLIER_WIDTH_MM``) out.
+    ``other_starts``: (K, 4, 4) further starting poses (e.g. the last accepted pose of a
+    fluoroscopy run, when the network's estimate may be tens of mm off): the best of them and the
+    initial pose after a short coarse refinement (:func:`best_start`) is refined.
     ``refine_options`` go to :func:`refine.refine` (e.g. ``time_budget``, ``scales``). Raises
     ValueError only for invalid input.
     """
@@ -139,6 +153,12 @@ def register(
     def with_budget(seconds: float | None) -> dict:
         return refine_options if seconds is None else {**refine_options, "time_budget": max(seconds, 0.0)}
 
+    origin = pose  # where the registration started, as the quality features take it
+    if other_starts is not None and len(other_starts) and len(pose) == 1:
+        starts = torch.cat([pose, other_starts.to(pose).reshape(-1, 4, 4)])
+        pose, _ = best_start(renderer, image, xray.detector, starts, mask=mask, scales=refine_options.get("scales"),
+                             time_budget=None if time_left() is None else time_left() / 4)
+
     # The initial pose gets the whole budget: a start inside the capture range (the usual case)
     # is never cut short to keep time for the multi-start, which only runs with time left.
     result = refine(renderer, image, xray.detector, pose, mask=mask, **with_budget(time_left()))
@@ -152,7 +172,7 @@ def register(
                                        time_budget=None if left is None else left / 2)
         second = refine(renderer, image, xray.detector, start, mask=mask, **with_budget(time_left()))
         result = second if _similarity(second) > _similarity(result) else result
-    return Registration(pose, result, source, time.perf_counter() - t0, fov, mask, candidates)
+    return Registration(origin, result, source, time.perf_counter() - t0, fov, mask, candidates)
 
 
 #: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for

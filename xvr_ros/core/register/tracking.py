@@ -116,11 +116,22 @@ class Tracker:
         self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
         self._hessian_uses = 0  # ... and how many accepted frames used it
         self._rejections = 0  # in a row, since the last accepted frame
+        self._recent: _Accepted | None = None  # the last accepted frame, kept when the track ends
 
     @property
     def hessian(self) -> PoseUncertainty | None:
         """The Hessian for the next tracked frame's Newton steps; None = compute one."""
         return self._hessian if self._hessian_uses < self.options.hessian_frames else None
+
+    def recent_pose(self, t: float, detector: Detector) -> torch.Tensor | None:
+        """The (1, 4, 4) pose of the last accepted frame, even after the track ended, when it is at
+        most ``max_gap`` s before ``t`` with the same intrinsics: a further start for the full path
+        (``register(other_starts=...)``), nearer than a network estimate while the C-arm has moved
+        little."""
+        last = self._recent
+        if last is None or not 0 < t - last.time <= self.options.max_gap:
+            return None
+        return last.pose[None] if same_intrinsics(detector, last.detector) else None
 
     def reset(self) -> None:
         """Forget the track: the next frame takes the full path."""
@@ -136,6 +147,7 @@ class Tracker:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
         self._last = [*self._last[-1:], entry]
+        self._recent = entry
         if hessian is not self._hessian:
             self._hessian, self._hessian_uses = hessian, 0
         self._hessian_uses += hessian is not None
