@@ -219,9 +219,14 @@ _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "trackin
 
 @dataclass
 class _Volume:
-    renderer: Renderer
+    renderer: Renderer  # the full path's
+    tracking_renderer: Renderer  # the same volume, finer levels (core.register.tracking.tracking_renderer)
     path: str
     key: Any
+
+    def for_path(self, path: str) -> Renderer:
+        """The renderer a registration of ``path`` ("full" or "tracking") was made and is assessed with."""
+        return self.tracking_renderer if path == "tracking" else self.renderer
 
 
 @dataclass
@@ -361,7 +366,7 @@ class Refiner(ImageNode):
             self._set_volume(None)
             self._set_state("ERROR", f"cannot load volume {path}: {exc}; no volume loaded", volume_path=path)
             return
-        self._set_volume(_Volume(renderer, path, key))
+        self._set_volume(_Volume(renderer, tracking_renderer(renderer, self._tracker.options), path, key))
         mismatch = bool(info.volume_sha256 and volume.sha256 and info.volume_sha256 != volume.sha256)
         self._set_state(
             "WARN" if mismatch else "OK",
@@ -411,14 +416,14 @@ class Refiner(ImageNode):
         if xray is None:
             return
         try:
-            outcome = self._register(entry, xray, volume.renderer)
+            outcome = self._register(entry, xray, volume)
         except ValueError as exc:
             self.refuse(entry, str(exc))
             return
         if outcome is None or self._stopping.is_set():
             return
         t_assess = time.monotonic()
-        verdict = self._assess(volume.renderer, outcome, xray)
+        verdict = self._assess(volume.for_path(outcome.path), outcome, xray)
         if self._stopping.is_set():
             return
         self._update_track(entry, xray, outcome, verdict)
@@ -433,7 +438,7 @@ class Refiner(ImageNode):
                 "(parameter source_frame): RViz and TF users looking up the camera frame will not find this transform",
             )
 
-    def _register(self, entry: Pending, xray, renderer: Renderer) -> _Outcome | None:
+    def _register(self, entry: Pending, xray, volume: _Volume) -> _Outcome | None:
         """Track the frame when the tracker allows it, else the full registration from its initial
         pose; None when a frame released early cannot be tracked after all (it goes back to wait
         for its initial pose). Raises ValueError for invalid input."""
@@ -447,7 +452,7 @@ class Refiner(ImageNode):
                 prior, why = self._tracker.prior(t, xray.detector, network)
                 fov, hessian = self._track_fov, self._tracker.hessian
             if prior is not None:
-                reg = track(tracking_renderer(renderer, self._tracker.options), xray, prior, field_of_view=fov,
+                reg = track(volume.tracking_renderer, xray, prior, field_of_view=fov,
                             hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
                 pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
                 return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg)
@@ -462,7 +467,7 @@ class Refiner(ImageNode):
         with self._track_lock:
             recent = self._tracker.recent_pose(t, xray.detector) if p["tracking"] else None
         reg = register(
-            renderer,
+            volume.renderer,
             xray,
             init_pose=init[None],
             max_iterations=p["max_iterations"],
@@ -473,7 +478,7 @@ class Refiner(ImageNode):
             detect_fov=p["detect_fov"],
             **self._scale_options(),
         )
-        return _Outcome(reg, "full", self._similarity_at(renderer, xray, reg, init[None]), initial.pose, why)
+        return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
 
     def _scale_options(self) -> dict:
         return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
@@ -599,8 +604,6 @@ class Refiner(ImageNode):
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
         reg = outcome.registration
         threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
-        if outcome.path == "tracking":
-            renderer = tracking_renderer(renderer, self._tracker.options)  # the one it was tracked with
         try:
             a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],
                                     threshold=self.params[threshold])
