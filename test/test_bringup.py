@@ -315,8 +315,10 @@ def test_bringup_bad_arguments(tmp_path, capsys):
 
 def test_spin_nodes_stops_on_event(config, context):
     nodes = bringup.make_nodes(config, only="model_manager", namespace="spin", context=context)
-    stop_event = threading.Event()
-    thread = threading.Thread(target=bringup.spin_nodes, args=(nodes,), kwargs=dict(stop=stop_event, context=context))
+    stop_event, returned = threading.Event(), []
+    thread = threading.Thread(
+        target=lambda: returned.append(bringup.spin_nodes(nodes, stop=stop_event, context=context))
+    )
     thread.start()
     probe = Node("spin_probe", context=context)
     executor = SingleThreadedExecutor(context=context)
@@ -325,10 +327,28 @@ def test_spin_nodes_stops_on_event(config, context):
         wait_for(lambda: ("model_manager", "/spin") in _node_names(probe), 20, what="model_manager")
         stop_event.set()
         thread.join(15)
-        assert not thread.is_alive()
+        assert not thread.is_alive() and returned == [True]
     finally:
         executor.shutdown()
         probe.destroy_node()
+
+
+def test_spin_nodes_says_when_the_executor_stopped_by_itself(context):
+    """An exception in the executor's thread leaves a process that runs nothing: the caller must know."""
+    node = Node("doomed", context=context)
+
+    def fail():
+        raise RuntimeError("a callback failed")
+
+    node.create_timer(0.05, fail)
+    stop_event = threading.Event()
+    guard = threading.Timer(20.0, stop_event.set)  # the test never hangs
+    guard.start()
+    try:
+        assert bringup.spin_nodes([node], stop=stop_event, context=context, handle_signals=False) is False
+        assert not stop_event.is_set()
+    finally:
+        guard.cancel()
 
 
 def test_large_image_profile_is_used_unless_the_user_chose():

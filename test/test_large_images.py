@@ -258,7 +258,9 @@ def test_2048_at_15_hz_frames_are_received_and_accounted_for(nodes):
 def test_a_best_effort_driver_is_followed_and_warned_about(nodes):
     env, listener, tmp = nodes
     mark = len(listener.statuses())
-    driver = publish(env, tmp, 64, 1, 1.0, 200_000, reliability="best_effort")
+    # Best effort may lose any one frame (it did in CI on a loaded machine): five, one of them must arrive.
+    stamps = {(200_000 + i, 0) for i in range(5)}
+    driver = publish(env, tmp, 64, len(stamps), 1.0, 200_000, reliability="best_effort")
     try:
 
         def warned():
@@ -268,6 +270,6 @@ def test_a_best_effort_driver_is_followed_and_warned_about(nodes):
             } >= {"/pose_estimator", "/refiner"}
 
         wait_for(warned, TIMEOUT, what="both nodes to switch to best effort and say so")
-        wait_for(lambda: (200_000, 0) in listener.seen("pose"), TIMEOUT, what="the best-effort frame's pose")
+        wait_for(lambda: stamps & listener.seen("pose"), TIMEOUT, what="a pose for one of the best-effort frames")
     finally:
         stop(driver)

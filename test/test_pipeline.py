@@ -7,6 +7,7 @@ import time
 
 import pytest
 from builtin_interfaces.msg import Time
+from conftest import wait_for
 from sensor_msgs.msg import CameraInfo, Image
 
 from xvr_ros.ros import qos
@@ -252,6 +253,50 @@ def test_the_pose_estimator_reuses_a_recent_field_of_view_of_the_same_intrinsics
         node._field_of_view(xray)
         node._field_of_view(xray)
         assert len(calls) == 4  # period 0: every frame
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def test_following_the_publishers_qos_never_breaks_a_multithreaded_executor(ros_domain):
+    """image_qos=auto resubscribes from a timer thread while the executor builds its wait set.
+
+    rclpy (Humble, Jazzy) raises InvalidHandle in the executor's thread when a subscription's event
+    handlers are destroyed as it adds them to a wait set (ros2/rclpy#1284): the whole executor
+    stopped in CI. Switch many times while spinning; the executor must keep running and the node
+    must still receive images afterwards.
+    """
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from xvr_ros.ros.pose_estimator import PoseEstimator
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    failures = []
+    try:
+        node = PoseEstimator(context=context)
+        subscriptions, waitables = len(list(node.subscriptions)), len(list(node.waitables))
+        executor = MultiThreadedExecutor(num_threads=4, context=context)
+        executor.add_node(node)
+
+        def spin():
+            try:
+                executor.spin()
+            except Exception as error:  # noqa: BLE001
+                failures.append(error)
+
+        thread = threading.Thread(target=spin, daemon=True)
+        thread.start()
+        for i in range(300):
+            node._subscribe_inputs("best_effort" if i % 2 else "reliable")
+            time.sleep(0.002)
+        wait_for(lambda: not node._retired, 5.0, what="the retired subscriptions to be destroyed")
+        assert not failures, failures
+        assert thread.is_alive()
+        assert node.reliability == "best_effort"
+        assert (len(list(node.subscriptions)), len(list(node.waitables))) == (subscriptions, waitables)
+        executor.shutdown()
         node.destroy_node()
     finally:
         rclpy.try_shutdown(context=context)

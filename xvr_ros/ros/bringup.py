@@ -352,10 +352,11 @@ def running(
 
 
 def spin_nodes(nodes: Sequence, *, stop: threading.Event | None = None, num_threads: int | None = None,
-               handle_signals: bool = True, context=None) -> None:
+               handle_signals: bool = True, context=None) -> bool:
     """Spin ``nodes`` on one MultiThreadedExecutor until ``stop`` is set, SIGINT/SIGTERM arrives
     (when called from the main thread with ``handle_signals``) or the ROS context shuts down; then
-    stop the executor and destroy the nodes.
+    stop the executor and destroy the nodes. Return False if the executor stopped by itself (an
+    exception in its thread, printed there): nothing would run any more, so the caller should exit.
 
     The executor spins in a helper thread while this thread waits in Python, so a signal is
     always seen promptly (rclpy's C-level handler can be missed by an executor blocked in wait).
@@ -378,10 +379,13 @@ def spin_nodes(nodes: Sequence, *, stop: threading.Event | None = None, num_thre
     thread = threading.Thread(target=_spin, args=(executor,), name="xvr-bringup-executor", daemon=True)
     thread.start()
     ctx = context or rclpy.get_default_context()
+    executor_died = False
     try:
         while not stop.wait(0.1):
             if not thread.is_alive() or not ctx.ok():
+                executor_died = not thread.is_alive() and ctx.ok()
                 break
+        return not executor_died
     finally:
         _teardown(executor, thread, nodes)
         for sig, handler in previous.items():
@@ -409,7 +413,9 @@ def run_node(node_class: type, args: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a clear line instead of a traceback
             print(f"{node_class.__name__}: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
-        spin_nodes([node])
+        if not spin_nodes([node]):
+            print(f"{node_class.__name__}: error: the executor stopped (see the exception above)", file=sys.stderr)
+            return 1
         return 0
     finally:
         rclpy.try_shutdown()
@@ -459,7 +465,10 @@ def run(args: argparse.Namespace, ros_argv: list[str]) -> int:
             return 1
         names = ", ".join(n.get_fully_qualified_name() for n in nodes)
         nodes[0].get_logger().info(f"bringup: running {names} in one process ({len(entries)} nodes)")
-        spin_nodes(nodes, num_threads=args.threads)
+        if not spin_nodes(nodes, num_threads=args.threads):
+            print("bringup: error: the executor stopped (see the exception above); the nodes were shut down",
+                  file=sys.stderr)
+            return 1
         return 0
     finally:
         rclpy.try_shutdown()

@@ -177,6 +177,10 @@ def file_key(path: str) -> tuple | None:
     return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
+#: s: how long a resubscribed input stays out of the executor's wait sets before it is destroyed
+#: (see ``ImageNode._retire``); the image nodes' executors wake at least every 0.1 s.
+RETIRED_MIN_AGE = 0.5
+
 #: s: the interpreter's thread switch interval while an image node runs (see ``start_pipeline``).
 GIL_SWITCH_INTERVAL = 2e-4
 
@@ -383,6 +387,7 @@ class ImageNode(Node):
         self._loader = LatestWorker(load, f"{name}-load", self._on_worker_error)
         self._worker = LatestWorker(process, f"{name}-work", self._on_worker_error)
         self._input_subs: list = []
+        self._retired: list[tuple[Any, float]] = []  # (subscription, time.monotonic() it was retired)
         self.reliability = ""
         self._subscribe_inputs("reliable" if p["image_qos"] == "auto" else p["image_qos"])
         if p["image_qos"] == "auto":
@@ -394,14 +399,15 @@ class ImageNode(Node):
     # ---- inputs and their QoS ----------------------------------------------------------------
     def _subscribe_inputs(self, reliability: str) -> None:
         p = self.params
-        for sub in self._input_subs:
-            self.destroy_subscription(sub)
+        self._retire(self._input_subs)
         profile = qos.image_qos(reliability)
+        current = object()  # the retired subscriptions' callbacks see another and ignore their messages
+        self._inputs_token = current
         self._input_subs = [
             self.create_subscription(
                 msg_type,
                 p[topic],
-                callback,
+                lambda msg, callback=callback: self._inputs_token is current and callback(msg),
                 profile,
                 event_callbacks=SubscriptionEventCallbacks(
                     incompatible_qos=lambda event, t=p[topic]: self._on_incompatible_qos(t, event),
@@ -415,8 +421,34 @@ class ImageNode(Node):
         ]
         self.reliability = reliability
 
+    def _retire(self, subscriptions: list) -> None:
+        """Stop waiting on ``subscriptions``' QoS events now; :meth:`_destroy_retired` destroys them later.
+
+        Destroying a subscription destroys its event handlers, and rclpy's executors (Humble, Jazzy)
+        raise InvalidHandle in their own thread, which ends the spin, when that happens while another
+        thread adds the handlers to a wait set (ros2/rclpy#1284). Once out of the node's waitables
+        for a while, no wait set holds them any more.
+        """
+        for sub in subscriptions:
+            for handler in sub.event_handlers:
+                self.remove_waitable(handler)
+            self._retired.append((sub, time.monotonic()))
+
+    def _destroy_retired(self, min_age: float = RETIRED_MIN_AGE) -> None:
+        now, kept = time.monotonic(), []
+        for sub, retired_at in self._retired:
+            if now - retired_at < min_age:
+                kept.append((sub, retired_at))
+                continue
+            handlers, sub.event_handlers = sub.event_handlers, []  # no longer the node's waitables
+            for handler in handlers:
+                handler.destroy()
+            self.destroy_subscription(sub)
+        self._retired = kept
+
     def _adapt_qos(self) -> None:
         """image_qos=auto: request the reliability the publishers offer (as ``ros2 bag record`` does)."""
+        self._destroy_retired()
         p = self.params
         publishers = [
             *self.get_publishers_info_by_topic(self.resolve_topic_name(p["image_topic"])),
@@ -589,5 +621,6 @@ class ImageNode(Node):
     def destroy_node(self) -> None:
         self._worker.stop()
         self._loader.stop()
+        self._destroy_retired(min_age=0.0)
         self.diagnostics.destroy()
         super().destroy_node()
