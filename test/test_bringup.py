@@ -333,6 +333,7 @@ def test_spin_nodes_stops_on_event(config, context):
         probe.destroy_node()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the exception it is about
 def test_spin_nodes_says_when_the_executor_stopped_by_itself(context):
     """An exception in the executor's thread leaves a process that runs nothing: the caller must know."""
     node = Node("doomed", context=context)
