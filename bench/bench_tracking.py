@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     volume = load_volume(*demo_ct_path())
     renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
+    renderer.build_levels()  # as the refiner does when it loads the volume
     checkpoint = load_checkpoint(ensure_network())
     points = body_points(volume, n=100, seed=0).to(torch.float64)
     for size in a.sizes:

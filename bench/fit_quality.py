@@ -194,6 +194,77 @@ def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict
     }
 
 
+#: Runs (``--runs``): fluoroscopy of RUN_DURATION s at RUN_FPS, tracked with strides of 1 to
+#: RUN_MAX_STRIDE frames (real time drops frames; catch-up takes one per 0.4 s); a track starts
+#: (and restarts after it ends) from the true pose perturbed as a full registration errs.
+RUN_DURATION, RUN_FPS, RUN_MAX_STRIDE = 20.0, 7.5, 4
+RUN_START = (0.3, 0.5, 1.5)  # deg, in-plane mm, depth mm
+
+
+def run_fluoro(renderer, siddon, points, run: int, seed: int) -> list[dict]:
+    """Track the frames of fluoroscopy run ``run`` as the refiner does -> one record per tracked frame.
+
+    The truth decides what extends the track (mTRE under FAIL_MM): the gate being fitted cannot.
+    """
+    from xvr_ros.core.io.xray_image import read_xray_image
+    from xvr_ros.core.metrics import mtre
+    from xvr_ros.core.register.tracking import Tracker
+    from xvr_ros.core.sim.session import plan_fluoro, render_session
+    from xvr_ros.core.sim.simulate import perturb_poses
+
+    run_seed = 1000 + seed * 1000 + run  # bench_tracking.py and the replays use seed 0
+    frames = render_session(siddon, plan_fluoro(RUN_DURATION, size=DETECTOR.height, fps=RUN_FPS, seed=run_seed),
+                            seed=run_seed)
+    options = dataclasses.replace(TrackingOptions(), time_budget=3600.0)  # max_iterations caps it
+    renderer = tracking_renderer(renderer, options)
+    rng = np.random.default_rng(run_seed)
+    tracker, fov, records, i = Tracker(options), None, [], 0
+    while i < len(frames):
+        fr = frames[i]
+        d = fr.detector
+        xray = read_xray_image(fr.intensity, sdd=d.sdd, pixel_spacing=(d.dely, d.delx), x0=d.x0, y0=d.y0,
+                               reverse_x_axis=d.reverse_x_axis, orientation=d.orientation)
+        true = fr.pose[None].to(torch.float64)
+        prior, _ = tracker.prior(fr.time, xray.detector)
+        if prior is None:  # a full registration starts the track
+            start = perturb_poses(true, *RUN_START, seed=run_seed * 1000 + i)[0]
+            tracker.accepted(fr.time, start.to(torch.float32), xray.detector, None)
+            fov = reg_mod.field_of_view(xray)
+            i += int(rng.integers(1, RUN_MAX_STRIDE + 1))
+            continue
+        t0 = time.perf_counter()
+        result = track(renderer, xray, prior, field_of_view=fov, hessian=tracker.hessian, options=options)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        refinement = result.refinement
+        unc = carried_uncertainty(result.uncertainty, renderer, refinement.pose, 1.0)
+        image = xray.image.to(torch.float32)
+        terms = quality.similarity_terms(renderer, image, xray.detector, refinement.pose, mask=result.mask,
+                                         factor=unc.factor)
+        values = quality.features(refinement, unc, terms, initial_pose=prior, mask=result.mask)
+        pose = refinement.pose.to(torch.float64)
+        error = float(mtre(true, pose, points)[0])
+        records.append({
+            "index": f"run{run}_frame{i}",
+            "run": run,
+            "start": "run",
+            "mtre": error,
+            "initial_mtre": float(mtre(true, prior.to(torch.float64), points)[0]),
+            "features": values,
+            "hessian_isocenter": unc.hessian_isocenter.flatten().tolist(),
+            "adjoint": unc.isocenter_adjoint.flatten().tolist(),
+            "error_twist": pose_error_twist(pose, true)[0].tolist(),
+            "seconds": seconds,
+            "assess_seconds": time.perf_counter() - t1,
+        })
+        if error < FAIL_MM:
+            tracker.accepted(fr.time, refinement.pose[0], xray.detector, result.uncertainty)
+        else:
+            tracker.rejected()
+        i += int(rng.integers(1, RUN_MAX_STRIDE + 1))
+    return records
+
+
 def worker(indices: list[int], seed: int, cache: Path, path: str) -> None:
     from xvr_ros.core.io.volume import demo_ct_path, load_volume
     from xvr_ros.core.metrics import body_points
@@ -203,6 +274,14 @@ def worker(indices: list[int], seed: int, cache: Path, path: str) -> None:
     volume = load_volume(*demo_ct_path())
     renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
     points = body_points(volume, N_FIDUCIALS, seed=0)
+    if path == "runs":
+        for run in indices:
+            records = run_fluoro(renderer, siddon, points, run, seed)
+            with open(cache, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+            print(f"# run {run}: {len(records)} tracked frames, {sum(r['mtre'] < SUCCESS_MM for r in records)} "
+                  "under 1 mm", flush=True)
+        return
     for i in indices:
         record = run_case(renderer, siddon, points, i, seed, path)
         with open(cache, "a") as f:
@@ -222,6 +301,36 @@ def cached(cache_dir: Path, seed: int, path: str) -> dict[int, dict]:
             if r.get("start") == PLANS[path][r["index"] % len(PLANS[path])]:  # else another case plan
                 records[r["index"]] = r
     return records
+
+
+def simulate_runs(n: int, seed: int, workers: int, cache_dir: Path) -> list[list[dict]]:
+    """The tracked frames of runs 0..n-1 (cached per run like the cases) -> one list per run."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def have() -> dict[int, list[dict]]:
+        runs: dict[int, list[dict]] = {}
+        for file in sorted(cache_dir.glob(f"runs_seed{seed}_*.jsonl")):
+            for line in file.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a killed worker
+                    continue
+                runs.setdefault(r["run"], []).append(r)
+        return runs
+
+    todo = [k for k in range(n) if k not in have()]
+    procs = []
+    for k in range(workers):
+        part = todo[k::workers]
+        if part:
+            cmd = [sys.executable, __file__, "--worker", ",".join(map(str, part)), "--seed", str(seed),
+                   "--path", "runs", "--cache", str(cache_dir / f"runs_seed{seed}_w{k}_{time.time_ns()}.jsonl")]
+            procs.append(subprocess.Popen(cmd))
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"a worker failed (exit {p.returncode})")
+    runs = have()
+    return [runs[k] for k in range(n)]
 
 
 def simulate_all(n: int, seed: int, workers: int, cache_dir: Path, path: str) -> list[dict]:
@@ -370,7 +479,7 @@ def report(prefix: str, model: quality.QualityModel, records: list[dict]) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", choices=tuple(PLANS), default="full",
+    parser.add_argument("--path", choices=(*PLANS, "runs"), default="full",  # runs: a worker's fluoroscopy runs
                         help="full registrations (quality_model.json) or tracked frames (quality_model_tracking.json)")
     parser.add_argument("--fit", type=int, default=120, help="fitting cases (default 120)")
     parser.add_argument("--holdout", type=int, default=40, help="held-out evaluation cases (default 40)")
@@ -382,20 +491,28 @@ def main() -> None:
                         help="case cache directory (default out/fit_quality; a directory per --path inside)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached cases")
     parser.add_argument("--out", default=None, help="model file (default: the package's, for --path)")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="--path tracking: also the tracked frames of this many fluoroscopy runs (fitting)")
+    parser.add_argument("--holdout-runs", type=int, default=0, help="and of this many more (held out)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker is not None:
         worker([int(i) for i in args.worker.split(",")], args.seed, Path(args.cache), args.path)
         return
+    if args.path == "runs" or (args.path != "tracking" and (args.runs or args.holdout_runs)):
+        parser.error("--runs and --holdout-runs are for --path tracking")
     cache_dir = Path(args.cache) / args.path
     out = args.out or (quality.MODEL_PATH if args.path == "full" else quality.TRACKING_MODEL_PATH)
     if args.fresh:
-        for path in cache_dir.glob(f"seed{args.seed}_*.jsonl"):
+        for path in [*cache_dir.glob(f"seed{args.seed}_*.jsonl"), *cache_dir.glob(f"runs_seed{args.seed}_*.jsonl")]:
             path.unlink()
     t0 = time.perf_counter()
     records = simulate_all(args.fit + args.holdout, args.seed, args.workers, cache_dir, args.path)
     fitting, held_out = records[: args.fit], records[args.fit :]
+    runs = simulate_runs(args.runs + args.holdout_runs, args.seed, args.workers, cache_dir)
+    fitting += [r for run in runs[: args.runs] for r in run]
+    held_out += [r for run in runs[args.runs :] for r in run]
 
     errors = torch.tensor([r["mtre"] for r in fitting], dtype=torch.float64)
     cv = {l2: cross_validated(fitting, l2) for l2 in L2_CHOICES}
@@ -410,6 +527,8 @@ def main() -> None:
         "registration": "tracking.track defaults" if args.path == "tracking" else "registration.register defaults",
         "threshold_rule": f"lowest >= 0.5 with <= {args.max_false_accept:.0%} of the accepted {FOLDS}-fold CV cases "
                           f"over {FAIL_MM} mm",
+        "runs": {"count": args.runs, "duration_s": RUN_DURATION, "fps": RUN_FPS, "max_stride": RUN_MAX_STRIDE,
+                 "start": RUN_START} if args.runs else None,
         "command": "python bench/fit_quality.py " + " ".join(sys.argv[1:]),
         "seed": args.seed,
     }
@@ -426,7 +545,7 @@ def main() -> None:
     report("fit", model, fitting)
     if held_out:
         report("holdout", model, held_out)
-        for start in dict.fromkeys(PLANS[args.path]):
+        for start in dict.fromkeys(PLANS[args.path] + (("run",) if args.holdout_runs else ())):
             report(f"holdout_{start}", model, [r for r in held_out if r["start"] == start])
     bench("total", time.perf_counter() - t0, "s")
 

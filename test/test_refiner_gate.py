@@ -13,6 +13,7 @@ fluoroscopy through the tracking path and its fall-backs.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -253,6 +254,24 @@ def test_continuous_frames_are_tracked_from_the_last_accepted_pose(tracking_gate
     # ... and it takes the full path when it comes.
     again = waits_for_its_estimate(client, counts, stamp_of(300.4))
     assert again.path == "full" and again.accepted, again.status
+
+
+def test_frames_superseded_during_a_full_registration_are_caught_up_on(tracking_gate):
+    """The frames that arrive while a full registration runs (seconds on a CPU) are dropped, but the
+    track is carried through them (one per catch-up interval) before the newest is tracked."""
+    client, counts, points, _ = tracking_gate
+    seconds = [500.0 + i / 7.5 for i in range(8)]  # 7.5 frames/s, a track 200 s after the last
+    for sec in seconds:  # published faster than the full registration of the first takes
+        send_initial_pose(client, NEAR, stamp_of(sec))
+        send_image(client, counts, stamp_of(sec))
+        time.sleep(0.5 if sec == seconds[0] else 0.02)  # the first one's registration is under way
+    first, last = result_of(client, stamp_of(seconds[0])), result_of(client, stamp_of(seconds[-1]))
+    assert first.path == "full" and first.accepted, first.status
+    assert last.path == "tracking" and last.accepted, last.status
+    assert "caught up through" in last.status, last.status
+    caught_up = int(last.status.split("caught up through ")[1].split()[0])
+    assert 1 <= caught_up <= 2, last.status  # 0.13 s and one or two 0.4 s intervals: 500.13, 500.53, (500.93)
+    assert not any(result_of(client, stamp_of(sec), timeout=0) for sec in seconds[1:-1])  # dropped, as before
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,6 +130,20 @@ def test_auto_resolution_matches_pixel_footprint():
     assert Renderer(vol, method="siddon").level_factors(det, source) == (1, 1, 1)
 
 
+def test_build_levels_builds_every_level_auto_resolution_can_choose():
+    vol = phantom(shape=(64, 64, 32), spacing=(0.5, 0.5, 2.0))
+    r = Renderer(vol)
+    # (k, k, 1) for k = 1..7, then (8, 8, 2): at 4 mm both spacings divide the footprint
+    assert r.build_levels(max_voxel_mm=4.0) == 8
+    built = set(r._levels)
+    source = torch.tensor([[0.0, 500.0, 0.0]])
+    for pixel in torch.linspace(0.05, 4.0 / 1.5 * 2, 200).tolist():  # footprints up to the 4 mm voxels
+        det = Detector(sdd=1000.0, height=8, width=8, delx=pixel, dely=pixel)
+        assert r.level_factors(det, source) in built
+    assert r.build_levels(max_voxel_mm=4.0) == 0  # nothing new the second time
+    assert Renderer(vol, method="siddon").build_levels() == 0
+
+
 @pytest.mark.parametrize("method", ["trilinear", "siddon"])
 def test_torch_backend_matches_kernel(method):
     if not (trilinear.kernel_available() if method == "trilinear" else siddon.kernel_available()):

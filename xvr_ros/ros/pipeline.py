@@ -533,6 +533,11 @@ class ImageNode(Node):
                 f"image {convert.stamp_to_str(complete.key)} is newer and {self._work} is running "
                 "(only the newest input is kept)",
             )
+            self.superseded(replaced)
+
+    def superseded(self, entry: Pending) -> None:
+        """Hook (executor thread): ``entry`` was replaced by a newer one before it ran; it is
+        dropped (accounted for) already. Nothing by default."""
 
     # ---- frame accounting ----------------------------------------------------------------------
     def drop(self, key: tuple[int, int], outcome: str, reason: str, level: str = "WARN", *,

@@ -194,6 +194,14 @@ PARAMETERS: dict[str, Param] = {
         1, "rejected frames in a row that end a track (until then the next frame is tracked again from the last "
         "accepted one; then the full path runs)", low=1, high=1000
     ),
+    "tracking_catch_up_interval": Param(
+        0.4,
+        "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
+        "after it, one per this interval, without results (they were dropped), so that the next frame starts "
+        "from where the C-arm is now; 0 = off",
+        low=0.0,
+        high=10.0,
+    ),
     "tracking_wait_for_network": Param(
         False,
         "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "
@@ -213,6 +221,9 @@ PARAMETERS: dict[str, Param] = {
 }
 
 _KINDS = ("image", "camera_info", "initial_pose")
+#: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 12.8 s at
+#: the default 0.4 s interval, longer than a full registration on a CPU.
+MAX_CATCH_UP_FRAMES = 32
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
@@ -237,7 +248,7 @@ class _Outcome:
     path: str  # "full" or "tracking"
     start_similarity: float  # at the pose it started from, finest scale
     initial: Any  # geometry_msgs/PoseWithCovariance: where it started (network's, or the tracked prior)
-    note: str = ""  # why the full path ran when tracking was on
+    note: str = ""  # why the full path ran when tracking was on; a tracked frame's catch-up before it
 
 
 @dataclass
@@ -271,6 +282,9 @@ class Refiner(ImageNode):
         self._early: set = set()  # stamps released to be tracked before their initial pose came
         self._needs_network: set = set()  # stamps released early that must wait for their initial pose after all
         self._upstream_dropped: set = set()  # stamps released early that the pose estimator dropped
+        self._catching_up = False  # a full registration runs: superseded frames are kept to catch up on
+        self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), one per catch-up interval
+        self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -362,6 +376,7 @@ class Refiner(ImageNode):
         try:
             volume = load_volume(path, p["labelmap"] or None, hu_to_mu=p["hu_to_mu"])
             renderer = Renderer(volume, labels=self._labels or None, device=p["device"])
+            renderer.build_levels()  # here, not seconds into the first registrations
         except Exception as exc:  # noqa: BLE001 - any unreadable volume is reported, never fatal
             self._set_volume(None)
             self._set_state("ERROR", f"cannot load volume {path}: {exc}; no volume loaded", volume_path=path)
@@ -385,6 +400,8 @@ class Refiner(ImageNode):
         try:
             self._refine_frame(entry)
         finally:
+            with self._track_lock:  # caught up, or the full registration failed: nothing more to keep
+                self._catching_up, self._skipped = False, []
             self._early.discard(entry.key)
             self._upstream_dropped.discard(entry.key)
             if "initial_pose" in entry.parts:
@@ -428,6 +445,8 @@ class Refiner(ImageNode):
             return
         self._update_track(entry, xray, outcome, verdict)
         self._publish(entry, xray, volume.renderer, outcome, verdict, time.monotonic() - t_assess)
+        if outcome.path == "full":
+            self._catch_up(volume, verdict.accepted)
 
     def _warn_frame_id(self, frame_id: str) -> None:
         source = self.params["source_frame"]
@@ -447,15 +466,10 @@ class Refiner(ImageNode):
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         why = "tracking is off (parameter tracking)"
         if p["tracking"]:
-            network = self._network_estimate(initial, xray.detector)
-            with self._track_lock:
-                prior, why = self._tracker.prior(t, xray.detector, network)
-                fov, hessian = self._track_fov, self._tracker.hessian
-            if prior is not None:
-                reg = track(volume.tracking_renderer, xray, prior, field_of_view=fov,
-                            hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
-                pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
-                return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg)
+            tracked, why = self._track(t, xray, volume, self._network_estimate(initial, xray.detector))
+            if tracked is not None:
+                tracked.note, self._catch_up_note = self._catch_up_note, ""
+                return tracked
         if initial is None:
             if entry.key in self._upstream_dropped:  # its initial pose will never come
                 self.drop(entry.key, "upstream", f"dropped by the pose estimator and not trackable ({why})")
@@ -466,6 +480,7 @@ class Refiner(ImageNode):
         init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
         with self._track_lock:
             recent = self._tracker.recent_pose(t, xray.detector) if p["tracking"] else None
+            self._catching_up, self._skipped = p["tracking"] and p["tracking_catch_up_interval"] > 0, []
         reg = register(
             volume.renderer,
             xray,
@@ -479,6 +494,53 @@ class Refiner(ImageNode):
             **self._scale_options(),
         )
         return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
+
+    def _track(self, t: float, xray, volume: _Volume, network) -> tuple[_Outcome | None, str]:
+        """The frame (stamp ``t`` s) tracked from the track's prior -> (outcome, "") or (None, why not)."""
+        with self._track_lock:
+            prior, why = self._tracker.prior(t, xray.detector, network)
+            fov, hessian = self._track_fov, self._tracker.hessian
+        if prior is None:
+            return None, why
+        reg = track(volume.tracking_renderer, xray, prior, field_of_view=fov,
+                    hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
+        pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
+        return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg), ""
+
+    def superseded(self, entry: Pending) -> None:
+        """While a full registration runs, keep the first superseded frame of each catch-up interval."""
+        image = entry.parts.get("image")
+        if image is None or "camera_info" not in entry.parts:
+            return
+        t = convert.ns_from_time(image.header.stamp) * 1e-9
+        with self._track_lock:
+            if not self._catching_up or (self._skipped and t - self._skipped[-1][0] < self.params[
+                    "tracking_catch_up_interval"]):
+                return
+            self._skipped.append((t, entry))
+            del self._skipped[:-MAX_CATCH_UP_FRAMES]  # memory: the newest are the ones that matter
+
+    def _catch_up(self, volume: _Volume, accepted: bool) -> None:
+        """After a full registration: track the frames kept meanwhile (:meth:`superseded`; more come
+        in while this runs), in order and without results (each was dropped and accounted for), until
+        one is rejected or none is left. The next frame then starts from a prior a catch-up interval
+        old instead of a full registration's seconds, over which the C-arm may have turned degrees."""
+        caught_up = 0
+        while accepted and not self._stopping.is_set():
+            with self._track_lock:
+                if not self._skipped:
+                    break
+                t, entry = self._skipped.pop(0)
+            xray = self.read_xray(entry, mask_clipped=self.params["mask_clipped"])
+            outcome = None if xray is None else self._track(t, xray, volume, None)[0]
+            if outcome is None or self._stopping.is_set():
+                break
+            verdict = self._assess(volume.tracking_renderer, outcome, xray)
+            self._update_track(entry, xray, outcome, verdict)
+            accepted = verdict.accepted
+            caught_up += accepted
+        self._catch_up_note = (f"from a track caught up through {caught_up} frame(s) superseded during the full "
+                               "registration" if caught_up else "")
 
     def _scale_options(self) -> dict:
         return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
@@ -537,7 +599,7 @@ class Refiner(ImageNode):
         dropped, total = self.take_dropped(), self.dropped_total
         status = (f"{outcome.path}: {refinement.message}; {verdict.reason}; "
                   f"{dropped} frame(s) dropped since the previous result ({total} in all)"
-                  + (f"; full path: {outcome.note}" if outcome.note and p["tracking"] else ""))
+                  + (f"; {outcome.path} path: {outcome.note}" if outcome.note and p["tracking"] else ""))
         header = Header(stamp=image.header.stamp, frame_id=p["volume_frame"])
         pose = reg.pose[0].to(torch.float64)
         optical = convert.optical_from_carm(pose, xray.detector)
