@@ -182,7 +182,9 @@ PARAMETERS: dict[str, Param] = {
     "tracking_size": Param(
         64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
     ),
-    "tracking_time_budget": Param(0.25, "s allowed for the refinement of a tracked frame", low=0.01, high=60.0),
+    "tracking_time_budget": Param(
+        0.25, "s allowed for the Newton steps of a tracked frame (a new Hessian, every 8 frames, comes on top)",
+        low=0.01, high=60.0),
     "tracking_accept_threshold": Param(
         0.5,
         "a tracked frame is accepted when its p_success (the tracking quality model's) is at least this; unset = "

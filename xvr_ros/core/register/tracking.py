@@ -61,7 +61,9 @@ class TrackingOptions:
     size: long side (px) of the pyramid level a tracked frame is refined and assessed on (the
         refinement's second-finest level by default: ~4x cheaper to render than the finest, 96 px,
         for a measured accuracy of about half a millimetre there against about a tenth).
-    time_budget: s allowed for one tracked refinement; max_iterations: its cap on renders.
+    time_budget: s allowed for the Newton steps of one tracked refinement (a Hessian computed at
+        its start, on a track's first frame, and the field of view's detection come on top);
+        max_iterations: its cap on renders.
     max_step_mm, max_step_rad: trust region of one Newton step, in the isocenter twist: at most
         this translation (mm) and rotation (rad); a frame-to-frame change is smaller.
     tolerance_mm, tolerance_rad: a Newton step smaller than both ends the refinement (converged).
@@ -283,7 +285,9 @@ def track(
         if hessian is None or hessian.factor != factor:
             hessian = pose_uncertainty(renderer, image, xray.detector, pose, mask=mask, factor=factor)
         objective = IsocenterObjective(renderer, image, xray.detector, pose, mask=mask, factor=factor)
-        result = _newton(objective, hessian.hessian_isocenter, options, t0, callback)
+        # The budget is the Newton steps': a track's first frame, which computes the Hessian, must
+        # not be cut short for it (the quality model reads an unconverged refinement as doubtful).
+        result = _newton(objective, hessian.hessian_isocenter, options, time.perf_counter(), callback)
     result.pose = result.pose.to(pose)
     result.init_pose = pose
     return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask,
