@@ -165,9 +165,9 @@ PARAMETERS: dict[str, Param] = {
         10.0, "s after the last accepted frame within which the next one is tracked", low=0.01, high=600.0
     ),
     "tracking_max_jump_rotation": Param(
-        0.6,
+        0.8,
         "rad: a network estimate this far (rotation) from the tracked pose means the view changed: full path; "
-        "0 = no rotation check",
+        "0 = no rotation check (a nearer view change fails the tracked frame's gate instead, one frame later)",
         low=0.0,
         high=3.1416,
     ),
@@ -287,6 +287,7 @@ class Refiner(ImageNode):
         self._catching_up = False  # a full registration runs: superseded frames are kept to catch up on
         self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), one per catch-up interval
         self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
+        self._last_kept = -math.inf  # stamp (s) of the last frame kept to catch up on
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -483,6 +484,7 @@ class Refiner(ImageNode):
         with self._track_lock:
             recent = self._tracker.recent_pose(t, xray.detector) if p["tracking"] else None
             self._catching_up, self._skipped = p["tracking"] and p["tracking_catch_up_interval"] > 0, []
+            self._last_kept = -math.inf
         reg = register(
             volume.renderer,
             xray,
@@ -516,10 +518,10 @@ class Refiner(ImageNode):
             return
         t = convert.ns_from_time(image.header.stamp) * 1e-9
         with self._track_lock:
-            if not self._catching_up or (self._skipped and t - self._skipped[-1][0] < self.params[
-                    "tracking_catch_up_interval"]):
+            if not self._catching_up or t - self._last_kept < self.params["tracking_catch_up_interval"]:
                 return
             self._skipped.append((t, entry))
+            self._last_kept = t
             del self._skipped[:-MAX_CATCH_UP_FRAMES]  # memory: the newest are the ones that matter
 
     def _catch_up(self, volume: _Volume, accepted: bool) -> None:

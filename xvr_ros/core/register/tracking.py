@@ -53,8 +53,10 @@ class TrackingOptions:
     max_jump_deg, max_jump_mm: the network's estimate of a frame may differ from the tracked
         prior by at most this rotation (deg) and translation (mm); beyond either, the C-arm is
         taken to have moved to another view and the full path runs. None = no such check. The
-        limits are wide: a CPU-trained network errs by tens of mm (most of it in depth), and
-        only a view change, not its error, should end a track.
+        limits are wide: a CPU-trained network errs by tens of mm (most of it in depth) and, for
+        some views, by 35 deg (it ended good tracks in the replay at 35 deg), and only a view
+        change, not its error, should end a track; a smaller view change fails the tracked
+        frame's quality gate instead.
     extrapolate: start from the last pose moved by the last velocity (constant-velocity model),
         else from the last pose itself. The velocity is used only when it was measured, and is
         applied, over at most ``max_extrapolation`` s (an average over longer times says little).
@@ -79,7 +81,7 @@ class TrackingOptions:
     """
 
     max_gap: float = 10.0
-    max_jump_deg: float | None = 35.0
+    max_jump_deg: float | None = 46.0
     max_jump_mm: float | None = 250.0
     extrapolate: bool = True
     max_extrapolation: float = 1.0
