@@ -333,3 +333,34 @@ def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monke
         assert "no quality model" in verdict.reason
     finally:
         close(node, context)
+
+
+@pytest.mark.parametrize("verdicts, tracked, track_ended", [
+    ("AAAA", 4, False),
+    ("ARAA", 3, False),  # one rejected frame is skipped: nothing is published for it anyway
+    ("ARRA", 1, True),  # two in a row end the track, and the catch-up
+])
+def test_catch_up_skips_a_rejected_frame_and_ends_the_track_on_two(ros_domain, monkeypatch, verdicts, tracked,
+                                                                   track_ended):
+    from types import SimpleNamespace
+
+    from xvr_ros.ros import refiner as refiner_module
+
+    node, context = refiner()
+    try:
+        answers = iter(verdicts)
+        calls = []
+        monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
+        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network: (SimpleNamespace(t=t), ""))
+        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: SimpleNamespace(
+            accepted=next(answers) == "A"))
+        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
+            (outcome.t, verdict.accepted)))
+        node._skipped = [(500.0 + 0.4 * i, f"frame {i}") for i in range(len(verdicts))]
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True)
+        assert sum(accepted for _, accepted in calls) == tracked
+        assert (calls[-1] == (pytest.approx(500.0 + 0.4 * 2), False)) == track_ended  # the second rejection
+        assert [a for _, a in calls].count(False) == (1 if track_ended else 0)  # a skipped one is not recorded
+        assert refiner_module.CATCH_UP_MAX_REJECTIONS == 2
+    finally:
+        close(node, context)

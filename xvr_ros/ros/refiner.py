@@ -226,6 +226,9 @@ _KINDS = ("image", "camera_info", "initial_pose")
 #: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 12.8 s at
 #: the default 0.4 s interval, longer than a full registration on a CPU.
 MAX_CATCH_UP_FRAMES = 32
+#: Caught-up frames rejected in a row that end the track (a rejected one is skipped: the gate
+#: rejected frames 0.1-0.8 mm off at p 0.93-0.957 in the replays, each ending a track).
+CATCH_UP_MAX_REJECTIONS = 2
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
@@ -527,9 +530,11 @@ class Refiner(ImageNode):
     def _catch_up(self, volume: _Volume, accepted: bool) -> None:
         """After a full registration: track the frames kept meanwhile (:meth:`superseded`; more come
         in while this runs), in order and without results (each was dropped and accounted for), until
-        one is rejected or none is left. The next frame then starts from a prior a catch-up interval
-        old instead of a full registration's seconds, over which the C-arm may have turned degrees."""
-        caught_up = 0
+        none is left or CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends; a single
+        rejected one is skipped: it has no result to withhold). The next frame then starts from a
+        prior a catch-up interval old instead of a full registration's seconds, over which the
+        C-arm may have turned degrees."""
+        caught_up, rejections = 0, 0
         while accepted and not self._stopping.is_set():
             with self._track_lock:
                 if not self._skipped:
@@ -540,9 +545,11 @@ class Refiner(ImageNode):
             if outcome is None or self._stopping.is_set():
                 break
             verdict = self._assess(volume.tracking_renderer, outcome, xray)
-            self._update_track(entry, xray, outcome, verdict)
-            accepted = verdict.accepted
-            caught_up += accepted
+            rejections = 0 if verdict.accepted else rejections + 1
+            if verdict.accepted or rejections >= CATCH_UP_MAX_REJECTIONS:
+                self._update_track(entry, xray, outcome, verdict)
+            accepted = rejections < CATCH_UP_MAX_REJECTIONS
+            caught_up += verdict.accepted
         self._catch_up_note = (f"from a track caught up through {caught_up} frame(s) superseded during the full "
                                "registration" if caught_up else "")
 
