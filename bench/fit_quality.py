@@ -299,45 +299,47 @@ def worker(indices: list[int], seed: int, cache: Path, path: str) -> None:
               flush=True)
 
 
-def cached(cache_dir: Path, seed: int, path: str) -> dict[int, dict]:
-    records = {}
-    for file in sorted(cache_dir.glob(f"seed{seed}_*.jsonl")):
+def _cached_lines(cache_dir: Path, prefix: str):
+    """The records in ``cache_dir``'s ``<prefix>*.jsonl`` files, in file order."""
+    for file in sorted(cache_dir.glob(f"{prefix}*.jsonl")):
         for line in file.read_text().splitlines():
             try:
-                r = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:  # a line cut by a killed worker
                 continue
-            if r.get("start") == PLANS[path][r["index"] % len(PLANS[path])]:  # else another case plan
-                records[r["index"]] = r
-    return records
 
 
-def simulate_runs(n: int, seed: int, workers: int, cache_dir: Path) -> list[list[dict]]:
-    """The tracked frames of runs 0..n-1 (cached per run like the cases) -> one list per run."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def have() -> dict[int, list[dict]]:
-        runs: dict[int, list[dict]] = {}
-        for file in sorted(cache_dir.glob(f"runs_seed{seed}_*.jsonl")):
-            for line in file.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a killed worker
-                    continue
-                runs.setdefault(r["run"], []).append(r)
-        return runs
-
-    todo = [k for k in range(n) if k not in have()]
+def _run_workers(todo: list[int], workers: int, seed: int, path: str, cache_dir: Path, prefix: str) -> None:
+    """Simulate ``todo`` (case or run indices) in ``workers`` processes, each appending to a file of its own."""
     procs = []
     for k in range(workers):
         part = todo[k::workers]
         if part:
             cmd = [sys.executable, __file__, "--worker", ",".join(map(str, part)), "--seed", str(seed),
-                   "--path", "runs", "--cache", str(cache_dir / f"runs_seed{seed}_w{k}_{time.time_ns()}.jsonl")]
+                   "--path", path, "--cache", str(cache_dir / f"{prefix}w{k}_{time.time_ns()}.jsonl")]
             procs.append(subprocess.Popen(cmd))
     for p in procs:
         if p.wait() != 0:
             raise SystemExit(f"a worker failed (exit {p.returncode})")
+
+
+def cached(cache_dir: Path, seed: int, path: str) -> dict[int, dict]:
+    return {r["index"]: r for r in _cached_lines(cache_dir, f"seed{seed}_")
+            if r.get("start") == PLANS[path][r["index"] % len(PLANS[path])]}  # else another case plan
+
+
+def simulate_runs(n: int, seed: int, workers: int, cache_dir: Path) -> list[list[dict]]:
+    """The tracked frames of runs 0..n-1 (cached per run like the cases) -> one list per run."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"runs_seed{seed}_"
+
+    def have() -> dict[int, list[dict]]:
+        runs: dict[int, list[dict]] = {}
+        for r in _cached_lines(cache_dir, prefix):
+            runs.setdefault(r["run"], []).append(r)
+        return runs
+
+    _run_workers([k for k in range(n) if k not in have()], workers, seed, "runs", cache_dir, prefix)
     runs = have()
     return [runs[k] for k in range(n)]
 
@@ -345,17 +347,7 @@ def simulate_runs(n: int, seed: int, workers: int, cache_dir: Path) -> list[list
 def simulate_all(n: int, seed: int, workers: int, cache_dir: Path, path: str) -> list[dict]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     have = cached(cache_dir, seed, path)
-    todo = [i for i in range(n) if i not in have]
-    procs = []
-    for k in range(workers):
-        part = todo[k::workers]
-        if part:
-            cmd = [sys.executable, __file__, "--worker", ",".join(map(str, part)), "--seed", str(seed), "--path", path,
-                   "--cache", str(cache_dir / f"seed{seed}_w{k}_{time.time_ns()}.jsonl")]
-            procs.append(subprocess.Popen(cmd))
-    for p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"a worker failed (exit {p.returncode})")
+    _run_workers([i for i in range(n) if i not in have], workers, seed, path, cache_dir, f"seed{seed}_")
     have = cached(cache_dir, seed, path)
     return [have[i] for i in range(n)]
 
