@@ -12,6 +12,7 @@ fluoroscopy through the tracking path and its fall-backs.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -365,5 +366,44 @@ def test_catch_up_skips_a_rejected_frame_and_ends_the_track_on_two(ros_domain, m
         assert (calls[-1] == (pytest.approx(500.0 + 0.4 * 2), False)) == track_ended  # the second rejection
         assert [a for _, a in calls].count(False) == (1 if track_ended else 0)  # a skipped one is not recorded
         assert refiner_module.CATCH_UP_MAX_REJECTIONS == 2
+    finally:
+        close(node, context)
+
+
+def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_domain, monkeypatch):
+    """Caught up at the interval's own cost, the refiner would chase the stream as long as it lasts."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros import refiner as refiner_module
+
+    node, context = refiner()
+    try:
+        monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
+        monkeypatch.setattr(node, "_update_track", lambda *args: None)
+
+        def slow_track(t, xray, volume, network):  # a caught-up frame costing 0.3 s of a monotonic clock
+            clock[0] += 0.3
+            return SimpleNamespace(t=t), ""
+
+        clock = [100.0]
+        monkeypatch.setattr(refiner_module.time, "monotonic", lambda: clock[0])
+        monkeypatch.setattr(node, "_track", slow_track)
+        monkeypatch.setattr(node, "_assess", lambda *args: SimpleNamespace(accepted=True))
+
+        def kept(stamps):
+            node._catching_up, node._skipped, node._last_kept = True, [], -math.inf
+            for t in stamps:
+                secs, nsecs = int(t), round((t - int(t)) * 1e9)
+                stamp = SimpleNamespace(sec=secs, nanosec=nsecs)
+                node.superseded(SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp)),
+                                                       "camera_info": None}))
+            return [t for t, _ in node._skipped]
+
+        frames = [500.0 + i / 8 for i in range(32)]  # 4 s at 8 frames/s
+        assert kept(frames) == pytest.approx(frames[::4])  # >= 0.4 s apart: the parameter
+        node._skipped = [(500.0, "frame")]
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True)
+        assert node._catch_up_interval() == pytest.approx(0.6)  # twice 0.3 s
+        assert kept(frames) == pytest.approx(frames[::5])
     finally:
         close(node, context)

@@ -98,7 +98,7 @@ def test_time_going_backwards_restarts_the_track():
 
 def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
-                dict(max_rejections=0)):
+                dict(max_rejections=0), dict(min_gain=-1.0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 
@@ -141,6 +141,32 @@ def test_newton_steps_with_the_last_frames_hessian_converge_in_a_few_renders(set
     assert bool(reg.refinement.converged[0]) and reg.refinement.iterations < 15, reg.refinement.message
     # The similarity never gets worse: a step that would lower it is halved, not taken.
     assert float(reg.refinement.similarity[0]) >= float(reg.refinement.trajectory[0][0])
+
+
+def test_the_predicted_gain_is_the_quadratic_models():
+    from xvr_ros.core.register.tracking import _gain
+
+    H = torch.diag(torch.tensor([4.0, 1.0, 2.0, 100.0, 50.0, 10.0], dtype=torch.float64))
+    g = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, -1.0]], dtype=torch.float64)
+    newton = -(torch.linalg.inv(H) @ g[0])[None]
+    # At the Newton step the model's decrease of -s is g.H^-1.g / 2; half the step gains 3/4 of it.
+    full = float(g[0] @ torch.linalg.inv(H) @ g[0]) / 2
+    assert _gain(newton, g, H) == pytest.approx(full)
+    assert _gain(newton / 2, g, H) == pytest.approx(0.75 * full)
+    assert _gain(-newton, g, H) < 0  # uphill in -s
+
+
+def test_a_step_predicted_to_gain_less_than_min_gain_ends_the_refinement(setup):  # noqa: F811 - the fixture
+    renderer, truth, image = setup
+    previous = pose_uncertainty(renderer, image, DET, truth, factor=tracking_factor(DET))
+    start = offset(truth, (0.3, -0.2, 0.2), (0.8, -1.0, 0.5))
+    runs = {}
+    for min_gain in (0.0, 1e-6, 1.0):
+        options = TrackingOptions(time_budget=30.0, max_iterations=40, min_gain=min_gain)
+        runs[min_gain] = track(renderer, Xray(image, DET), start, hessian=previous, options=options).refinement
+    assert runs[1.0].iterations == 1 and bool(runs[1.0].converged[0])  # no step could gain 1.0 of similarity
+    assert runs[1e-6].iterations <= runs[0.0].iterations
+    assert runs[1e-6].iterations > 1 and bool(runs[1e-6].converged[0]), runs[1e-6].message
 
 
 def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejection(setup):  # noqa: F811

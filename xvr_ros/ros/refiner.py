@@ -183,7 +183,7 @@ PARAMETERS: dict[str, Param] = {
         64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
     ),
     "tracking_time_budget": Param(
-        0.25, "s allowed for the Newton steps of a tracked frame (a new Hessian, every 8 frames, comes on top)",
+        0.25, "s allowed for the Newton steps of a tracked frame (a new Hessian, every 24 frames, comes on top)",
         low=0.01, high=60.0),
     "tracking_accept_threshold": Param(
         0.5,
@@ -199,8 +199,9 @@ PARAMETERS: dict[str, Param] = {
     "tracking_catch_up_interval": Param(
         0.4,
         "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
-        "after it, one per this interval, without results (they were dropped), so that the next frame starts "
-        "from where the C-arm is now; 0 = off",
+        "after it, one per this interval (or per twice a caught-up frame's cost, when longer: it must gain on the "
+        "stream), without results (they were dropped), so that the next frame starts from where the C-arm is now; "
+        "0 = off",
         low=0.0,
         high=10.0,
     ),
@@ -229,6 +230,9 @@ MAX_CATCH_UP_FRAMES = 32
 #: Caught-up frames rejected in a row that end the track (a rejected one is skipped: the gate
 #: rejected frames 0.1-0.8 mm off at p 0.93-0.957 in the replays, each ending a track).
 CATCH_UP_MAX_REJECTIONS = 2
+#: The kept frames' interval is at least this many times a caught-up frame's cost: the catch-up
+#: then gains on the stream (one frame tracked per interval of it), and ends.
+CATCH_UP_GAIN = 2.0
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
@@ -291,6 +295,7 @@ class Refiner(ImageNode):
         self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), one per catch-up interval
         self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
         self._last_kept = -math.inf  # stamp (s) of the last frame kept to catch up on
+        self._catch_up_cost = 0.0  # s, the last caught-up frame's tracking and assessment
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -521,11 +526,17 @@ class Refiner(ImageNode):
             return
         t = convert.ns_from_time(image.header.stamp) * 1e-9
         with self._track_lock:
-            if not self._catching_up or t - self._last_kept < self.params["tracking_catch_up_interval"]:
+            if not self._catching_up or t - self._last_kept < self._catch_up_interval():
                 return
             self._skipped.append((t, entry))
             self._last_kept = t
             del self._skipped[:-MAX_CATCH_UP_FRAMES]  # memory: the newest are the ones that matter
+
+    def _catch_up_interval(self) -> float:
+        """The parameter's interval, or twice what a caught-up frame costs when that is longer: frames
+        keep coming while it catches up, and it must gain on them (at the interval's own cost it
+        would chase them for as long as the stream lasts)."""
+        return max(self.params["tracking_catch_up_interval"], CATCH_UP_GAIN * self._catch_up_cost)
 
     def _catch_up(self, volume: _Volume, accepted: bool) -> None:
         """After a full registration: track the frames kept meanwhile (:meth:`superseded`; more come
@@ -540,11 +551,14 @@ class Refiner(ImageNode):
                 if not self._skipped:
                     break
                 t, entry = self._skipped.pop(0)
+            started = time.monotonic()
             xray = self.read_xray(entry, mask_clipped=self.params["mask_clipped"])
             outcome = None if xray is None else self._track(t, xray, volume, None)[0]
             if outcome is None or self._stopping.is_set():
                 break
             verdict = self._assess(volume.tracking_renderer, outcome, xray)
+            with self._track_lock:
+                self._catch_up_cost = time.monotonic() - started
             rejections = 0 if verdict.accepted else rejections + 1
             if verdict.accepted or rejections >= CATCH_UP_MAX_REJECTIONS:
                 self._update_track(entry, xray, outcome, verdict)

@@ -61,21 +61,29 @@ class TrackingOptions:
         else from the last pose itself. The velocity is used only when it was measured, and is
         applied, over at most ``max_extrapolation`` s (an average over longer times says little).
     size: long side (px) of the pyramid level a tracked frame is refined and assessed on (the
-        refinement's second-finest level by default: 2.6x cheaper per frame than the finest, 96 px,
-        but its depth, re-estimated every frame at this resolution, random-walks: on 12 simulated
-        runs tracked frame to frame (``bench/fit_quality.py --runs``) 11.8 % of the frames ended
-        over 1 mm against 1.7 % on 96 px, which the 64 px quality model does not see).
+        refinement's second-finest level by default). What sets a tracked frame's accuracy is
+        the volume level it is rendered from (``footprint_ratio``) more than this size: on 4
+        simulated runs tracked frame to frame without a gate, 64 px with 2.1 mm voxels was as
+        accurate as 96 px with 2.1 mm voxels, at half the cost, and 96 px with 2.8 mm voxels
+        worse than both (``bench/compare_tracking.py``).
     time_budget: s allowed for the Newton steps of one tracked refinement (a Hessian computed at
         its start, on a track's first frame, and the field of view's detection come on top);
         max_iterations: its cap on renders.
     max_step_mm, max_step_rad: trust region of one Newton step, in the isocenter twist: at most
         this translation (mm) and rotation (rad); a frame-to-frame change is smaller.
     tolerance_mm, tolerance_rad: a Newton step smaller than both ends the refinement (converged).
+    min_gain: a Newton step whose predicted gain in similarity (the quadratic model's) is below
+        this ends the refinement (converged): nearer the optimum the image noise, not the pose,
+        moves the similarity, and the steps' size alone (``tolerance_*``) ran every tracked frame
+        to ``max_iterations``. 1e-4 stopped too soon (more frames over 1 mm).
     footprint_ratio: the renderer's volume levels for tracked frames (:func:`tracking_renderer`):
-        finer than the full path's at the same image size, since a coarse level's slices
-        (e.g. 5 mm for a CT of 2.5 mm) bias the depth by about a millimetre at this image size.
-    hessian_frames: a Hessian (12 renders) serves this many tracked frames, then is computed
-        anew at the next one's start.
+        finer than the full path's at the same image size, since a coarse level's voxels bias
+        the depth, which a frame-to-frame track then accumulates: for the demo CT (0.7 x 0.7 x
+        2.5 mm) at 64 px, 0.75 renders 2.1 mm voxels where 1.0 rendered 2.8 mm ones, and tracked
+        frames over 1 mm fell from 5-19 % to 0.7-5.5 % of the frames on simulated runs
+        (``bench/compare_tracking.py``).
+    hessian_frames: a Hessian (12 renders, several tracked frames' worth) serves this many
+        tracked frames, then is computed anew at the next one's start.
     max_rejections: rejected frames in a row that end the track (the next frame takes the full
         path); until then the next frame is tracked again from the last accepted one. Measured
         with 3 (``bench_tracking.py``): frames tracked after a rejection start from an older pose,
@@ -94,12 +102,15 @@ class TrackingOptions:
     max_step_rad: float = 0.03
     tolerance_mm: float = 0.05
     tolerance_rad: float = 5e-4
-    footprint_ratio: float = 1.0
-    hessian_frames: int = 8
+    min_gain: float = 3e-5
+    footprint_ratio: float = 0.75
+    hessian_frames: int = 24
     max_rejections: int = 1
 
     def __post_init__(self):
         positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
+        if not self.min_gain >= 0:
+            raise ValueError(f"need min_gain >= 0, got {self.min_gain}")
         counts = (self.max_iterations, self.hessian_frames, self.max_rejections)
         if not all(v > 0 for v in positive) or self.size < 8 or min(counts) < 1:
             raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
@@ -302,6 +313,7 @@ def _newton(objective: IsocenterObjective, H: torch.Tensor, options: TrackingOpt
             callback) -> RefineResult:
     """Damped Newton ascent of the similarity from the objective's centre, the prior (see :func:`track`)."""
     inverse, _ = covariance_from_hessian(H, 1.0, MAX_SD)
+    curvature = torch.linalg.inv(inverse)  # H made positive definite, as the steps use it
     xi = torch.zeros(1, 6, dtype=torch.float64)
     loss, g = objective(xi)
     trajectory, renders, converged, why = [-loss.float()], 1, False, "iteration cap"
@@ -310,7 +322,7 @@ def _newton(objective: IsocenterObjective, H: torch.Tensor, options: TrackingOpt
         if time.perf_counter() - t0 > options.time_budget:
             why = "time budget"
             break
-        if _small(step, options):
+        if _small(step, options) or _gain(step, g, curvature) < options.min_gain:
             converged, why = True, "converged"
             break
         trial_loss, trial_g = objective(xi + step)
@@ -339,6 +351,12 @@ def _trust(step: torch.Tensor, options: TrackingOptions) -> torch.Tensor:
     shrink = min(1.0, options.max_step_mm / max(float(step[:3].norm()), 1e-12),
                  options.max_step_rad / max(float(step[3:].norm()), 1e-12))
     return (step * shrink)[None]
+
+
+def _gain(step: torch.Tensor, g: torch.Tensor, H: torch.Tensor) -> float:
+    """The similarity gain the quadratic model ``-(g.s + s.H.s / 2)`` predicts for the (1, 6) step ``s``."""
+    s = step[0].to(H)
+    return -float(g[0].to(H) @ s + 0.5 * s @ H @ s)
 
 
 def _small(step: torch.Tensor, options: TrackingOptions) -> bool:
