@@ -278,3 +278,58 @@ def test_reference_chunking(monkeypatch):
     torch.testing.assert_close(J_small, J_big, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(gs_small, gs_big, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(gt_small, gt_big, rtol=1e-12, atol=1e-13)
+
+
+def _python_progress_during(call) -> tuple[int, int]:
+    """Iterations a second Python thread makes while ``call()`` runs, and while a sleep of as long
+    runs (which releases the GIL): a call that holds the GIL starves it."""
+    import threading
+    import time
+
+    count, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        before, t0 = count[0], time.perf_counter()
+        call()
+        during, seconds = count[0] - before, time.perf_counter() - t0
+        before = count[0]
+        time.sleep(seconds)
+        asleep = count[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    return during, asleep
+
+
+@pytest.mark.parametrize("name", ["trilinear", "siddon"])
+def test_the_kernels_release_the_gil(name):
+    """A node rendering must not stop the other threads of its process (a second node, the executor)."""
+    ext = _ext.load(name)
+    if ext is None:
+        pytest.skip(f"C++ {name} extension cannot be built here")
+    gen = torch.Generator().manual_seed(0)
+    shape = (160, 160, 160)
+    volume = torch.rand(*shape, 1, generator=gen)
+    src, tgt = random_rays(shape, 1, 60000, torch.float32, gen)
+    if name == "trilinear":
+        J = ext.forward(volume, src, tgt, [1.0, 1.0, 1.0], 0.25)
+        calls = [lambda: ext.forward(volume, src, tgt, [1.0, 1.0, 1.0], 0.25),
+                 lambda: ext.backward(torch.ones_like(J), volume, src, tgt, [1.0, 1.0, 1.0], 0.25)]
+    else:
+        J = ext.forward(volume, src, tgt)
+        calls = [lambda: ext.forward(volume, src, tgt), lambda: ext.backward(volume, src, tgt, torch.ones_like(J))]
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the kernel on one core, the spinning thread on another
+        for call in calls:
+            during, asleep = _python_progress_during(call)
+            assert during > 0.2 * asleep, (during, asleep)  # holding the GIL: ~0
+    finally:
+        torch.set_num_threads(n)

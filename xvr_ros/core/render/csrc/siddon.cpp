@@ -446,10 +446,13 @@ std::vector<at::Tensor> siddon_backward(at::Tensor volume, at::Tensor source, at
   return {gsrc, gtgt};
 }
 
+// The kernels touch no Python object: they release the GIL, so that the other threads of a
+// process (a second node, the ROS executor) run while one renders.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &siddon_forward, "Exact nearest-voxel line integrals (B, N, C)",
-        py::arg("volume"), py::arg("source"), py::arg("target"));
+        py::arg("volume"), py::arg("source"), py::arg("target"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &siddon_backward,
         "Gradients of the line integrals w.r.t. source (per ray) and target",
-        py::arg("volume"), py::arg("source"), py::arg("target"), py::arg("grad_out"));
+        py::arg("volume"), py::arg("source"), py::arg("target"), py::arg("grad_out"),
+        py::call_guard<py::gil_scoped_release>());
 }

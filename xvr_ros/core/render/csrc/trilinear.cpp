@@ -737,13 +737,15 @@ std::vector<torch::Tensor> line_integrals_backward(const torch::Tensor& grad_out
 
 }  // namespace
 
+// The kernels touch no Python object: they release the GIL, so that the other threads of a
+// process (a second node, the ROS executor) run while one renders.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Trilinear line integrals through a voxel volume (forward + exact backward), CPU";
   m.def("forward", &line_integrals_forward, "J = line_integrals(volume, source, target, spacing, step)",
         py::arg("volume"), py::arg("source"), py::arg("target"), py::arg("spacing"),
-        py::arg("step"));
+        py::arg("step"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &line_integrals_backward,
         "(grad_source, grad_target) = backward(grad_J, volume, source, target, spacing, step)",
         py::arg("grad_out"), py::arg("volume"), py::arg("source"), py::arg("target"),
-        py::arg("spacing"), py::arg("step"));
+        py::arg("spacing"), py::arg("step"), py::call_guard<py::gil_scoped_release>());
 }
