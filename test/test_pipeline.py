@@ -258,6 +258,60 @@ def test_the_pose_estimator_reuses_a_recent_field_of_view_of_the_same_intrinsics
         rclpy.try_shutdown(context=context)
 
 
+def test_while_the_refiner_tracks_one_frame_per_period_gets_an_estimate(ros_domain, monkeypatch):
+    """A tracked frame needs no network start; on a CPU the network on every frame takes the
+    refiner's core. Skipped frames go on dropped_topic (the refiner must not wait) uncounted."""
+    from types import SimpleNamespace
+
+    import rclpy
+    import torch
+    from rclpy.parameter import Parameter
+
+    from xvr_ros.core.geometry import Detector
+    from xvr_ros.core.io.xray import Xray
+    from xvr_ros.msg import RegistrationResult
+    from xvr_ros.ros import pose_estimator
+
+    det = Detector(sdd=1020.0, height=32, width=32, delx=1.0, dely=1.0)
+    pose = torch.eye(4, dtype=torch.float64)
+    pose[1, 3] = 800.0  # mm from the isocenter
+    monkeypatch.setattr(pose_estimator, "predict_initial_pose", lambda *args: pose[None])
+    clock = [100.0]
+    monkeypatch.setattr(pose_estimator.time, "monotonic", lambda: clock[0])
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = pose_estimator.PoseEstimator(
+            context=context, parameter_overrides=[Parameter("tracking_estimate_period", value=1.0)])
+        node._model = SimpleNamespace(checkpoint=SimpleNamespace(metadata={}), canonical=det, covariance_mm=None,
+                                      path="model.pt")
+        monkeypatch.setattr(node, "read_xray", lambda entry, **_: Xray(torch.rand(1, 1, 32, 32), det))
+        out = []
+        monkeypatch.setattr(node._pose_pub, "publish", lambda msg: out.append("pose"))
+        monkeypatch.setattr(node._dropped_pub, "publish", lambda msg: out.append("passed on"))
+
+        def frame(dt=0.1):
+            clock[0] += dt
+            stamp = SimpleNamespace(sec=int(clock[0]), nanosec=0)
+            node._estimate(SimpleNamespace(key=(int(clock[0] * 10), 0), arrived={"image": clock[0]},
+                                           parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp))}))
+            return out.pop()
+
+        assert [frame() for _ in range(3)] == ["pose"] * 3  # not tracking: every frame
+        node._on_registration(RegistrationResult(accepted=True, path="tracking"))
+        assert [frame(0.3) for _ in range(4)] == ["passed on", "passed on", "passed on", "pose"]  # 1 s apart
+        assert node.skipped_total == 3 and node.dropped_total == 0
+        node._on_registration(RegistrationResult(accepted=False, path="tracking"))  # the track ended
+        assert frame() == "pose"
+        node._on_registration(RegistrationResult(accepted=True, path="tracking"))
+        assert frame() == "passed on"
+        clock[0] += 2.5  # no tracked result for longer than TRACKING_FRESH: the refiner stalled or stopped
+        assert frame() == "pose"
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
 def test_following_the_publishers_qos_never_breaks_a_multithreaded_executor(ros_domain):
     """image_qos=auto resubscribes from a timer thread while the executor builds its wait set.
 

@@ -407,3 +407,28 @@ def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_dom
         assert kept(frames) == pytest.approx(frames[::5])
     finally:
         close(node, context)
+
+
+def test_an_upstream_drop_while_tracking_is_decided_when_the_frame_is_paired(ros_domain):
+    """The pose estimator skips frames while the refiner tracks, unreported: one must be tracked
+    (released early) or dropped with a report, never dropped silently."""
+    from builtin_interfaces.msg import Time
+    from std_msgs.msg import Header
+
+    node, context = refiner()
+    try:
+        reports = []
+        node.diagnostics.report = lambda level, message, **kv: reports.append((level, kv.get("outcome")))
+        drop = Header(stamp=Time(sec=500, nanosec=0))
+        node._tracked_at = time.monotonic()  # an accepted tracked result was just published
+        node._on_upstream_drop(drop)
+        assert (500, 0) in node._upstream_dropped and node.dropped_total == 0  # up to the pairing
+        node._upstream_dropped.clear()
+        node._needs_network.add((500, 0))  # not trackable, waiting for its estimate: dropped now, reported
+        node._on_upstream_drop(drop)
+        assert node.dropped_total == 1 and reports == [("WARN", "upstream")]
+        node._tracked_at = -math.inf  # not tracking: the pose estimator reported its drop itself
+        node._on_upstream_drop(Header(stamp=Time(sec=501, nanosec=0)))
+        assert node.dropped_total == 2 and len(reports) == 1 and not node._upstream_dropped
+    finally:
+        close(node, context)

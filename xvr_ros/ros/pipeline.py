@@ -181,6 +181,11 @@ def file_key(path: str) -> tuple | None:
 #: (see ``ImageNode._retire``); the image nodes' executors wake at least every 0.1 s.
 RETIRED_MIN_AGE = 0.5
 
+#: s: how long after the refiner's last accepted tracked frame the pose estimator counts it as
+#: tracking (``tracking_estimate_period``); the refiner waits a second longer before it takes an
+#: upstream drop for a plain drop (the pose estimator may have skipped that frame unreported).
+TRACKING_FRESH = 2.0
+
 #: s: the interpreter's thread switch interval while an image node runs (see ``start_pipeline``).
 GIL_SWITCH_INTERVAL = 2e-4
 
@@ -564,6 +569,16 @@ class ImageNode(Node):
                 level, f"image {stamp} dropped: {reason}", stamp=stamp, outcome=outcome, reason=reason,
                 dropped_total=total, **kv
             )
+
+    def pass_on(self, key: tuple[int, int]) -> None:
+        """A frame this node deliberately gives no output for (not a drop: not counted or reported):
+        its stamp on ``dropped_topic`` so that the next node does not wait for it."""
+        self._pairer.discard(key)
+        with self._drop_lock:
+            self._accounted[key] = None
+            while len(self._accounted) > 1000:
+                self._accounted.popitem(last=False)
+        self._dropped_pub.publish(Header(stamp=Time(sec=key[0], nanosec=key[1])))
 
     def answered(self, key: tuple[int, int]) -> None:
         """Mark a stamp as answered: a later drop report of it (e.g. from upstream) is not counted,

@@ -2,11 +2,12 @@
 
 Inputs: ``sensor_msgs/Image`` and ``sensor_msgs/CameraInfo`` (paired here by header stamp;
 reliability as offered, parameter ``image_qos``), ``xvr_ros/ModelInfo`` (transient local: which
-checkpoint to use). Outputs: ``geometry_msgs/PoseWithCovarianceStamped`` in the volume frame,
-stamped with the image's stamp: the pose of the C-arm source's optical frame (the frame of the
-``CameraInfo``), metres, with the covariance of the checkpoint's held-out validation; for every
-frame that gets no pose, a ``std_msgs/Header`` with its stamp on ``dropped_topic`` (the refiner
-then releases it at once).
+checkpoint to use), ``xvr_ros/RegistrationResult`` (the refiner's: while it tracks, only one
+frame per ``tracking_estimate_period`` gets an estimate). Outputs:
+``geometry_msgs/PoseWithCovarianceStamped`` in the volume frame, stamped with the image's stamp:
+the pose of the C-arm source's optical frame (the frame of the ``CameraInfo``), metres, with the
+covariance of the checkpoint's held-out validation; for every frame that gets no pose, a
+``std_msgs/Header`` with its stamp on ``dropped_topic`` (the refiner then releases it at once).
 
 Work happens in worker threads (the callbacks only hand messages on): one loads checkpoints, one
 runs inference on the newest complete image (a queue of one). Bad input never stops the node: it
@@ -18,6 +19,7 @@ The pairing, the workers and the drop reporting are :class:`xvr_ros.ros.pipeline
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -35,10 +37,11 @@ from xvr_ros.core.model.inference import (
     uses_field_of_view,
 )
 from xvr_ros.core.register.tracking import same_intrinsics
-from xvr_ros.msg import ModelInfo
+from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert
 from xvr_ros.ros.pipeline import (
     IMAGE_NODE_PARAMETERS,
+    TRACKING_FRESH,
     ImageNode,
     Param,
     Pending,
@@ -64,6 +67,18 @@ PARAMETERS: dict[str, Param] = {
     "device": Param("cpu", "torch device for the network (cpu, cuda, cuda:1, ...)"),
     "camera_info_timeout": Param(
         1.0, "s an image waits for the CameraInfo with its stamp before it is dropped", low=0.01, high=3600.0
+    ),
+    "registration_topic": Param(
+        "xray/registration", "xvr_ros/RegistrationResult input: the refiner's results (tracking_estimate_period)"
+    ),
+    "tracking_estimate_period": Param(
+        1.0,
+        "s: while the refiner tracks (its latest result is an accepted tracked frame, at most 2 s old), the network "
+        "estimates at most one frame per this period: a tracked frame needs no network start, only the estimate's "
+        "check for a view change, and on a CPU the network on every frame takes the core the refiner tracks on; "
+        "the other frames get no estimate (their stamps on dropped_topic, not counted as dropped); 0 = every frame",
+        low=0.0,
+        high=3600.0,
     ),
     "field_of_view_period": Param(
         0.0,
@@ -98,9 +113,17 @@ class PoseEstimator(ImageNode):
         self._model: _Model | None = None
         self._model_lock = threading.Lock()
         self._fov: tuple[float, Any, Any] | None = None  # (time.monotonic(), detector, mask) of the last detection
+        self._tracked_at = -math.inf  # time.monotonic() of the refiner's latest result, when an accepted tracked one
+        self._estimated_at = -math.inf  # time.monotonic() of the latest estimate published
+        self.skipped_total = 0  # frames given no estimate while the refiner tracked
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["initial_pose_topic"], 10)
         self.start_pipeline(_KINDS, p["camera_info_timeout"], self._load_model, self._estimate, "an estimate")
+        self.create_subscription(RegistrationResult, p["registration_topic"], self._on_registration, 10)
         self.diagnostics.set_state("WARN", f"no model loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
+
+    # ---- callbacks: hand work on (image, CameraInfo and ModelInfo: ImageNode's) --------------
+    def _on_registration(self, msg: RegistrationResult) -> None:
+        self._tracked_at = time.monotonic() if msg.accepted and msg.path == "tracking" else -math.inf
 
     # ---- worker: model loading --------------------------------------------------------------
     def _load_model(self, info: ModelInfo) -> None:
@@ -162,6 +185,10 @@ class PoseEstimator(ImageNode):
                 "ERROR",
             )
             return
+        if self._skip_while_tracking():
+            self.pass_on(entry.key)
+            self.skipped_total += 1
+            return
         xray = self.read_xray(entry, orientation=model.canonical.orientation)
         if xray is None:
             return
@@ -178,6 +205,7 @@ class PoseEstimator(ImageNode):
             self.drop(entry.key, "refused", f"the network gave no usable pose ({exc})", "ERROR")
             return
         self._pose_pub.publish(msg)
+        self._estimated_at = time.monotonic()
         latency = time.monotonic() - entry.arrived["image"]
         self.diagnostics.set_state(
             "OK",
@@ -187,8 +215,15 @@ class PoseEstimator(ImageNode):
             latency_s=latency,
             model_path=model.path,
             dropped_total=self.dropped_total,
+            skipped_total=self.skipped_total,
         )
         self.get_logger().debug(f"initial pose for image {stamp} in {latency:.3f} s")
+
+    def _skip_while_tracking(self) -> bool:
+        """Whether this frame goes without an estimate: the refiner tracks, and the last estimate is
+        less than ``tracking_estimate_period`` old."""
+        now, period = time.monotonic(), self.params["tracking_estimate_period"]
+        return now - self._tracked_at < TRACKING_FRESH and now - self._estimated_at < period
 
     def _field_of_view(self, xray):
         """The (1, 1, H, W) field of view of ``xray``: the last one detected, while it is recent and

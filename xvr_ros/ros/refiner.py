@@ -84,7 +84,15 @@ from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.msg import ModelInfo, RegistrationResult
 from xvr_ros.ros import convert, qos
-from xvr_ros.ros.pipeline import IMAGE_NODE_PARAMETERS, ImageNode, Param, Pending, declare_parameters, file_key
+from xvr_ros.ros.pipeline import (
+    IMAGE_NODE_PARAMETERS,
+    TRACKING_FRESH,
+    ImageNode,
+    Param,
+    Pending,
+    declare_parameters,
+    file_key,
+)
 
 __all__ = ["PARAMETERS", "Refiner", "main"]
 
@@ -208,7 +216,8 @@ PARAMETERS: dict[str, Param] = {
     "tracking_wait_for_network": Param(
         False,
         "a tracked frame waits for its own initial pose (the jump check sees this frame's network estimate); "
-        "false = it starts as soon as image and CameraInfo are in, checked against the latest network estimate",
+        "false = it starts as soon as image and CameraInfo are in, checked against the latest network estimate "
+        "(true: set the pose estimator's tracking_estimate_period to 0, else the frames it skips are dropped)",
     ),
     "publish_overlay": Param(True, "publish the overlay image (rendered only while someone subscribes)"),
     "overlay_period": Param(
@@ -299,7 +308,8 @@ class Refiner(ImageNode):
         self._last_overlay = -math.inf  # time.monotonic() of the last overlay
         self._early: set = set()  # stamps released to be tracked before their initial pose came
         self._needs_network: set = set()  # stamps released early that must wait for their initial pose after all
-        self._upstream_dropped: set = set()  # stamps released early that the pose estimator dropped
+        self._upstream_dropped: dict = {}  # stamps (keys) the pose estimator dropped or skipped, to decide here
+        self._tracked_at = -math.inf  # time.monotonic() of the last accepted tracked result
         self._catching_up = False  # a full registration runs: superseded frames are kept to catch up on
         self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), one per catch-up interval
         self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
@@ -309,7 +319,8 @@ class Refiner(ImageNode):
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
-        early = self._trackable if p["tracking"] and not p["tracking_wait_for_network"] else None
+        self._releases_early = p["tracking"] and not p["tracking_wait_for_network"]
+        early = self._trackable if self._releases_early else None
         self.start_pipeline(_KINDS, p["pairing_timeout"], self._load_volume, self._refine, "a refinement", early)
         self.create_subscription(PoseWithCovarianceStamped, p["initial_pose_topic"], self._on_initial_pose, 10)
         self.create_subscription(Header, p["initial_pose_dropped_topic"], self._on_upstream_drop, qos.DROPPED)
@@ -368,10 +379,21 @@ class Refiner(ImageNode):
     def _on_upstream_drop(self, msg: Header) -> None:
         key = convert.stamp_key(msg.stamp)
         if key in self._early:
-            self._upstream_dropped.add(key)  # tracked without the pose estimator's answer: answered here
+            self._note_upstream_drop(key)  # tracked without the pose estimator's answer: answered here
             return
-        # The pose estimator reported it: counted and passed on here, not reported twice.
-        self.drop(convert.stamp_key(msg.stamp), "upstream", "dropped by the pose estimator", report=False)
+        # While this node tracks, the pose estimator skips frames (tracking_estimate_period) without a
+        # report: such a frame is decided once it is paired (tracked, or dropped with a report).
+        skipped = time.monotonic() - self._tracked_at < TRACKING_FRESH + 1.0
+        if skipped and key not in self._needs_network and self._releases_early:
+            self._note_upstream_drop(key)
+            return
+        # Else the pose estimator reported it: counted and passed on here, not reported twice.
+        self.drop(key, "upstream", "dropped (or skipped) by the pose estimator", report=skipped)
+
+    def _note_upstream_drop(self, key) -> None:
+        self._upstream_dropped[key] = None
+        while len(self._upstream_dropped) > 1000:  # frames never paired (lost images) are forgotten
+            del self._upstream_dropped[next(iter(self._upstream_dropped))]
 
     # ---- worker: volume loading --------------------------------------------------------------
     def _load_volume(self, info: ModelInfo) -> None:
@@ -424,7 +446,7 @@ class Refiner(ImageNode):
             with self._track_lock:  # caught up, or the full registration failed: nothing more to keep
                 self._catching_up, self._skipped = False, []
             self._early.discard(entry.key)
-            self._upstream_dropped.discard(entry.key)
+            self._upstream_dropped.pop(entry.key, None)
             if "initial_pose" in entry.parts:
                 self._needs_network.discard(entry.key)
 
@@ -493,7 +515,7 @@ class Refiner(ImageNode):
                 return tracked
         if initial is None:
             if entry.key in self._upstream_dropped:  # its initial pose will never come
-                self.drop(entry.key, "upstream", f"dropped by the pose estimator and not trackable ({why})")
+                self.drop(entry.key, "upstream", f"dropped or skipped by the pose estimator and not trackable ({why})")
                 return None
             self._needs_network.add(entry.key)  # not released early again: no loop
             self.repair(entry)
@@ -640,6 +662,8 @@ class Refiner(ImageNode):
         optical = convert.optical_from_carm(pose, xray.detector)
         refined = convert.pose_with_covariance_to_msg(optical, verdict.covariance)
         if verdict.accepted:
+            if outcome.path == "tracking":
+                self._tracked_at = time.monotonic()
             self._pose_pub.publish(PoseWithCovarianceStamped(header=header, pose=refined))
             self._tf_pub.publish(TFMessage(transforms=[
                 convert.transform_stamped(optical, p["volume_frame"], p["source_frame"], image.header.stamp)
@@ -712,7 +736,7 @@ class Refiner(ImageNode):
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop
         self._needs_network.discard(key)
-        self._upstream_dropped.discard(key)
+        self._upstream_dropped.pop(key, None)
         super().drop(key, *args, **kwargs)
 
     # ---- shutdown -----------------------------------------------------------------------------
