@@ -205,7 +205,7 @@ PARAMETERS: dict[str, Param] = {
         "accepted one; then the full path runs)", low=1, high=1000
     ),
     "tracking_catch_up_interval": Param(
-        0.4,
+        0.6,
         "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
         "after it, one per this interval (or per twice a caught-up frame's cost, when longer: it must gain on the "
         "stream), without results (they were dropped), so that the next frame starts from where the C-arm is now; "
@@ -241,8 +241,8 @@ _KINDS = ("image", "camera_info", "initial_pose")
 #: many pixel footprints (the full path's finest scale uses 1.5), 2x faster (a 256 px overlay of
 #: a 512 px detector: 111 -> 56 ms) and on the refiner's worker, between frames.
 OVERLAY_FOOTPRINT_RATIO = 3.0
-#: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 12.8 s at
-#: the default 0.4 s interval, longer than a full registration on a CPU.
+#: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 19.2 s at
+#: the default 0.6 s interval, longer than a full registration on a CPU.
 MAX_CATCH_UP_FRAMES = 32
 #: Caught-up frames rejected in a row that end the track (a rejected one is skipped: the gate
 #: rejected frames 0.1-0.8 mm off at p 0.93-0.957 in the replays, each ending a track).
