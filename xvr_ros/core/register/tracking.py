@@ -63,8 +63,8 @@ class TrackingOptions:
     size: long side (px) of the pyramid level a tracked frame is refined and assessed on (the
         refinement's second-finest level by default). What sets a tracked frame's accuracy is
         the volume level it is rendered from (``footprint_ratio``) more than this size: on 4
-        simulated runs tracked frame to frame without a gate, 64 px with 2.1 mm voxels was as
-        accurate as 96 px with 2.1 mm voxels, at half the cost, and 96 px with 2.8 mm voxels
+        simulated runs tracked frame to frame without a gate, 64 px with 2.1 mm voxels was about
+        as accurate as 96 px with 2.1 mm voxels, at half the cost, and 96 px with 2.8 mm voxels
         worse than both (``bench/compare_tracking.py``).
     time_budget: s allowed for the Newton steps of one tracked refinement (a Hessian computed at
         its start, on a track's first frame, and the field of view's detection come on top);
@@ -80,7 +80,7 @@ class TrackingOptions:
         finer than the full path's at the same image size, since a coarse level's voxels bias
         the depth, which a frame-to-frame track then accumulates: for the demo CT (0.7 x 0.7 x
         2.5 mm) at 64 px, 0.75 renders 2.1 mm voxels where 1.0 rendered 2.8 mm ones, and tracked
-        frames over 1 mm fell from 5-19 % to 0.7-5.5 % of the frames on simulated runs
+        frames over 1 mm fell from 7-19 % to 0.7-5.5 % of the frames on simulated runs
         (``bench/compare_tracking.py``).
     hessian_frames: a Hessian (12 renders, several tracked frames' worth) serves this many
         tracked frames, then is computed anew at the next one's start.
