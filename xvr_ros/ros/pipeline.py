@@ -573,11 +573,7 @@ class ImageNode(Node):
     def pass_on(self, key: tuple[int, int]) -> None:
         """A frame this node deliberately gives no output for (not a drop: not counted or reported):
         its stamp on ``dropped_topic`` so that the next node does not wait for it."""
-        self._pairer.discard(key)
-        with self._drop_lock:
-            self._accounted[key] = None
-            while len(self._accounted) > 1000:
-                self._accounted.popitem(last=False)
+        self.answered(key)
         self._dropped_pub.publish(Header(stamp=Time(sec=key[0], nanosec=key[1])))
 
     def answered(self, key: tuple[int, int]) -> None:
