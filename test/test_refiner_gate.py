@@ -432,3 +432,45 @@ def test_an_upstream_drop_while_tracking_is_decided_when_the_frame_is_paired(ros
         assert node.dropped_total == 2 and len(reports) == 1 and not node._upstream_dropped
     finally:
         close(node, context)
+
+
+def test_the_overlay_is_rendered_beside_the_next_frame_not_before_it(ros_domain, monkeypatch):
+    """A result and its TF go out while the overlay still renders (one costs as much as a tracked
+    frame), and the overlay follows when it is done."""
+    from types import SimpleNamespace
+
+    from builtin_interfaces.msg import Time
+
+    from xvr_ros.ros import refiner as refiner_module
+    from xvr_ros.ros.pipeline import Pending
+
+    node, context = refiner()
+    try:
+        rendering, release, published = threading.Event(), threading.Event(), []
+
+        def slow_overlay(*args):
+            rendering.set()
+            assert release.wait(10.0)
+            return np.zeros((4, 4, 3), np.uint8)
+
+        monkeypatch.setattr(refiner_module, "registration_overlay", slow_overlay)
+        monkeypatch.setattr(node, "_overlay_due", lambda: True)
+        monkeypatch.setattr(node._overlay_pub, "publish", published.append)
+        detector = Detector(sdd=1000.0, height=4, width=4, delx=1.0, dely=1.0)
+        pose = carm_pose(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[0.0, 600.0, 0.0]]))
+        refinement = SimpleNamespace(message="m", similarity=torch.ones(1), iterations=3,
+                                     converged=torch.tensor([True]))
+        outcome = refiner_module._Outcome(SimpleNamespace(pose=pose, refinement=refinement, field_of_view=None),
+                                          "tracking", 0.5, PoseWithCovarianceStamped().pose)
+        verdict = refiner_module._Verdict(True, 0.99, "accepted", None)
+        image = Image(header=Header(stamp=Time(sec=7)))
+        entry = Pending((7, 0), {"image": image}, {"image": time.monotonic()})
+
+        # Rendered inline, the overlay would block _publish until the release below (then fail).
+        node._publish(entry, SimpleNamespace(detector=detector), None, outcome, verdict, 0.0)
+        assert rendering.wait(10.0) and not published, "the overlay should be rendering"
+        release.set()
+        assert wait_for(lambda: len(published) == 1, 10.0)
+        assert published[0].header.stamp == image.header.stamp and published[0].encoding == "rgb8"
+    finally:
+        close(node, context)

@@ -22,7 +22,8 @@ stamp:
 - an ``rgb8`` overlay ``sensor_msgs/Image`` for RViz: the X-ray with the edges of the DRR rendered
   at the refined pose (green) and the boundary of the scored field of view (orange): the core's
   one overlay (``core.imaging.registration_overlay``, as ``xvr-ros register`` draws it), rendered
-  only while someone subscribes;
+  only while someone subscribes, at most every ``overlay_period``, on a thread of its own (the
+  next frame's refinement does not wait for it; a newer request replaces one still waiting);
 - the stamp of every frame that gets no result (dropped here or upstream), ``std_msgs/Header`` on
   ``dropped_topic``: results + these stamps account for every frame once.
 
@@ -76,7 +77,7 @@ from xvr_ros.core.register.quality import (
     assess_registration,
     load_model,
 )
-from xvr_ros.core.register.refine import refine
+from xvr_ros.core.register.refine import intra_op_threads, refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
 from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, tracking_renderer
 from xvr_ros.core.register.uncertainty import world_axes_covariance
@@ -88,6 +89,7 @@ from xvr_ros.ros.pipeline import (
     IMAGE_NODE_PARAMETERS,
     TRACKING_FRESH,
     ImageNode,
+    LatestWorker,
     Param,
     Pending,
     declare_parameters,
@@ -239,7 +241,7 @@ PARAMETERS: dict[str, Param] = {
 _KINDS = ("image", "camera_info", "initial_pose")
 #: The overlay shows a DRR's edges to the eye: it is rendered from volume levels of up to this
 #: many pixel footprints (the full path's finest scale uses 1.5), 2x faster (a 256 px overlay of
-#: a 512 px detector: 111 -> 56 ms) and on the refiner's worker, between frames.
+#: a 512 px detector: 111 -> 56 ms), on a thread of its own (the next frame need not wait for it).
 OVERLAY_FOOTPRINT_RATIO = 3.0
 #: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 19.2 s at
 #: the default 0.6 s interval, longer than a full registration on a CPU.
@@ -319,6 +321,7 @@ class Refiner(ImageNode):
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
         self._overlay_pub = self.create_publisher(Image, p["overlay_topic"], 2) if p["publish_overlay"] else None
+        self._overlay_worker = LatestWorker(self._render_overlay, f"{node_name}-overlay", self._on_overlay_error)
         self._releases_early = p["tracking"] and not p["tracking_wait_for_network"]
         early = self._trackable if self._releases_early else None
         self.start_pipeline(_KINDS, p["pairing_timeout"], self._load_volume, self._refine, "a refinement", early)
@@ -687,8 +690,7 @@ class Refiner(ImageNode):
             )
         )
         if self._overlay_due():
-            rgb = registration_overlay(overlay_renderer, xray, pose, p["overlay_max_size"], reg.field_of_view)
-            self._overlay_pub.publish(convert.numpy_to_image(rgb, "rgb8", header=image.header))
+            self._overlay_worker.submit((overlay_renderer, xray, pose, reg.field_of_view, image.header))
         self._set_state(
             "OK" if verdict.accepted else "WARN",
             f"image {stamp} " + ("registered" if verdict.accepted else f"registered but {verdict.reason}: no TF"),
@@ -718,6 +720,18 @@ class Refiner(ImageNode):
         self._last_overlay = now
         return True
 
+    def _render_overlay(self, job) -> None:
+        """Overlay thread: one overlay (a newer request replaces one still waiting)."""
+        renderer, xray, pose, fov, header = job
+        with intra_op_threads(1):
+            rgb = registration_overlay(renderer, xray, pose, self.params["overlay_max_size"], fov)
+        if not self._stopping.is_set():
+            self._overlay_pub.publish(convert.numpy_to_image(rgb, "rgb8", header=header))
+
+    def _on_overlay_error(self, job, exc: BaseException) -> None:
+        self.diagnostics.warn(f"overlay of image {convert.stamp_to_str(job[4].stamp)} failed: "
+                              f"{type(exc).__name__}: {exc}")
+
     def _assess(self, renderer: Renderer, outcome: _Outcome, xray) -> _Verdict:
         """Accept or reject one registration with its path's quality model; its covariance in
         ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown."""
@@ -742,6 +756,7 @@ class Refiner(ImageNode):
     # ---- shutdown -----------------------------------------------------------------------------
     def destroy_node(self) -> None:
         self._stopping.set()  # a running refinement stops at its next iteration
+        self._overlay_worker.stop()
         super().destroy_node()
 
 
