@@ -78,33 +78,6 @@ def test_register_detects_a_leaking_collimator_and_masks_metal(setup):  # noqa: 
     assert register(renderer, x, init_pose=init, detect_fov=False, max_iterations=0).field_of_view is None
 
 
-def test_scored_pixels_decided_in_blocks_leave_out_the_same_metal_and_margin():
-    """A tracked frame decides its scored pixels on 2 x 2 blocks (odd-sized image): the wire and the
-    blade's margin go as at full resolution (the bands grow by up to a block), and every block
-    shares one verdict."""
-    import numpy as np
-
-    from xvr_ros.core.register.registration import scored_pixels
-
-    H, W = 67, 51
-    det = Detector(sdd=1000.0, height=H, width=W, delx=0.5, dely=0.5)
-    yy, xx = np.mgrid[0:H, 0:W]
-    image = 1.0 + 0.3 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
-    wire = (np.abs(xx - 25) <= 1) & (yy > 10) & (yy < 50)  # 1.5 mm wide
-    image[wire] += 2.0
-    fov = xx < 45  # a blade 3 mm from the right edge
-    xray = Xray(image=torch.from_numpy(image).float()[None, None], detector=det)
-    fov_t = torch.from_numpy(fov)[None, None]
-    full = scored_pixels(xray, fov_t, 2.0, True)[0, 0].numpy()
-    blocks = scored_pixels(xray, fov_t, 2.0, True, block=2)[0, 0].numpy()
-    assert blocks.shape == (H, W)
-    assert not full[wire].any() and not blocks[wire].any()
-    assert not blocks[:, 41:].any() and blocks[:, :36].any()  # the 2 mm margin inside the blade
-    even = blocks[: H // 2 * 2, : W // 2 * 2].reshape(H // 2, 2, W // 2, 2)
-    assert (even == even[:, :1, :, :1]).all()
-    assert not (blocks & ~full).any() and blocks.sum() > 0.85 * full.sum()  # wider bands around the wire
-
-
 @pytest.fixture(scope="module")
 def chest_case():
     """One bench-like case on the demo chest CT: a 448 x 512 px DeepFluoro detector (0.582 mm,

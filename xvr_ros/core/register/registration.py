@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
 from xvr_ros.core.io.xray import Xray
@@ -190,31 +189,17 @@ def _similarity(result: RefineResult) -> float:
 OUTLIER_WIDTH_MM = 6.0
 
 
-def scored_pixels(xray: Xray, fov: torch.Tensor | None, margin_mm: float, mask_outliers: bool,
-                  block: int = 1) -> torch.Tensor | None:
+def scored_pixels(xray: Xray, fov: torch.Tensor | None, margin_mm: float, mask_outliers: bool) -> torch.Tensor | None:
     """The (1, 1, H, W) bool mask the similarity scores: ``fov`` shrunk by ``margin_mm``, without
     metal when ``mask_outliers``; None when every pixel counts. Never empty: a step that would
-    leave nothing is skipped.
-
-    ``block``: decide per ``block`` x ``block`` pixels (the image averaged over each block, a block
-    in the field of view when all its pixels are): for a mask used pooled much coarser (a tracked
-    frame's level), at 1/block^2 of the cost, which grows with the image.
-    """
-    H, W = xray.detector.shape
-    spacing = min(xray.detector.delx, xray.detector.dely) * block
-    image = xray.image[0, 0].detach().cpu()
-    mask = np.ones((H, W), dtype=bool) if fov is None else fov[0, 0].cpu().numpy()
-    if block > 1:
-        image = F.avg_pool2d(image[None, None].float(), block, ceil_mode=True)[0, 0]
-        mask = -F.max_pool2d(-torch.from_numpy(mask.astype(np.float32))[None, None], block, ceil_mode=True)[0, 0]
-        mask = mask.numpy() > 0.5
+    leave nothing is skipped."""
+    spacing = min(xray.detector.delx, xray.detector.dely)
+    mask = np.ones(xray.detector.shape, dtype=bool) if fov is None else fov[0, 0].cpu().numpy()
     shrunk = erode(mask, round(margin_mm / spacing))
     mask = shrunk if shrunk.any() else mask
     if mask_outliers:
-        clean = mask & ~detect_outliers(image, mask, width_px=OUTLIER_WIDTH_MM / spacing)
+        clean = mask & ~detect_outliers(xray.image[0, 0].cpu(), mask, width_px=OUTLIER_WIDTH_MM / spacing)
         mask = clean if clean.any() else mask
-    if block > 1:
-        mask = np.repeat(np.repeat(mask, block, axis=0), block, axis=1)[:H, :W]
     return None if mask.all() else torch.from_numpy(np.ascontiguousarray(mask))[None, None]
 
 

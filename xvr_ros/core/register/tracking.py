@@ -38,8 +38,7 @@ from xvr_ros.core.register.uncertainty import (
 )
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["TrackingOptions", "Tracker", "mask_block", "same_intrinsics", "track", "tracking_factor",
-           "tracking_renderer"]
+__all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track", "tracking_factor", "tracking_renderer"]
 
 
 @dataclass(frozen=True)
@@ -252,13 +251,6 @@ def tracking_factor(detector: Detector, options: TrackingOptions = TrackingOptio
     return auto_scales(detector, (options.size,))[0]
 
 
-def mask_block(factor: float) -> int:
-    """Pixels per side of the blocks a tracked frame's scored pixels are decided on
-    (``registration.scored_pixels``): a quarter of its level's pooling, so the mask stays 4x finer
-    than the level it weights, at a fraction of the full resolution's cost."""
-    return max(1, int(factor // 4))
-
-
 def tracking_renderer(renderer: Renderer, options: TrackingOptions = TrackingOptions()) -> Renderer:
     """The renderer to track and assess tracked frames with: ``renderer`` with the options'
     ``footprint_ratio`` (it shares the volume and its levels)."""
@@ -294,17 +286,16 @@ def track(
     ``field_of_view``: (1, 1, H, W) bool, the field of view of an earlier frame of the track
     (the collimator does not move between fluoroscopy frames; its detection costs more than
     a tracked refinement); None = detect it in this frame. The scored pixels are made from it
-    as :func:`registration.register` makes them (margin, metal left out), in blocks of
-    :func:`mask_block` pixels. ``callback(dict)`` returning True stops the refinement (as
-    :func:`refine.refine`'s).
+    as :func:`registration.register` makes them (margin, metal left out). ``callback(dict)``
+    returning True stops the refinement (as :func:`refine.refine`'s).
     """
     t0 = time.perf_counter()
-    factor = tracking_factor(xray.detector, options)
     fov = registration.field_of_view(xray) if field_of_view is None else field_of_view
-    mask = registration.scored_pixels(xray, fov, fov_margin_mm, mask_outliers, block=mask_block(factor))
+    mask = registration.scored_pixels(xray, fov, fov_margin_mm, mask_outliers)
     mask = None if mask is None else mask.to(renderer.device)
     pose = prior.to(device=renderer.device, dtype=torch.float32).reshape(1, 4, 4)
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
+    factor = tracking_factor(xray.detector, options)
     with intra_op_threads(1):
         if hessian is None or hessian.factor != factor:
             hessian = pose_uncertainty(renderer, image, xray.detector, pose, mask=mask, factor=factor)
