@@ -12,12 +12,12 @@ chain (``session.render_session``) and read as 16-bit counts through ``read_xray
 What the method gets: the image, its intrinsics and the training benchmark's chest network
 (``bench_train.NETWORK``), as the nodes do: a frame without a usable track is registered in full
 (``register`` from the network's estimate, or the last accepted pose when it is recent and
-matches better: ``other_starts``, as the refiner) and assessed with
-the full quality model; a trackable frame (``Tracker``: within ``max_gap`` of the last accepted
-one) is tracked (``track`` with the tracking renderer and the track's Hessian, reusing the field of
-view of the track's first frame) and assessed with the tracking model. Accepted frames extend the
-track, a rejection ends it. Every frame is processed, one at a time, on one torch thread. The
-simulator's poses score only: mTRE on 100 points in the body.
+matches better: ``other_starts``, as the refiner) and assessed with the full quality model; a
+trackable frame (``Tracker``: within ``max_gap`` of the last accepted one) is tracked (``track``
+with the tracking renderer and the track's Hessian, the first at the full registration's pose,
+``track_hessian``; reusing the field of view of the track's first frame) and assessed with the
+tracking model. Accepted frames extend the track, a rejection ends it. Every frame is processed,
+one at a time, on one torch thread. The simulator's poses score only: mTRE on 100 points in the body.
 
 Figures per case (``<fps>fps_<size>px``): the share of frames accepted, tracked and tracked-and-
 accepted; the compute time per frame by path (refinement + assessment; median, p95); mTRE of the
@@ -45,7 +45,7 @@ from xvr_ros.core.model.checkpoint import load_checkpoint
 from xvr_ros.core.model.inference import predict_initial_pose
 from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, assess_registration, load_model
 from xvr_ros.core.register.registration import register
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, tracking_renderer
+from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, track_hessian, tracking_renderer
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.session import plan_fluoro, render_session
 
@@ -81,12 +81,14 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             reg = register(renderer, xray, init_pose=init, other_starts=tracker.recent_pose(fr.time, xray.detector))
             path = "full"
         verdict = assess_registration(used, reg, xray.image, xray.detector, model=models[path])
-        seconds = time.perf_counter() - t0
         if verdict.accepted:
             tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
-            fov = reg.field_of_view if path == "full" else fov
+            if path == "full":  # as the refiner starts a track
+                fov = reg.field_of_view
+                tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
         else:
             tracker.rejected()
+        seconds = time.perf_counter() - t0
         error = float(mtre(fr.pose[None], reg.pose.to(torch.float64), points)[0])
         records.append({"path": path, "accepted": verdict.accepted, "seconds": seconds, "mtre": error})
         print(f"# frame {fr.index:3d} {path:8s} {1000 * seconds:6.0f} ms  mTRE {error:6.2f} mm  "

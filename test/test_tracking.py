@@ -185,6 +185,32 @@ def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejec
     assert tracker.hessian is None and "no accepted frame" in tracker.why_not(1.5, DET)
 
 
+def test_a_track_starts_with_the_hessian_at_the_accepted_registrations_pose(setup):  # noqa: F811
+    """At the registered pose the Hessian is positive definite; at the next frame's prior (here 1 deg
+    and 3 mm away, a catch-up interval later) it has flat or negative directions."""
+    from types import SimpleNamespace
+
+    from xvr_ros.core.register.tracking import track_hessian
+
+    renderer, truth, image = setup
+    xray = Xray(image, DET)
+    at_pose = track_hessian(renderer, xray, SimpleNamespace(pose=truth.float(), mask=None))
+    prior = offset(truth, (1.0, -1.0, 1.0), (3.0, -3.0, 3.0))
+    at_prior = pose_uncertainty(renderer, image, DET, prior.float(), factor=tracking_factor(DET))
+    assert at_pose.factor == tracking_factor(DET) and at_pose.flat_directions == 0
+    assert at_prior.flat_directions > 0
+    tracker = Tracker()
+    tracker.accepted(1.0, truth[0], DET)  # a full registration's frame brings no Hessian ...
+    assert tracker.hessian is None
+    tracker.use_hessian(at_pose)  # ... the refiner computes it once the result is out
+    assert tracker.hessian is at_pose
+    reg = track(renderer, xray, prior, hessian=tracker.hessian, options=TrackingOptions(time_budget=30.0))
+    assert reg.uncertainty is at_pose  # the first tracked frame computed none
+    assert float(mtre(truth, reg.pose.double(), FIDUCIALS)[0]) < 0.5 * float(mtre(truth, prior, FIDUCIALS)[0])
+    tracker.accepted(1.1, reg.pose[0], DET, reg.uncertainty)
+    assert tracker.hessian is at_pose  # and serves the next ones
+
+
 def test_the_tracking_renderer_shares_the_volume_with_finer_levels(setup):  # noqa: F811 - the fixture
     renderer, truth, _ = setup
     fine = tracking_renderer(renderer, TrackingOptions(footprint_ratio=0.5))

@@ -79,7 +79,7 @@ from xvr_ros.core.register.quality import (
 )
 from xvr_ros.core.register.refine import intra_op_threads, refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, tracking_renderer
+from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, track_hessian, tracking_renderer
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
@@ -492,6 +492,8 @@ class Refiner(ImageNode):
         self._update_track(entry, xray, outcome, verdict)
         self._publish(entry, xray, volume.overlay_renderer, outcome, verdict, time.monotonic() - t_assess)
         if outcome.path == "full":
+            if verdict.accepted and p["tracking"]:
+                self._start_track(volume, xray, outcome.registration)
             self._catch_up(volume, verdict.accepted)
 
     def _warn_frame_id(self, frame_id: str) -> None:
@@ -553,6 +555,17 @@ class Refiner(ImageNode):
                     hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
         pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
         return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg), ""
+
+    def _start_track(self, volume: _Volume, xray, reg: Registration) -> None:
+        """After an accepted full registration, once its result is out: the Hessian for the track's
+        first frames, at its pose (see ``track_hessian``); when it cannot be computed, the first
+        tracked frame computes one at its prior."""
+        try:
+            hessian = track_hessian(volume.tracking_renderer, xray, reg, self._tracker.options)
+        except ValueError:  # e.g. the similarity is not finite near the pose
+            return
+        with self._track_lock:
+            self._tracker.use_hessian(hessian)
 
     def superseded(self, entry: Pending) -> None:
         """While a full registration runs, keep the first superseded frame of each catch-up interval."""
