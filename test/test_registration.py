@@ -11,8 +11,7 @@ from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.metrics import mtre
-from xvr_ros.core.register.refine import RefineResult
-from xvr_ros.core.register.registration import MULTISTART_OFFSETS, multistart, register, trigger_similarity
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, multistart, register
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
@@ -42,29 +41,12 @@ def test_register_runs_the_multistart_only_below_its_threshold(setup):  # noqa: 
     assert torch.equal(forced.initial_pose, init), "the reported initial pose stays the caller's"
     assert float(mtre(truth, forced.pose.double(), FIDUCIALS)[0]) < 2.0, forced.refinement.message
     assert float(forced.refinement.similarity[0]) >= float(single.refinement.similarity[0])
-    skipped = register(renderer, x, init_pose=init, multistart_below=trigger_similarity(single.refinement) - 0.1)
+    skipped = register(renderer, x, init_pose=init, multistart_below=float(single.refinement.similarity[0]) - 0.1)
     assert torch.equal(skipped.refinement.init_pose, init)
     assert torch.equal(skipped.pose, single.pose)
     # No time left after the first refinement: no multi-start, the start pose comes back.
     spent = register(renderer, x, init_pose=init, multistart_below=2.0, time_budget=0.0)
     assert spent.refinement.iterations == 0 and torch.equal(spent.pose, init)
-
-
-def test_the_multistart_is_decided_one_scale_above_the_finest():
-    """The finest scale's similarity depends on the image noise; one scale coarser, the best value
-    reached there decides (a single-scale refinement: its final similarity)."""
-    pose = torch.eye(4)[None]
-    values = {4.0: [0.3, 0.5], 2.0: [0.6, 0.99, 0.98], 1.0: [0.95, 0.96]}
-    trajectory = [(torch.tensor([v]), f) for f, vs in values.items() for v in vs]
-    result = RefineResult(pose, pose, torch.tensor([0.96]), [t for t, _ in trajectory], [f for _, f in trajectory],
-                          scales=(4.0, 2.0, 1.0))
-    assert trigger_similarity(result) == pytest.approx(0.99)
-    single = RefineResult(pose, pose, torch.tensor([0.96]), [torch.tensor([0.9]), torch.tensor([0.96])], [1.0, 1.0],
-                          scales=(1.0,))
-    assert trigger_similarity(single) == pytest.approx(0.96)
-    stopped = RefineResult(pose, pose, torch.tensor([float("nan")]), [torch.tensor([0.3])], [4.0],
-                           scales=(4.0, 2.0, 1.0))
-    assert trigger_similarity(stopped) == float("-inf")  # the budget ran out before that scale
 
 
 def test_register_detects_a_leaking_collimator_and_masks_metal(setup):  # noqa: F811

@@ -6,9 +6,8 @@ X-ray's *original* intrinsics. Poses are (B, 4, 4) camera-to-world in mm.
 
 A network's worst initial poses (tens of degrees off on views it knows little about) lie outside
 the refinement's capture range. When the refinement of the initial pose ends below
-``MULTISTART_BELOW`` (:func:`trigger_similarity`: one scale coarser than the finest, where the
-image noise matters little), :func:`register` runs a short **multi-start** on the two coarsest
-scales: the initial pose plus the C-arm turned by ±15° (LAO/RAO) and ±10° (CRA/CAU)
+``MULTISTART_BELOW`` similarity, :func:`register` runs a short **multi-start** on the two
+coarsest scales: the initial pose plus the C-arm turned by ±15° (LAO/RAO) and ±10° (CRA/CAU)
 about the isocenter, all refined at once, refines the candidate with the best similarity and
 keeps whichever of the two results scores higher. A start inside the capture range (the usual
 case) thus costs one refinement, not a batch of nine on top of it.
@@ -167,7 +166,7 @@ def register(
     below = MULTISTART_BELOW if multistart_below is None else multistart_below
     left = time_left()
     candidates = None
-    if may_restart and trigger_similarity(result) < below and (left is None or left > 0):
+    if may_restart and _similarity(result) < below and (left is None or left > 0):
         start, candidates = multistart(renderer, image, xray.detector, pose, mask=mask, offsets=multistart_offsets,
                                        scales=refine_options.get("scales"),
                                        time_budget=None if left is None else left / 2)
@@ -176,27 +175,9 @@ def register(
     return Registration(origin, result, source, time.perf_counter() - t0, fov, mask, candidates)
 
 
-#: A refinement whose :func:`trigger_similarity` ends below this is taken for a start outside the
-#: capture range and triggers the multi-start.
-MULTISTART_BELOW = 0.97
-
-
-def trigger_similarity(result: RefineResult) -> float:
-    """The similarity that decides the multi-start: the best at the second-finest scale (its
-    smoothed mNCC + gradient NCC; the finest scale's alone for a single-scale refinement).
-
-    At the finest scale the image noise sets how high a good registration can score: simulated
-    fluoroscopy frames of a 256 px detector ended at 0.975-0.977 where 512 px ones reached
-    0.986-0.991, so a threshold there ran the multi-start on every noisy image (doubling its
-    time) or on none. One scale coarser, good registrations scored 0.993-0.997 at both sizes and
-    starts outside the capture range 0.35-0.65.
-    """
-    if len(result.scales) < 2:
-        return _similarity(result)
-    level = result.scales[-2]
-    values = [float(torch.nan_to_num(s.detach().double().cpu(), nan=-math.inf).max())
-              for s, f in zip(result.trajectory, result.trajectory_scale) if f == level]
-    return max(values, default=-math.inf)
+#: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for
+#: a start outside the capture range and triggers the multi-start.
+MULTISTART_BELOW = 0.98
 
 
 def _similarity(result: RefineResult) -> float:
