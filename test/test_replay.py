@@ -153,3 +153,31 @@ def test_missing_topics_and_unreadable_bags(tmp_path):
     )
     with pytest.raises(ReplayError, match="rate"):
         replay(path, rate=0.0)
+
+
+def test_every_frame_is_resolved_even_behind_an_unanswered_one():
+    """A frame the pose estimator skipped and the refiner could not track is a drop, and the frames
+    behind a still unanswered one are read all the same (they were counted lost before)."""
+    from types import SimpleNamespace
+
+    from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+    from xvr_ros.msg import RegistrationResult
+    from xvr_ros.ros.tools import replay as replay_module
+    from xvr_ros.ros.tools.report import FrameReport
+
+    def status(stamp, outcome):
+        return DiagnosticStatus(level=DiagnosticStatus.WARN, name="refiner", message=f"image {stamp} dropped",
+                                values=[KeyValue(key="stamp", value=stamp), KeyValue(key="outcome", value=outcome)])
+
+    keys = [(10, 0), (11, 0), (12, 0), (13, 0)]
+    stamps = [convert.stamp_to_str(k) for k in keys]
+    got = {"tf": {keys[2]: (1.0, None)}, "result": {keys[2]: (1.0, RegistrationResult(accepted=True))}}
+    client = SimpleNamespace(
+        get=lambda kind, key: got.get(kind, {}).get(key),
+        diagnostics_since=lambda mark: [status(stamps[0], "upstream"), status(stamps[3], "superseded")][mark:],
+    )
+    frames = [replay_module._Pending(FrameReport(i, 0.0, stamp=s), key=k) for i, (k, s) in enumerate(zip(keys, stamps))]
+    replay_module._wait(frames, client, replay_module._Diagnostics(client), timeout=0.3)
+    assert [f.report.status for f in frames] == ["dropped", "lost", "registered", "dropped"]
+    assert [f.done for f in frames] == [True, False, True, True]  # the second: no answer (lost)

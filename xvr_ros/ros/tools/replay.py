@@ -12,7 +12,9 @@
    ModelInfo) is recorded, with its arrival time, into an output bag.
 4. Every image is accounted for: ``registered`` (accepted: a TF arrived), ``rejected`` (a result
    with ``accepted`` false: the refiner's quality gate published no TF), ``dropped`` (a newer image
-   replaced it while a node was busy: a ``/diagnostics`` status with ``outcome=superseded``),
+   replaced it while a node was busy, or the pose estimator skipped it while the refiner tracked
+   and the refiner could not track it: a ``/diagnostics`` status with an outcome of
+   :data:`DROP_OUTCOMES`),
    ``error`` (the nodes reported it on ``/diagnostics``, or the bag message was corrupt) or
    ``lost`` (no answer in time). A result names the refinement ``path`` that produced it (``full``
    or ``tracking`` from the last accepted pose). With ground truth, registered and rejected
@@ -39,8 +41,10 @@ __all__ = ["ReplayError", "ReplayReport", "replay"]
 
 GROUND_TRUTH_TOPIC = "/xray/ground_truth"
 ANSWER_WAIT = 60.0  # s an image may take beyond the refiner's budget before it counts as lost
-#: ``outcome`` values of a /diagnostics status that make its image a drop (not an error).
-DROP_OUTCOMES = frozenset({"superseded"})
+#: ``outcome`` values of a /diagnostics status that make its image a drop (not an error): a newer
+#: image replaced it, the pose estimator skipped it while the refiner tracked and the refiner could
+#: not track it, or too many stamps waited to be paired. (The nodes report every other drop as an ERROR.)
+DROP_OUTCOMES = frozenset({"superseded", "upstream", "overflow"})
 
 
 class ReplayError(RuntimeError):
@@ -348,10 +352,12 @@ def _resolve(p: _Pending, client, diags: _Diagnostics) -> bool:
 
 
 def _wait(pending: list[_Pending], client, diags: _Diagnostics, timeout: float) -> None:
+    """Until every frame of ``pending`` is resolved or ``timeout`` s: each pass resolves every frame
+    (one still unanswered must not keep the later ones from being read)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         diags.update()
-        if all(_resolve(p, client, diags) for p in pending):
+        if all([_resolve(p, client, diags) for p in pending]):
             return
         time.sleep(0.01)
 

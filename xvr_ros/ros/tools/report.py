@@ -258,7 +258,7 @@ def format_summary(s: dict) -> list[str]:
     )
     return [
         f"frames {s['frames']}: registered {s['registered']} (accepted, TF), rejected {s['rejected']} (quality gate, "
-        f"no TF), dropped {s['dropped']} (a newer frame arrived), errors {s['error']}, lost {s['lost']}; "
+        f"no TF), dropped {s['dropped']} (a newer frame arrived, or skipped), errors {s['error']}, lost {s['lost']}; "
         f"{s['scored']} scored against ground truth",
         f"  TF for {number(_percent(s['tf_fraction']), '{:.1f}')} % of the frames; results by path: {paths}",
         f"  recovery after a rejection: {rec['episodes']} episodes, median {number(rec['median'], '{:.0f}')} / "
