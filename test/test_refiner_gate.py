@@ -361,7 +361,11 @@ def test_catch_up_skips_a_rejected_frame_and_ends_the_track_on_two(ros_domain, m
         monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
             (outcome.t, verdict.accepted)))
         node._skipped = [(500.0 + 0.4 * i, f"frame {i}") for i in range(len(verdicts))]
+        hessian = SimpleNamespace(factor=1.0)
+        node._tracker.use_hessian(hessian)
         node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True)
+        # After a skipped rejection the next frame computes its own Hessian (the shared one may not fit).
+        assert (node._tracker.hessian is hessian) == (verdicts == "AAAA")
         assert sum(accepted for _, accepted in calls) == tracked
         assert (calls[-1] == (pytest.approx(500.0 + 0.4 * 2), False)) == track_ended  # the second rejection
         assert [a for _, a in calls].count(False) == (1 if track_ended else 0)  # a skipped one is not recorded

@@ -183,6 +183,9 @@ def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejec
     tracker.accepted(1.4, truth[0], DET, unc)
     tracker.rejected()
     assert tracker.hessian is None and "no accepted frame" in tracker.why_not(1.5, DET)
+    patient = Tracker(TrackingOptions(max_rejections=2))
+    patient.accepted(1.0, truth[0], DET, unc)
+    assert not patient.rejected() and patient.hessian is None  # tracked again, with a Hessian of its own
 
 
 def test_a_track_starts_with_the_hessian_at_the_accepted_registrations_pose(setup):  # noqa: F811

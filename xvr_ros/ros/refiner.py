@@ -610,6 +610,9 @@ class Refiner(ImageNode):
             rejections = 0 if verdict.accepted else rejections + 1
             if verdict.accepted or rejections >= CATCH_UP_MAX_REJECTIONS:
                 self._update_track(entry, xray, outcome, verdict)
+            else:  # skipped: the next one is tracked from the last accepted frame, with its own Hessian
+                with self._track_lock:
+                    self._tracker.forget_hessian()
             accepted = rejections < CATCH_UP_MAX_REJECTIONS
             caught_up += verdict.accepted
         self._catch_up_note = (f"from a track caught up through {caught_up} frame(s) superseded during the full "

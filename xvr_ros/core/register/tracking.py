@@ -176,9 +176,16 @@ class Tracker:
         just accepted) instead of computing one at the first of them."""
         self._hessian, self._hessian_uses = hessian, 0
 
+    def forget_hessian(self) -> None:
+        """The next tracked frame computes its own Hessian: after a rejected frame the shared one may
+        no longer fit (a catch-up carries it over seconds of a turning C-arm)."""
+        self._hessian, self._hessian_uses = None, 0
+
     def rejected(self) -> bool:
         """A frame was rejected -> whether that ended the track (``max_rejections`` in a row): then
-        its successor is registered afresh, else tracked again from the last accepted frame."""
+        its successor is registered afresh, else tracked again from the last accepted frame, with a
+        Hessian of its own."""
+        self.forget_hessian()
         self._rejections += 1
         if self._rejections >= self.options.max_rejections:
             self.reset()
