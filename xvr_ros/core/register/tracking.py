@@ -277,8 +277,8 @@ def track_hessian(renderer: Renderer, xray: Xray, reg: registration.Registration
 
     There the similarity is at its maximum and the Hessian positive definite. At the next frame's
     prior, which after a full registration is a catch-up interval or more away (degrees), it can
-    have flat or negative directions: the Newton steps then ran to their cap and the gate rejected
-    frames tracked well (simulated run, 256 px: 0.39 mm at p 0.80), which ended the track.
+    have flat or negative directions: the Newton steps then run to their cap and the gate rejects
+    frames tracked well, which ends the track.
     ``renderer``: :func:`tracking_renderer`'s.
     """
     image = xray.image.to(device=renderer.device, dtype=torch.float32)
