@@ -98,7 +98,8 @@ def test_time_going_backwards_restarts_the_track():
 
 def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
-                dict(max_rejections=0), dict(min_gain=-1.0)):
+                dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
+                dict(plateau_tolerance=-1.0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 
@@ -167,6 +168,22 @@ def test_a_step_predicted_to_gain_less_than_min_gain_ends_the_refinement(setup):
     assert runs[1.0].iterations == 1 and bool(runs[1.0].converged[0])  # no step could gain 1.0 of similarity
     assert runs[1e-6].iterations <= runs[0.0].iterations
     assert runs[1e-6].iterations > 1 and bool(runs[1e-6].converged[0]), runs[1e-6].message
+
+
+def test_a_similarity_on_a_plateau_ends_the_refinement():
+    from xvr_ros.core.register.tracking import _plateau
+
+    def trajectory(*values):
+        return [torch.tensor([v]) for v in values]
+
+    options = TrackingOptions(plateau_renders=3, plateau_tolerance=1e-4)
+    climbing = trajectory(0.980, 0.990, 0.9915, 0.9918, 0.9922)
+    assert not _plateau(climbing, options)
+    # Noise: steps that lower the similarity are not taken, those that raise it gain next to nothing.
+    wandering = trajectory(0.980, 0.9920, 0.99152, 0.99188, 0.99205)
+    assert _plateau(wandering, options)
+    assert not _plateau(wandering[:3], options)  # too few renders to tell
+    assert not _plateau(wandering, dataclasses.replace(options, plateau_tolerance=0.0))  # off
 
 
 def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejection(setup):  # noqa: F811

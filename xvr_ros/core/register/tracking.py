@@ -77,6 +77,11 @@ class TrackingOptions:
         this ends the refinement (converged): nearer the optimum the image noise, not the pose,
         moves the similarity, and the steps' size alone (``tolerance_*``) ran every tracked frame
         to ``max_iterations``. 1e-4 stopped too soon (more frames over 1 mm).
+    plateau_renders, plateau_tolerance: the refinement also ends (converged) when its similarity
+        rose by less than ``plateau_tolerance`` over the last ``plateau_renders`` renders: on noisy
+        frames (256 px fluoroscopy) the steps reach the noise floor in 2-4 renders and then wander
+        within ~1e-4 of it, predicting gains above ``min_gain`` that do not come, until
+        ``max_iterations``, and the quality gate read such frames as doubtful.
     footprint_ratio: the renderer's volume levels for tracked frames (:func:`tracking_renderer`):
         finer than the full path's at the same image size, since a coarse level's voxels bias
         the depth, which a frame-to-frame track then accumulates: for the demo CT (0.7 x 0.7 x
@@ -104,6 +109,8 @@ class TrackingOptions:
     tolerance_mm: float = 0.05
     tolerance_rad: float = 5e-4
     min_gain: float = 3e-5
+    plateau_renders: int = 3
+    plateau_tolerance: float = 1e-4
     footprint_ratio: float = 0.75
     hessian_frames: int = 24
     max_rejections: int = 1
@@ -112,10 +119,12 @@ class TrackingOptions:
         positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
         if not self.min_gain >= 0:
             raise ValueError(f"need min_gain >= 0, got {self.min_gain}")
-        counts = (self.max_iterations, self.hessian_frames, self.max_rejections)
+        if not self.plateau_tolerance >= 0:
+            raise ValueError(f"need plateau_tolerance >= 0, got {self.plateau_tolerance}")
+        counts = (self.max_iterations, self.hessian_frames, self.max_rejections, self.plateau_renders)
         if not all(v > 0 for v in positive) or self.size < 8 or min(counts) < 1:
             raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
-                             f"max_iterations, hessian_frames and max_rejections >= 1, got {self}")
+                             f"max_iterations, hessian_frames, max_rejections and plateau_renders >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -354,7 +363,7 @@ def _newton(objective: IsocenterObjective, H: torch.Tensor, options: TrackingOpt
         if time.perf_counter() - t0 > options.time_budget:
             why = "time budget"
             break
-        if _small(step, options) or _gain(step, g, curvature) < options.min_gain:
+        if _small(step, options) or _gain(step, g, curvature) < options.min_gain or _plateau(trajectory, options):
             converged, why = True, "converged"
             break
         trial_loss, trial_g = objective(xi + step)
@@ -389,6 +398,15 @@ def _gain(step: torch.Tensor, g: torch.Tensor, H: torch.Tensor) -> float:
     """The similarity gain the quadratic model ``-(g.s + s.H.s / 2)`` predicts for the (1, 6) step ``s``."""
     s = step[0].to(H)
     return -float(g[0].to(H) @ s + 0.5 * s @ H @ s)
+
+
+def _plateau(trajectory: list[torch.Tensor], options: TrackingOptions) -> bool:
+    """The best similarity of the (1,) ``trajectory`` rose by less than ``options.plateau_tolerance``
+    over its last ``options.plateau_renders`` renders."""
+    if len(trajectory) <= options.plateau_renders:
+        return False
+    best = torch.cat(trajectory).cummax(0).values
+    return float(best[-1] - best[-1 - options.plateau_renders]) < options.plateau_tolerance
 
 
 def _small(step: torch.Tensor, options: TrackingOptions) -> bool:
