@@ -274,7 +274,7 @@ def test_frames_superseded_during_a_full_registration_are_caught_up_on(tracking_
     assert last.path == "tracking" and last.accepted, last.status
     assert "caught up through" in last.status, last.status
     caught_up = int(last.status.split("caught up through ")[1].split()[0])
-    assert 1 <= caught_up <= 2, last.status  # 0.13 s, then 0.6 s intervals (or more): 500.13, (500.8)
+    assert 1 <= caught_up <= 2, last.status  # one per 0.6 s interval (or more): 500.67, (501.33)
     assert not any(result_of(client, stamp_of(sec), timeout=0) for sec in seconds[1:-1])  # dropped, as before
 
 
@@ -339,37 +339,39 @@ def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monke
         close(node, context)
 
 
-@pytest.mark.parametrize("verdicts, tracked, track_ended", [
-    ("AAAA", 4, False),
-    ("ARAA", 3, False),  # one rejected frame is skipped: nothing is published for it anyway
-    ("ARRA", 1, True),  # two in a row end the track, and the catch-up
+@pytest.mark.parametrize("rejected, order, track_ended", [
+    ((), [500.6, 501.2, 501.8, 502.4], False),  # one per 0.6 s interval
+    # A rejected frame is skipped (nothing is published for it anyway), and the kept frame nearest
+    # halfway back to the last accepted one is tracked: the C-arm moved further than one step reaches.
+    ((501.2,), [500.6, 501.2, 500.8, 501.4, 502.0], False),
+    ((501.2, 500.8), [500.6, 501.2, 500.8], True),  # two in a row end the track, and the catch-up
 ])
-def test_catch_up_skips_a_rejected_frame_and_ends_the_track_on_two(ros_domain, monkeypatch, verdicts, tracked,
-                                                                   track_ended):
+def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domain, monkeypatch, rejected, order,
+                                                                       track_ended):
     from types import SimpleNamespace
 
     from xvr_ros.ros import refiner as refiner_module
 
-    node, context = refiner()
+    node, context = refiner(tracking_catch_up_interval=0.6)
     try:
-        answers = iter(verdicts)
-        calls = []
+        tracked, calls = [], []
         monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
-        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network: (SimpleNamespace(t=t), ""))
+        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network: (tracked.append(t) or SimpleNamespace(t=t),
+                                                                              ""))
         monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: SimpleNamespace(
-            accepted=next(answers) == "A"))
+            accepted=round(outcome.t, 6) not in rejected))
         monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
             (outcome.t, verdict.accepted)))
-        node._skipped = [(500.0 + 0.4 * i, f"frame {i}") for i in range(len(verdicts))]
+        node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(12)]  # to 502.4
         hessian = SimpleNamespace(factor=1.0)
         node._tracker.use_hessian(hessian)
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True)
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        assert tracked == pytest.approx(order)
         # After a skipped rejection the next frame computes its own Hessian (the shared one may not fit).
-        assert (node._tracker.hessian is hessian) == (verdicts == "AAAA")
-        assert sum(accepted for _, accepted in calls) == tracked
-        assert (calls[-1] == (pytest.approx(500.0 + 0.4 * 2), False)) == track_ended  # the second rejection
+        assert (node._tracker.hessian is hessian) == (not rejected)
+        assert [t for t, accepted in calls if accepted] == pytest.approx([t for t in order if t not in rejected])
         assert [a for _, a in calls].count(False) == (1 if track_ended else 0)  # a skipped one is not recorded
-        assert refiner_module.CATCH_UP_MAX_REJECTIONS == 2
+        assert ("caught up through" in node._catch_up_note) and refiner_module.CATCH_UP_MAX_REJECTIONS == 2
     finally:
         close(node, context)
 
@@ -403,12 +405,13 @@ def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_dom
                                                        "camera_info": None}))
             return [t for t, _ in node._skipped]
 
-        frames = [500.0 + i / 8 for i in range(32)]  # 4 s at 8 frames/s
-        assert kept(frames) == pytest.approx(frames[::4])  # >= 0.4 s apart: the parameter
+        frames = [500.0 + i / 16 for i in range(64)]  # 4 s at 16 frames/s
+        per = refiner_module.CATCH_UP_FRAMES_PER_INTERVAL
+        assert per == 3 and kept(frames) == pytest.approx(frames[::3])  # >= 0.4 / 3 s apart: the parameter
         node._skipped = [(500.0, "frame")]
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True)
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=499.0)
         assert node._catch_up_interval() == pytest.approx(0.6)  # twice 0.3 s
-        assert kept(frames) == pytest.approx(frames[::5])
+        assert kept(frames) == pytest.approx(frames[::4])  # >= 0.6 / 3 s apart
     finally:
         close(node, context)
 

@@ -243,9 +243,14 @@ _KINDS = ("image", "camera_info", "initial_pose")
 #: many pixel footprints (the full path's finest scale uses 1.5), 2x faster (a 256 px overlay of
 #: a 512 px detector: 111 -> 56 ms), on a thread of its own (the next frame need not wait for it).
 OVERLAY_FOOTPRINT_RATIO = 3.0
-#: Frames kept to catch up on after a full registration (:meth:`Refiner.superseded`): 19.2 s at
-#: the default 0.6 s interval, longer than a full registration on a CPU.
-MAX_CATCH_UP_FRAMES = 32
+#: Frames kept per catch-up interval (:meth:`Refiner.superseded`): the catch-up tracks one per
+#: interval, and after a rejected one the kept frame nearest halfway back to the last accepted
+#: (the C-arm moved further than one tracked step reaches; in a 15 frames/s, 256 px replay a
+#: frame 0.73 s on ran to the iteration cap and was rejected, ending the catch-up).
+CATCH_UP_FRAMES_PER_INTERVAL = 3
+#: Frames kept to catch up on after a full registration: 19.2 s at the default 0.6 s interval,
+#: longer than a full registration on a CPU.
+MAX_CATCH_UP_FRAMES = 32 * CATCH_UP_FRAMES_PER_INTERVAL
 #: Caught-up frames rejected in a row that end the track (a rejected one is skipped: the gate
 #: rejected frames 0.1-0.8 mm off at p 0.93-0.957 in the replays, each ending a track).
 CATCH_UP_MAX_REJECTIONS = 2
@@ -313,7 +318,7 @@ class Refiner(ImageNode):
         self._upstream_dropped: dict = {}  # stamps (keys) the pose estimator dropped or skipped, to decide here
         self._tracked_at = -math.inf  # time.monotonic() of the last accepted tracked result
         self._catching_up = False  # a full registration runs: superseded frames are kept to catch up on
-        self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), one per catch-up interval
+        self._skipped: list[tuple[float, Pending]] = []  # (stamp s, entry), CATCH_UP_FRAMES_PER_INTERVAL per interval
         self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
         self._last_kept = -math.inf  # stamp (s) of the last frame kept to catch up on
         self._catch_up_cost = 0.0  # s, the last caught-up frame's tracking and assessment
@@ -494,7 +499,7 @@ class Refiner(ImageNode):
         if outcome.path == "full":
             if verdict.accepted and p["tracking"]:
                 self._start_track(volume, xray, outcome.registration)
-            self._catch_up(volume, verdict.accepted)
+            self._catch_up(volume, verdict.accepted, convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9)
 
     def _warn_frame_id(self, frame_id: str) -> None:
         source = self.params["source_frame"]
@@ -568,13 +573,14 @@ class Refiner(ImageNode):
             self._tracker.use_hessian(hessian)
 
     def superseded(self, entry: Pending) -> None:
-        """While a full registration runs, keep the first superseded frame of each catch-up interval."""
+        """While a full registration runs, keep superseded frames: CATCH_UP_FRAMES_PER_INTERVAL per
+        catch-up interval."""
         image = entry.parts.get("image")
         if image is None or "camera_info" not in entry.parts:
             return
         t = convert.ns_from_time(image.header.stamp) * 1e-9
         with self._track_lock:
-            if not self._catching_up or t - self._last_kept < self._catch_up_interval():
+            if not self._catching_up or t - self._last_kept < self._catch_up_interval() / CATCH_UP_FRAMES_PER_INTERVAL:
                 return
             self._skipped.append((t, entry))
             self._last_kept = t
@@ -586,19 +592,21 @@ class Refiner(ImageNode):
         would chase them for as long as the stream lasts)."""
         return max(self.params["tracking_catch_up_interval"], CATCH_UP_GAIN * self._catch_up_cost)
 
-    def _catch_up(self, volume: _Volume, accepted: bool) -> None:
-        """After a full registration: track the frames kept meanwhile (:meth:`superseded`; more come
-        in while this runs), in order and without results (each was dropped and accounted for), until
-        none is left or CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends; a single
-        rejected one is skipped: it has no result to withhold). The next frame then starts from a
-        prior a catch-up interval old instead of a full registration's seconds, over which the
-        C-arm may have turned degrees."""
-        caught_up, rejections = 0, 0
+    def _catch_up(self, volume: _Volume, accepted: bool, registered: float) -> None:
+        """After a full registration of the frame at ``registered`` s: track the frames kept
+        meanwhile (:meth:`superseded`; more come in while this runs), one per catch-up interval and
+        without results (each was dropped and accounted for), until none is left or
+        CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends). After a rejected one
+        the kept frame nearest halfway back is tracked (:meth:`_next_to_catch_up`); it has no
+        result to withhold. The next frame then starts from a prior a catch-up interval old instead
+        of a full registration's seconds, over which the C-arm may have turned degrees."""
+        caught_up, rejections, anchor, failed = 0, 0, registered, math.inf
         while accepted and not self._stopping.is_set():
             with self._track_lock:
-                if not self._skipped:
-                    break
-                t, entry = self._skipped.pop(0)
+                kept = self._next_to_catch_up(anchor, failed)
+            if kept is None:
+                break
+            t, entry = kept
             started = time.monotonic()
             xray = self.read_xray(entry, mask_clipped=self.params["mask_clipped"])
             outcome = None if xray is None else self._track(t, xray, volume, None)[0]
@@ -608,6 +616,7 @@ class Refiner(ImageNode):
             with self._track_lock:
                 self._catch_up_cost = time.monotonic() - started
             rejections = 0 if verdict.accepted else rejections + 1
+            anchor, failed = (t, math.inf) if verdict.accepted else (anchor, t)
             if verdict.accepted or rejections >= CATCH_UP_MAX_REJECTIONS:
                 self._update_track(entry, xray, outcome, verdict)
             else:  # skipped: the next one is tracked from the last accepted frame, with its own Hessian
@@ -617,6 +626,21 @@ class Refiner(ImageNode):
             caught_up += verdict.accepted
         self._catch_up_note = (f"from a track caught up through {caught_up} frame(s) superseded during the full "
                                "registration" if caught_up else "")
+
+    def _next_to_catch_up(self, anchor: float, failed: float) -> tuple[float, Pending] | None:
+        """The kept frame to track next (under the track lock), the last accepted one being at
+        ``anchor`` s: the first a catch-up interval on; after a rejected one at ``failed`` s
+        (else inf), the one nearest halfway between (earlier on a tie), or when none lies between,
+        the first after it. None when there is no such frame. Frames up to ``anchor`` are let go."""
+        self._skipped = [(t, e) for t, e in self._skipped if t > anchor]
+        if failed < math.inf:
+            between = [(t, e) for t, e in self._skipped if t < failed]
+            if between:
+                halfway = (anchor + failed) / 2
+                return min(between, key=lambda kept: (abs(kept[0] - halfway), kept[0]))
+            return next(((t, e) for t, e in self._skipped if t > failed), None)
+        step = self._catch_up_interval()
+        return next(((t, e) for t, e in self._skipped if t >= anchor + step - 1e-6), None)
 
     def _scale_options(self) -> dict:
         return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
