@@ -376,6 +376,27 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
         close(node, context)
 
 
+def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending_the_track(ros_domain):
+    """On a busy CPU one render can outlast the budget: the prior came out unrefined, 3 mm off, and
+    the gate (fitted on refinements capped by renders) accepted it at p 0.85."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros.refiner import _Outcome
+
+    node, context = refiner()
+    try:
+        node._tracker.accepted(500.0, carm_pose(torch.zeros(3), torch.tensor([0.0, 820.0, 0.0])), DET)
+        cut_short = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([False]), iterations=1))
+        outcome = _Outcome(cut_short, "tracking", 0.9, None)
+        verdict = node._assess(None, outcome, None)  # never reaches the image or the quality model
+        assert not verdict.accepted and not verdict.judged and "time budget" in verdict.reason, verdict.reason
+        image = SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.1)))
+        node._update_track(SimpleNamespace(parts={"image": image}), None, outcome, verdict)
+        assert node._tracker.why_not(500.2, DET) == ""  # the next frame is tracked from the last accepted one
+    finally:
+        close(node, context)
+
+
 def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_domain, monkeypatch):
     """Caught up at the interval's own cost, the refiner would chase the stream as long as it lasts."""
     from types import SimpleNamespace

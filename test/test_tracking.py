@@ -19,6 +19,7 @@ from xvr_ros.core.register.tracking import (
     track,
     tracking_factor,
     tracking_renderer,
+    unfinished,
 )
 from xvr_ros.core.register.uncertainty import pose_uncertainty
 
@@ -142,6 +143,21 @@ def test_newton_steps_with_the_last_frames_hessian_converge_in_a_few_renders(set
     assert bool(reg.refinement.converged[0]) and reg.refinement.iterations < 15, reg.refinement.message
     # The similarity never gets worse: a step that would lower it is halved, not taken.
     assert float(reg.refinement.similarity[0]) >= float(reg.refinement.trajectory[0][0])
+
+
+def test_a_refinement_cut_short_by_its_time_budget_is_unfinished(setup):  # noqa: F811 - the fixture
+    renderer, truth, image = setup
+    start = offset(truth, (0.6, -0.5, 0.4), (1.5, -2.0, 1.0))
+    hessian = pose_uncertainty(renderer, image, DET, truth, factor=tracking_factor(DET))
+    runs = {}
+    for name, options in (("budget", TrackingOptions(time_budget=1e-9)),  # out of time before its first step
+                          ("cap", TrackingOptions(time_budget=30.0, max_iterations=2)),
+                          ("converged", TrackingOptions(time_budget=30.0, max_iterations=40))):
+        reg = track(renderer, Xray(image, DET), start, hessian=hessian, options=options)
+        runs[name] = (unfinished(reg, options), reg.refinement)
+    assert runs["budget"][0] and runs["budget"][1].iterations == 1 and "time budget" in runs["budget"][1].message
+    assert not runs["cap"][0] and "iteration cap" in runs["cap"][1].message  # the gate was fitted on such stops
+    assert not runs["converged"][0] and bool(runs["converged"][1].converged[0])
 
 
 def test_the_predicted_gain_is_the_quadratic_models():

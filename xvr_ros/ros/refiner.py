@@ -79,7 +79,14 @@ from xvr_ros.core.register.quality import (
 )
 from xvr_ros.core.register.refine import intra_op_threads, refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, track_hessian, tracking_renderer
+from xvr_ros.core.register.tracking import (
+    Tracker,
+    TrackingOptions,
+    track,
+    track_hessian,
+    tracking_renderer,
+    unfinished,
+)
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
@@ -291,6 +298,7 @@ class _Verdict:
     p_success: float
     reason: str  # one line, for the result and /diagnostics
     covariance: Any  # (6, 6) mm / rad along the volume frame's axes, or None (unknown: all zeros on ROS)
+    judged: bool = True  # False: not assessed (a tracked frame cut short by its time budget), not the track's rejection
 
 
 class Refiner(ImageNode):
@@ -664,7 +672,7 @@ class Refiner(ImageNode):
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         with self._track_lock:
             if not verdict.accepted:
-                if self._tracker.rejected():  # the track ended
+                if verdict.judged and self._tracker.rejected():  # the track ended
                     self._track_fov = None
                 return
             self._tracker.accepted(t, outcome.registration.pose[0], xray.detector, outcome.registration.uncertainty)
@@ -778,6 +786,11 @@ class Refiner(ImageNode):
         if not self._quality:
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
         reg = outcome.registration
+        if outcome.path == "tracking" and unfinished(reg, self._tracker.options):
+            budget = self.params["tracking_time_budget"]
+            return _Verdict(False, 0.0, f"rejected: tracking stopped after {reg.refinement.iterations} render(s) on "
+                            f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
+                            "on from the last accepted frame)", None, judged=False)
         threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
         try:
             a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],

@@ -39,7 +39,7 @@ from xvr_ros.core.register.uncertainty import (
 from xvr_ros.core.render.renderer import Renderer
 
 __all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track", "track_hessian", "tracking_factor",
-           "tracking_renderer"]
+           "tracking_renderer", "unfinished"]
 
 
 @dataclass(frozen=True)
@@ -348,6 +348,15 @@ def track(
     result.init_pose = pose
     return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask,
                                      uncertainty=hessian)
+
+
+def unfinished(reg: registration.Registration, options: TrackingOptions) -> bool:
+    """A :func:`track` result stopped by its time budget (or its caller) before it converged or
+    reached ``options.max_iterations`` renders. Its pose is refined partly or not at all (on a
+    busy CPU one render can outlast the budget: the prior itself, 3 mm off, came out), and the
+    tracking quality model, fitted on refinements capped by renders, has not seen such a stop."""
+    result = reg.refinement
+    return not bool(result.converged[0]) and result.iterations < options.max_iterations
 
 
 def _newton(objective: IsocenterObjective, H: torch.Tensor, options: TrackingOptions, t0: float,
