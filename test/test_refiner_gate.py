@@ -356,8 +356,9 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
     try:
         tracked, calls = [], []
         monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
-        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network: (tracked.append(t) or SimpleNamespace(t=t),
-                                                                              ""))
+        factors = set()
+        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network, factor=1.0: (
+            tracked.append(t) or factors.add(factor) or SimpleNamespace(t=t), ""))
         monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: SimpleNamespace(
             accepted=round(outcome.t, 6) not in rejected))
         monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
@@ -367,6 +368,7 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
         node._tracker.use_hessian(hessian)
         node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
         assert tracked == pytest.approx(order)
+        assert factors == {refiner_module.CATCH_UP_TIME_FACTOR}  # the live frames' render cap, more time
         # After a skipped rejection the next frame computes its own Hessian (the shared one may not fit).
         assert (node._tracker.hessian is hessian) == (not rejected)
         assert [t for t, accepted in calls if accepted] == pytest.approx([t for t in order if t not in rejected])
@@ -408,7 +410,7 @@ def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_dom
         monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
         monkeypatch.setattr(node, "_update_track", lambda *args: None)
 
-        def slow_track(t, xray, volume, network):  # a caught-up frame costing 0.3 s of a monotonic clock
+        def slow_track(t, xray, volume, network, factor=1.0):  # a caught-up frame costing 0.3 s of a monotonic clock
             clock[0] += 0.3
             return SimpleNamespace(t=t), ""
 

@@ -200,7 +200,8 @@ PARAMETERS: dict[str, Param] = {
         64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
     ),
     "tracking_time_budget": Param(
-        0.25, "s allowed for the Newton steps of a tracked frame (a new Hessian, every 24 frames, comes on top)",
+        0.25, "s allowed for the Newton steps of a tracked frame (a new Hessian, every 24 frames, comes on top; a "
+        "frame stopped by it is rejected as unrefined, without ending the track; caught-up frames have 4 times it)",
         low=0.01, high=60.0),
     "tracking_accept_threshold": Param(
         0.5,
@@ -218,7 +219,7 @@ PARAMETERS: dict[str, Param] = {
         "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
         "after it, one per this interval (or per twice a caught-up frame's cost, when longer: it must gain on the "
         "stream), without results (they were dropped), so that the next frame starts from where the C-arm is now; "
-        "0 = off",
+        "after a rejected one, one halfway back; 0 = off",
         low=0.0,
         high=10.0,
     ),
@@ -264,6 +265,10 @@ CATCH_UP_MAX_REJECTIONS = 2
 #: The kept frames' interval is at least this many times a caught-up frame's cost: the catch-up
 #: then gains on the stream (one frame tracked per interval of it), and ends.
 CATCH_UP_GAIN = 2.0
+#: A caught-up frame has this many times ``tracking_time_budget`` (the same render cap): it has no
+#: latency of its own, and while frames pour in at 15 frames/s renders slow down (in a replay two
+#: caught-up frames in a row stopped on the budget after 7-9 renders, which ended the catch-up).
+CATCH_UP_TIME_FACTOR = 4.0
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
@@ -557,15 +562,18 @@ class Refiner(ImageNode):
         )
         return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
 
-    def _track(self, t: float, xray, volume: _Volume, network) -> tuple[_Outcome | None, str]:
-        """The frame (stamp ``t`` s) tracked from the track's prior -> (outcome, "") or (None, why not)."""
+    def _track(self, t: float, xray, volume: _Volume, network, time_factor: float = 1.0) -> tuple[_Outcome | None, str]:
+        """The frame (stamp ``t`` s) tracked from the track's prior, with ``time_factor`` times its
+        time budget -> (outcome, "") or (None, why not)."""
         with self._track_lock:
             prior, why = self._tracker.prior(t, xray.detector, network)
             fov, hessian = self._track_fov, self._tracker.hessian
         if prior is None:
             return None, why
+        options = self._tracker.options
+        options = dataclasses.replace(options, time_budget=time_factor * options.time_budget)
         reg = track(volume.tracking_renderer, xray, prior, field_of_view=fov,
-                    hessian=hessian, options=self._tracker.options, callback=lambda _: self._stopping.is_set())
+                    hessian=hessian, options=options, callback=lambda _: self._stopping.is_set())
         pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
         return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg), ""
 
@@ -617,7 +625,7 @@ class Refiner(ImageNode):
             t, entry = kept
             started = time.monotonic()
             xray = self.read_xray(entry, mask_clipped=self.params["mask_clipped"])
-            outcome = None if xray is None else self._track(t, xray, volume, None)[0]
+            outcome = None if xray is None else self._track(t, xray, volume, None, CATCH_UP_TIME_FACTOR)[0]
             if outcome is None or self._stopping.is_set():
                 break
             verdict = self._assess(volume.tracking_renderer, outcome, xray)
