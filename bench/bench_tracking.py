@@ -16,7 +16,8 @@ matches better: ``other_starts``, as the refiner) and assessed with the full qua
 trackable frame (``Tracker``: within ``max_gap`` of the last accepted one) is tracked (``track``
 with the tracking renderer and the track's Hessian, the first at the full registration's pose,
 ``track_hessian``; reusing the field of view of the track's first frame) and assessed with the
-tracking model. Accepted frames extend the track, a rejection ends it. Every frame is processed,
+tracking model. Accepted frames extend the track, a rejection ends it (a tracked frame cut short
+by its time budget is rejected without ending it, as in the refiner). Every frame is processed,
 one at a time, on one torch thread. The simulator's poses score only: mTRE on 100 points in the body.
 
 Figures per case (``<fps>fps_<size>px``): the share of frames accepted, tracked and tracked-and-
@@ -45,7 +46,14 @@ from xvr_ros.core.model.checkpoint import load_checkpoint
 from xvr_ros.core.model.inference import predict_initial_pose
 from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, assess_registration, load_model
 from xvr_ros.core.register.registration import register
-from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, track_hessian, tracking_renderer
+from xvr_ros.core.register.tracking import (
+    Tracker,
+    TrackingOptions,
+    track,
+    track_hessian,
+    tracking_renderer,
+    unfinished,
+)
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.session import plan_fluoro, render_session
 
@@ -81,18 +89,20 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             reg = register(renderer, xray, init_pose=init, other_starts=tracker.recent_pose(fr.time, xray.detector))
             path = "full"
         verdict = assess_registration(used, reg, xray.image, xray.detector, model=models[path])
-        if verdict.accepted:
+        cut_short = path == "tracking" and unfinished(reg, options)  # as the refiner: rejected, the track goes on
+        accepted = verdict.accepted and not cut_short
+        if accepted:
             tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
             if path == "full":  # as the refiner starts a track
                 fov = reg.field_of_view
                 tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
-        else:
+        elif not cut_short:
             tracker.rejected()
         seconds = time.perf_counter() - t0
         error = float(mtre(fr.pose[None], reg.pose.to(torch.float64), points)[0])
-        records.append({"path": path, "accepted": verdict.accepted, "seconds": seconds, "mtre": error})
+        records.append({"path": path, "accepted": accepted, "seconds": seconds, "mtre": error})
         print(f"# frame {fr.index:3d} {path:8s} {1000 * seconds:6.0f} ms  mTRE {error:6.2f} mm  "
-              f"p {verdict.p_success:.3f} {'accepted' if verdict.accepted else 'rejected'}", flush=True)
+              f"p {verdict.p_success:.3f} {'accepted' if accepted else 'rejected'}", flush=True)
     return records
 
 
