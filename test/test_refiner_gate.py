@@ -378,6 +378,40 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
         close(node, context)
 
 
+def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
+    """Frames keep coming while it runs; one that loses ground (rejections, retries, a slow
+    machine) would chase them as long as the stream lasts."""
+    from types import SimpleNamespace
+
+    node, context = refiner(tracking_catch_up_interval=0.6)
+    try:
+        tracked, calls = [], []
+
+        def slow_track(t, xray, volume, network, factor=1.0):  # 1.4 s of stream arrive per caught-up frame
+            tracked.append(t)
+            if len(tracked) > 20:  # without the rule it would run forever: stop it, and fail below
+                node._stopping.set()
+            newest = node._skipped[-1][0]
+            node._skipped += [(round(newest + 0.2 * (k + 1), 6), "new") for k in range(7)]
+            return SimpleNamespace(t=t), ""
+
+        monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
+        monkeypatch.setattr(node, "_track", slow_track)
+        monkeypatch.setattr(node, "_assess", lambda *args: SimpleNamespace(accepted=True))
+        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(outcome.t))
+        node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(10)]  # to 502.0
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        # Then 2.8 s behind the newest frame: more than the 2.0 s at the start and an interval.
+        assert tracked == pytest.approx([500.6]) and calls == tracked
+        node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(10)]
+        monkeypatch.setattr(node, "_track", lambda t, *args: (tracked.append(t) or SimpleNamespace(t=t), ""))
+        tracked.clear()
+        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        assert tracked == pytest.approx([500.6, 501.2, 501.8])  # gaining: to the end
+    finally:
+        close(node, context)
+
+
 def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending_the_track(ros_domain):
     """On a busy CPU one render can outlast the budget: the prior came out unrefined, 3 mm off, and
     the gate (fitted on refinements capped by renders) accepted it at p 0.85."""

@@ -612,14 +612,20 @@ class Refiner(ImageNode):
         """After a full registration of the frame at ``registered`` s: track the frames kept
         meanwhile (:meth:`superseded`; more come in while this runs), one per catch-up interval and
         without results (each was dropped and accounted for), until none is left or
-        CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends). After a rejected one
-        the kept frame nearest halfway back is tracked (:meth:`_next_to_catch_up`); it has no
-        result to withhold. The next frame then starts from a prior a catch-up interval old instead
-        of a full registration's seconds, over which the C-arm may have turned degrees."""
+        CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends), or it fell over an
+        interval further behind the newest kept frame than it started. After a rejected one the kept frame nearest
+        halfway back is tracked (:meth:`_next_to_catch_up`); it has no result to withhold. The
+        next frame then starts from a prior a catch-up interval old instead of a full
+        registration's seconds, over which the C-arm may have turned degrees."""
         caught_up, rejections, anchor, failed = 0, 0, registered, math.inf
+        with self._track_lock:
+            behind = self._behind(anchor)
         while accepted and not self._stopping.is_set():
             with self._track_lock:
-                kept = self._next_to_catch_up(anchor, failed)
+                # Over an interval further behind the stream than at the start (a slow machine,
+                # rejections and retries): it would never end; the next live frame decides instead.
+                losing = self._behind(anchor) > behind + self._catch_up_interval()
+                kept = None if losing else self._next_to_catch_up(anchor, failed)
             if kept is None:
                 break
             t, entry = kept
@@ -642,6 +648,10 @@ class Refiner(ImageNode):
             caught_up += verdict.accepted
         self._catch_up_note = (f"from a track caught up through {caught_up} frame(s) superseded during the full "
                                "registration" if caught_up else "")
+
+    def _behind(self, anchor: float) -> float:
+        """Seconds from ``anchor`` to the newest frame kept to catch up on (under the track lock)."""
+        return self._skipped[-1][0] - anchor if self._skipped else 0.0
 
     def _next_to_catch_up(self, anchor: float, failed: float) -> tuple[float, Pending] | None:
         """The kept frame to track next (under the track lock), the last accepted one being at
