@@ -412,11 +412,12 @@ def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
         close(node, context)
 
 
-def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending_the_track(ros_domain):
+def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending_the_track(ros_domain, monkeypatch):
     """On a busy CPU one render can outlast the budget: the prior came out unrefined, 3 mm off, and
     the gate (fitted on refinements capped by renders) accepted it at p 0.85."""
     from types import SimpleNamespace
 
+    from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome
 
     node, context = refiner()
@@ -429,6 +430,15 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
         image = SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.1)))
         node._update_track(SimpleNamespace(parts={"image": image}), None, outcome, verdict)
         assert node._tracker.why_not(500.2, DET) == ""  # the next frame is tracked from the last accepted one
+        factors = []  # ... with the caught-up frames' longer time budget (its start is further back)
+        monkeypatch.setattr(node, "_track", lambda t, xray, volume, network, factor=1.0: (
+            factors.append(factor) or SimpleNamespace(note=""), ""))
+        entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.2)))})
+        node._register(entry, SimpleNamespace(detector=DET), None)
+        node._update_track(entry, None, _Outcome(None, "tracking", 0.9, None), SimpleNamespace(accepted=False,
+                                                                                                judged=True))
+        node._register(entry, SimpleNamespace(detector=DET), None)
+        assert factors == [refiner_module.CATCH_UP_TIME_FACTOR, 1.0]  # once, after a frame cut short
     finally:
         close(node, context)
 

@@ -268,6 +268,9 @@ CATCH_UP_GAIN = 2.0
 #: A caught-up frame has this many times ``tracking_time_budget`` (the same render cap): it has no
 #: latency of its own, and while frames pour in at 15 frames/s renders slow down (in a replay two
 #: caught-up frames in a row stopped on the budget after 7-9 renders, which ended the catch-up).
+#: So has the frame after one cut short by the budget: it starts from the last accepted frame's
+#: pose, further back, and with the same budget on a busy CPU the next ones were cut short too, 13
+#: in a row, their starts drifting 2-6 mm off (a 15 frames/s, 256 px replay).
 CATCH_UP_TIME_FACTOR = 4.0
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
@@ -335,6 +338,7 @@ class Refiner(ImageNode):
         self._catch_up_note = ""  # for the next tracked frame's result (worker thread only)
         self._last_kept = -math.inf  # stamp (s) of the last frame kept to catch up on
         self._catch_up_cost = 0.0  # s, the last caught-up frame's tracking and assessment
+        self._cut_short = False  # the last tracked frame stopped on its time budget (worker thread only)
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -532,7 +536,8 @@ class Refiner(ImageNode):
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         why = "tracking is off (parameter tracking)"
         if p["tracking"]:
-            tracked, why = self._track(t, xray, volume, self._network_estimate(initial, xray.detector))
+            factor = CATCH_UP_TIME_FACTOR if self._cut_short else 1.0
+            tracked, why = self._track(t, xray, volume, self._network_estimate(initial, xray.detector), factor)
             if tracked is not None:
                 tracked.note, self._catch_up_note = self._catch_up_note, ""
                 return tracked
@@ -688,6 +693,8 @@ class Refiner(ImageNode):
 
     def _update_track(self, entry: Pending, xray, outcome: _Outcome, verdict: _Verdict) -> None:
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
+        if outcome.path == "tracking":
+            self._cut_short = not verdict.judged
         with self._track_lock:
             if not verdict.accepted:
                 if verdict.judged and self._tracker.rejected():  # the track ended
