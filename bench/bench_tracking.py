@@ -12,7 +12,8 @@ chain (``session.render_session``) and read as 16-bit counts through ``read_xray
 What the method gets: the image, its intrinsics and the training benchmark's chest network
 (``bench_train.NETWORK``), as the nodes do: a frame without a usable track is registered in full
 (``register`` from the network's estimate, or the last accepted pose when it is recent and
-matches better: ``other_starts``, as the refiner) and assessed with the full quality model; a
+matches better: ``other_starts``; the multi-start only when the quality gate rejects the first
+refinement: ``good_enough``; as the refiner) and assessed with the full quality model; a
 trackable frame (``Tracker``: within ``max_gap`` of the last accepted one) is tracked (``track``
 with the tracking renderer and the track's Hessian, the first at the full registration's pose,
 ``track_hessian``; reusing the field of view of the track's first frame) and assessed with the
@@ -30,6 +31,7 @@ Run: ``python bench/bench_tracking.py [--sizes 256 512] [--fps 7.5] [--duration 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -47,8 +49,10 @@ from xvr_ros.core.model.inference import predict_initial_pose
 from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, assess_registration, load_model
 from xvr_ros.core.register.registration import register
 from xvr_ros.core.register.tracking import (
+    CATCH_UP_TIME_FACTOR,
     Tracker,
     TrackingOptions,
+    finished,
     track,
     track_hessian,
     tracking_renderer,
@@ -86,16 +90,23 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
         else:
             used = renderer
             init = predict_initial_pose(checkpoint, xray.image, xray.detector)
-            reg = register(renderer, xray, init_pose=init, other_starts=tracker.recent_pose(fr.time, xray.detector))
+            # As the refiner: the multi-start runs only when the gate rejects the first refinement.
+            gate = lambda first: assess_registration(renderer, first, xray.image, xray.detector,  # noqa: E731
+                                                     model=models["full"]).accepted
+            reg = register(renderer, xray, init_pose=init, other_starts=tracker.recent_pose(fr.time, xray.detector),
+                           good_enough=gate)
             path = "full"
         verdict = assess_registration(used, reg, xray.image, xray.detector, model=models[path])
+        if path == "full" and verdict.accepted:  # as the refiner: finished on the tracking level
+            reg, verdict = finish(tracking_renderer(renderer, options), xray, reg, verdict, models["tracking"], options)
         cut_short = path == "tracking" and unfinished(reg, options)  # as the refiner: rejected, the track goes on
         accepted = verdict.accepted and not cut_short
         if accepted:
             tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
             if path == "full":  # as the refiner starts a track
                 fov = reg.field_of_view
-                tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
+                if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
+                    tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
         elif not cut_short:
             tracker.rejected()
         seconds = time.perf_counter() - t0
@@ -104,6 +115,17 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
         print(f"# frame {fr.index:3d} {path:8s} {1000 * seconds:6.0f} ms  mTRE {error:6.2f} mm  "
               f"p {verdict.p_success:.3f} {'accepted' if accepted else 'rejected'}", flush=True)
     return records
+
+
+def finish(renderer: Renderer, xray, reg, verdict, model, options: TrackingOptions):
+    """An accepted full registration finished on the tracking level as the refiner does it
+    (``Refiner._finish``) -> (registration, verdict)."""
+    budget = dataclasses.replace(options, time_budget=CATCH_UP_TIME_FACTOR * options.time_budget)
+    tracked = track(renderer, xray, reg.pose, field_of_view=reg.field_of_view, options=budget)
+    judged = assess_registration(renderer, tracked, xray.image, xray.detector, model=model)
+    if not judged.accepted or unfinished(tracked, budget):
+        return reg, verdict
+    return finished(reg, tracked), judged
 
 
 def report(case: str, records: list[dict]) -> None:

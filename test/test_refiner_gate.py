@@ -443,6 +443,63 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
         close(node, context)
 
 
+def test_the_gate_decides_the_multi_start_and_its_verdict_is_not_computed_twice(ros_domain, monkeypatch):
+    """The full registration's ``good_enough`` is the gate on the initial pose's refinement; the
+    result of that refinement is then judged by that verdict (one assessment), but one with a
+    multi-start's candidates (a feature of the quality model) is assessed afresh."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros.refiner import _Outcome
+
+    node, context = refiner()
+    try:
+        assessed = []
+        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: assessed.append(outcome.registration)
+                            or SimpleNamespace(accepted=len(assessed) == 1))
+        volume = SimpleNamespace(renderer="full", for_path=lambda path: path)
+        first = SimpleNamespace(refinement=object(), multistart_similarity=None)
+        assert node._gate(volume, None)(first) is True
+        verdict = node._judged(volume, _Outcome(first, "full", 0.9, None), None)
+        assert verdict.accepted and assessed == [first]
+        assert node._gate(volume, None)(first) is False  # (the fake gate rejects from now on)
+        restarted = SimpleNamespace(refinement=first.refinement, multistart_similarity=torch.ones(9))
+        assert not node._judged(volume, _Outcome(restarted, "full", 0.9, None), None).accepted
+        assert assessed == [first, first, restarted]
+    finally:
+        close(node, context)
+
+
+def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_that_is_accepted(ros_domain,
+                                                                                               monkeypatch):
+    """Finished from its pose with a caught-up frame's time budget, judged by the tracking model;
+    published finished when accepted, else as it was."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros import refiner as refiner_module
+    from xvr_ros.ros.refiner import _Outcome, _Verdict
+
+    node, context = refiner()
+    try:
+        budgets, answers = [], iter([True, False])
+        monkeypatch.setattr(refiner_module, "track", lambda renderer, xray, prior, field_of_view, options, callback: (
+            budgets.append(options.time_budget) or SimpleNamespace(prior=prior, fov=field_of_view)))
+        monkeypatch.setattr(refiner_module, "finished", lambda full, tracked: ("finished", full, tracked))
+        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: _Verdict(
+            next(answers), 0.9, "tracking gate", None) if outcome.path == "tracking" else None)
+        volume = SimpleNamespace(tracking_renderer="tracking")
+        full = SimpleNamespace(pose="full pose", field_of_view="fov")
+        outcome, verdict = _Outcome(full, "full", 0.5, None), _Verdict(True, 0.6, "full gate", None)
+        done, judged = node._finish(volume, None, outcome, verdict)
+        kind, was, tracked = done.registration
+        assert kind == "finished" and was is full and tracked.prior == "full pose" and tracked.fov == "fov"
+        assert done.path == "full" and judged.accepted
+        assert "tracking gate" in judged.reason and "full gate" in judged.reason
+        assert budgets == [refiner_module.CATCH_UP_TIME_FACTOR * node._tracker.options.time_budget]
+        assert node._finish(volume, None, outcome, verdict) == (outcome, verdict)  # rejected: as it was
+    finally:
+        close(node, context)
+
+
 def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_domain, monkeypatch):
     """Caught up at the interval's own cost, the refiner would chase the stream as long as it lasts."""
     from types import SimpleNamespace

@@ -49,6 +49,33 @@ def test_register_runs_the_multistart_only_below_its_threshold(setup):  # noqa: 
     assert spent.refinement.iterations == 0 and torch.equal(spent.pose, init)
 
 
+def test_good_enough_vouches_for_the_first_refinement(setup):  # noqa: F811
+    """A multi-start the similarity alone would run (threshold above any similarity) is skipped
+    when ``good_enough`` vouches for the initial pose's refinement, and runs when it does not;
+    it is asked once, about that refinement."""
+    renderer, truth, xray = setup
+    init = offset(truth, (-15.0, 1.0, 0.5), (3.0, -4.0, 2.0)).float()
+    x = Xray(image=xray.float(), detector=DET)
+    single = register(renderer, x, init_pose=init, multistart_offsets=())
+    asked = []
+
+    def vouch(answer):
+        def good_enough(first):
+            asked.append(first)
+            return answer
+        return good_enough
+
+    kept = register(renderer, x, init_pose=init, multistart_below=2.0, good_enough=vouch(True))
+    assert len(asked) == 1 and torch.equal(asked[0].pose, single.pose) and torch.equal(asked[0].initial_pose, init)
+    assert kept.multistart_similarity is None and torch.equal(kept.pose, single.pose)
+    restarted = register(renderer, x, init_pose=init, multistart_below=2.0, good_enough=vouch(False))
+    assert len(asked) == 2 and restarted.multistart_similarity is not None
+    assert float(restarted.refinement.similarity[0]) > float(single.refinement.similarity[0])
+    # Above the similarity threshold nobody is asked.
+    register(renderer, x, init_pose=init, multistart_below=-1.0, good_enough=vouch(False))
+    assert len(asked) == 2
+
+
 def test_register_detects_a_leaking_collimator_and_masks_metal(setup):  # noqa: F811
     """Counts behind two rotated blades (3 % leakage, noisy) and a dense wire: the registration
     finds the field (IoU with the truth), leaves the wire out of the similarity, and lands near

@@ -15,6 +15,7 @@ from xvr_ros.core.metrics import mtre, pose_errors
 from xvr_ros.core.register.tracking import (
     Tracker,
     TrackingOptions,
+    finished,
     same_intrinsics,
     track,
     tracking_factor,
@@ -245,6 +246,26 @@ def test_a_track_starts_with_the_hessian_at_the_accepted_registrations_pose(setu
     assert float(mtre(truth, reg.pose.double(), FIDUCIALS)[0]) < 0.5 * float(mtre(truth, prior, FIDUCIALS)[0])
     tracker.accepted(1.1, reg.pose[0], DET, reg.uncertainty)
     assert tracker.hessian is at_pose  # and serves the next ones
+
+
+def test_a_full_registration_finished_on_the_tracking_level(setup):  # noqa: F811 - the fixture
+    """A registration stopped on coarse scales, finished by Newton steps on the tracking level from
+    its pose: the finished registration has that pose and Hessian, and the rest of the full one."""
+    from xvr_ros.core.register.registration import register
+
+    renderer, truth, image = setup
+    xray = Xray(image.float(), DET)
+    full = register(renderer, xray, init_pose=offset(truth).float(), scales=(16.0, 8.0), multistart_offsets=())
+    tracked = track(renderer, xray, full.pose, field_of_view=full.field_of_view,
+                    options=TrackingOptions(time_budget=30.0))
+    done = finished(full, tracked)
+    assert torch.equal(done.pose, tracked.pose.to(full.pose)) and done.uncertainty is tracked.uncertainty
+    assert torch.equal(done.initial_pose, full.initial_pose) and done.field_of_view is full.field_of_view
+    assert done.refinement.iterations == full.refinement.iterations and done.refinement.scales == (16.0, 8.0)
+    assert done.refinement.message.startswith(full.refinement.message) and "tracking level" in done.refinement.message
+    assert full.uncertainty is None and full.refinement.pose is not done.refinement.pose  # the full one is untouched
+    before, after = (float(mtre(truth, r.pose.double(), FIDUCIALS)[0]) for r in (full, done))
+    assert after < before, (before, after)
 
 
 def test_the_tracking_renderer_shares_the_volume_with_finer_levels(setup):  # noqa: F811 - the fixture

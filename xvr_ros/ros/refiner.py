@@ -32,6 +32,9 @@ a time budget, in a worker thread; then ``core.register.quality`` assesses it (a
 covariance and ``p_success``, the probability that the pose is within 1 mm mTRE, from one batched
 render at the refinement's finest scale) and it is accepted when ``p_success >= accept_threshold``
 (``tracking_accept_threshold`` for a tracked frame, assessed by the tracking quality model). The
+gate also decides whether a full registration's multi-start runs (parameter ``multistart``): only
+when the initial pose's refinement ends with a poor similarity *and* is rejected (on noisy frames
+a refinement in the capture range ends below the similarity threshold too). The
 quality models are loaded once at start; if they cannot be, the node reports ERROR on
 ``/diagnostics`` and accepts nothing (results still flow, with ``accepted`` false).
 
@@ -46,6 +49,10 @@ instead (and the result's ``status`` says why) for the first frame, after a reje
 gap, when the intrinsics change (zoom, pan), or when the network's latest estimate lies beyond
 ``tracking_max_jump_rotation`` / ``tracking_max_jump_translation`` of the tracked pose (the
 C-arm moved to another view). ``RegistrationResult.path`` says which path produced the pose.
+With tracking on, an accepted full registration is finished on the tracking level (Newton steps
+from its pose on the same frame; its finest level's coarser voxels bias the depth) and published
+with the finished pose when the tracking quality model accepts that refinement (``status`` says
+so), else as it was; the track goes on from the published pose.
 
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
 waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
@@ -80,8 +87,10 @@ from xvr_ros.core.register.quality import (
 from xvr_ros.core.register.refine import intra_op_threads, refine
 from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
 from xvr_ros.core.register.tracking import (
+    CATCH_UP_TIME_FACTOR,
     Tracker,
     TrackingOptions,
+    finished,
     track,
     track_hessian,
     tracking_renderer,
@@ -152,9 +161,9 @@ PARAMETERS: dict[str, Param] = {
     "labels": Param([], "render only these labels (needs labelmap); [] = the whole volume", items=int),
     "multistart": Param(
         True,
-        "when a refinement ends with a poor similarity, try the initial pose turned by +-15 deg (LAO/RAO) "
-        "and +-10 deg (CRA/CAU) on the two coarsest scales and refine again from the best (widens the "
-        "capture range; costs time only for poor starts)",
+        "when a refinement ends with a poor similarity and the quality gate rejects it, try the initial pose turned "
+        "by +-15 deg (LAO/RAO) and +-10 deg (CRA/CAU) on the two coarsest scales and refine again from the best "
+        "(widens the capture range; costs time only for poor starts)",
     ),
     "mask_clipped": Param(
         True,
@@ -265,13 +274,6 @@ CATCH_UP_MAX_REJECTIONS = 2
 #: The kept frames' interval is at least this many times a caught-up frame's cost: the catch-up
 #: then gains on the stream (one frame tracked per interval of it), and ends.
 CATCH_UP_GAIN = 2.0
-#: A caught-up frame has this many times ``tracking_time_budget`` (the same render cap): it has no
-#: latency of its own, and while frames pour in at 15 frames/s renders slow down (in a replay two
-#: caught-up frames in a row stopped on the budget after 7-9 renders, which ended the catch-up).
-#: So has the frame after one cut short by the budget: it starts from the last accepted frame's
-#: pose, further back, and with the same budget on a busy CPU the next ones were cut short too, 13
-#: in a row, their starts drifting 2-6 mm off (a 15 frames/s, 256 px replay).
-CATCH_UP_TIME_FACTOR = 4.0
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
@@ -339,6 +341,7 @@ class Refiner(ImageNode):
         self._last_kept = -math.inf  # stamp (s) of the last frame kept to catch up on
         self._catch_up_cost = 0.0  # s, the last caught-up frame's tracking and assessment
         self._cut_short = False  # the last tracked frame stopped on its time budget (worker thread only)
+        self._gated: tuple | None = None  # (refinement, _Verdict) of the gate during a full registration (worker)
         self._result_pub = self.create_publisher(RegistrationResult, p["result_topic"], 10)
         self._tf_pub = self.create_publisher(TFMessage, p["tf_topic"], qos.TF)
         self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, p["refined_pose_topic"], 10)
@@ -508,13 +511,15 @@ class Refiner(ImageNode):
         if outcome is None or self._stopping.is_set():
             return
         t_assess = time.monotonic()
-        verdict = self._assess(volume.for_path(outcome.path), outcome, xray)
+        verdict = self._judged(volume, outcome, xray)
+        if outcome.path == "full" and verdict.accepted and p["tracking"]:
+            outcome, verdict = self._finish(volume, xray, outcome, verdict)
         if self._stopping.is_set():
             return
         self._update_track(entry, xray, outcome, verdict)
         self._publish(entry, xray, volume.overlay_renderer, outcome, verdict, time.monotonic() - t_assess)
         if outcome.path == "full":
-            if verdict.accepted and p["tracking"]:
+            if verdict.accepted and p["tracking"] and outcome.registration.uncertainty is None:  # not finished
                 self._start_track(volume, xray, outcome.registration)
             self._catch_up(volume, verdict.accepted, convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9)
 
@@ -561,11 +566,32 @@ class Refiner(ImageNode):
             time_budget=p["time_budget"] or None,
             callback=lambda _: self._stopping.is_set(),
             multistart_offsets=MULTISTART_OFFSETS if p["multistart"] else (),
+            good_enough=self._gate(volume, xray),
             other_starts=recent,
             detect_fov=p["detect_fov"],
             **self._scale_options(),
         )
         return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
+
+    def _gate(self, volume: _Volume, xray):
+        """``register``'s ``good_enough``: the full path's quality gate on the initial pose's
+        refinement (the multi-start runs only when it rejects it); the verdict is kept for
+        :meth:`_judged`."""
+        def accepted(reg: Registration) -> bool:
+            verdict = self._assess(volume.renderer, _Outcome(reg, "full", math.nan, None), xray)
+            self._gated = (reg.refinement, verdict)
+            return verdict.accepted
+        return accepted
+
+    def _judged(self, volume: _Volume, outcome: _Outcome, xray) -> _Verdict:
+        """The verdict on ``outcome``: the gate's during the registration (:meth:`_gate`) when it
+        judged this refinement, without a multi-start (whose candidates are one of the quality
+        model's features), else a fresh assessment."""
+        gated, self._gated = self._gated, None
+        reg = outcome.registration
+        if gated is not None and gated[0] is reg.refinement and reg.multistart_similarity is None:
+            return gated[1]
+        return self._assess(volume.for_path(outcome.path), outcome, xray)
 
     def _track(self, t: float, xray, volume: _Volume, network, time_factor: float = 1.0) -> tuple[_Outcome | None, str]:
         """The frame (stamp ``t`` s) tracked from the track's prior, with ``time_factor`` times its
@@ -581,6 +607,26 @@ class Refiner(ImageNode):
                     hessian=hessian, options=options, callback=lambda _: self._stopping.is_set())
         pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
         return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg), ""
+
+    def _finish(self, volume: _Volume, xray, outcome: _Outcome, verdict: _Verdict) -> tuple[_Outcome, _Verdict]:
+        """An accepted full registration finished on the tracking level (Newton steps from its pose,
+        as a tracked frame, with a caught-up frame's time budget; ``tracking.finished``) when the
+        tracking quality model accepts that refinement: the pose published and tracked on, and the
+        Hessian for the track's first frames; else the registration as it was."""
+        reg = outcome.registration
+        options = self._tracker.options
+        options = dataclasses.replace(options, time_budget=CATCH_UP_TIME_FACTOR * options.time_budget)
+        try:
+            tracked = track(volume.tracking_renderer, xray, reg.pose, field_of_view=reg.field_of_view, options=options,
+                            callback=lambda _: self._stopping.is_set())
+        except ValueError:  # e.g. the similarity is not finite near the pose: keep what was accepted
+            return outcome, verdict
+        judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray)
+        if not judged.accepted:
+            return outcome, verdict
+        reason = f"{judged.reason} (finished on the tracking level; the full registration: {verdict.reason})"
+        return dataclasses.replace(outcome, registration=finished(reg, tracked)), dataclasses.replace(judged,
+                                                                                                      reason=reason)
 
     def _start_track(self, volume: _Volume, xray, reg: Registration) -> None:
         """After an accepted full registration, once its result is out: the Hessian for the track's

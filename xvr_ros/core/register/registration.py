@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ def register(
     init_pose: torch.Tensor | None = None,
     multistart_offsets=MULTISTART_OFFSETS,
     multistart_below: float | None = None,
+    good_enough: Callable[[Registration], bool] | None = None,
     other_starts: torch.Tensor | None = None,
     detect_fov: bool = True,
     fov_margin_mm: float = 3.0,
@@ -121,9 +122,12 @@ def register(
 
     ``multistart_offsets``: the :func:`multistart` candidates (``()`` = refine the initial pose
     only), tried when the initial pose's refinement ends below ``multistart_below`` similarity
-    (None = ``MULTISTART_BELOW``; above 1 = always). ``detect_fov``: score only the detected field
-    of view (see the module docstring), kept ``fov_margin_mm`` (at the detector) inside its edges;
-    else only the X-ray's own validity mask.
+    (None = ``MULTISTART_BELOW``; above 1 = always) and ``good_enough`` (e.g. the quality gate),
+    given the initial pose's registration, does not return True: on noisy images (256 px
+    fluoroscopy) refinements in the capture range end below ``MULTISTART_BELOW`` too, and a
+    multi-start that lands where the first refinement did doubles the time. ``detect_fov``:
+    score only the detected field of view (see the module docstring), kept ``fov_margin_mm`` (at
+    the detector) inside its edges; else only the X-ray's own validity mask.
     ``mask_outliers``: leave metal (narrow attenuation peaks up to ``OUTLIER_WIDTH_MM``) out.
     ``other_starts``: (K, 4, 4) further starting poses (e.g. the last accepted pose of a
     fluoroscopy run, when the network's estimate may be tens of mm off): the best of them and the
@@ -166,7 +170,8 @@ def register(
     below = MULTISTART_BELOW if multistart_below is None else multistart_below
     left = time_left()
     candidates = None
-    if may_restart and _similarity(result) < below and (left is None or left > 0):
+    first = Registration(origin, result, source, time.perf_counter() - t0, fov, mask)
+    if may_restart and (left is None or left > 0) and _needs_multistart(first, below, good_enough):
         start, candidates = multistart(renderer, image, xray.detector, pose, mask=mask, offsets=multistart_offsets,
                                        scales=refine_options.get("scales"),
                                        time_budget=None if left is None else left / 2)
@@ -178,6 +183,12 @@ def register(
 #: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for
 #: a start outside the capture range and triggers the multi-start.
 MULTISTART_BELOW = 0.98
+
+
+def _needs_multistart(first: Registration, below: float, good_enough) -> bool:
+    """The initial pose's registration ends below ``below`` similarity and ``good_enough`` (if
+    given) does not vouch for it."""
+    return _similarity(first.refinement) < below and not (good_enough is not None and good_enough(first))
 
 
 def _similarity(result: RefineResult) -> float:

@@ -18,6 +18,7 @@ mm, velocities in the C-arm parameters of :func:`~xvr_ros.core.geometry.carm_par
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,8 +39,19 @@ from xvr_ros.core.register.uncertainty import (
 )
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["TrackingOptions", "Tracker", "same_intrinsics", "track", "track_hessian", "tracking_factor",
-           "tracking_renderer", "unfinished"]
+__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finished", "same_intrinsics", "track",
+           "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
+
+
+#: A caught-up frame (one the refiner tracks after a full registration, without a result) has
+#: this many times ``TrackingOptions.time_budget`` (the same render cap): it has no latency of its
+#: own, and while frames pour in at 15 frames/s renders slow down (in a replay two caught-up
+#: frames in a row stopped on the budget after 7-9 renders, which ended the catch-up). So has the
+#: frame after one cut short by the budget: it starts from the last accepted frame's pose, further
+#: back, and with the same budget on a busy CPU the next ones were cut short too, 13 in a row,
+#: their starts drifting 2-6 mm off (a 15 frames/s, 256 px replay). So has the finishing of a full
+#: registration on the tracking level (:func:`finished`).
+CATCH_UP_TIME_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +360,22 @@ def track(
     result.init_pose = pose
     return registration.Registration(pose, result, "tracking", time.perf_counter() - t0, fov, mask,
                                      uncertainty=hessian)
+
+
+def finished(full: registration.Registration, tracked: registration.Registration) -> registration.Registration:
+    """A full registration finished on the tracking level: ``full`` with the pose that
+    :func:`track` from its pose, on the same X-ray, reached (``tracked``), and the Hessian that
+    refinement used (``uncertainty``, at ``full``'s pose: it serves the track's first frames).
+
+    The full path's finest level renders coarser voxels than the tracking level (for the demo CT
+    at 512 px: 96 px of 2.8 mm against 64 px of 2.1 mm), which bias the depth: its quality model
+    accepted a 3.3 mm depth error at p 0.96 in a replay, and the track started from it. A caller
+    takes the finished pose only when the tracking quality model accepts ``tracked``.
+    """
+    refinement = dataclasses.replace(
+        full.refinement, pose=tracked.pose.to(full.pose),
+        message=f"{full.refinement.message}; finished on the tracking level ({tracked.refinement.message})")
+    return dataclasses.replace(full, refinement=refinement, uncertainty=tracked.uncertainty)
 
 
 def unfinished(reg: registration.Registration, options: TrackingOptions) -> bool:
