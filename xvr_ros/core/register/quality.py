@@ -56,6 +56,7 @@ from xvr_ros.core.register.uncertainty import (
     covariance_from_hessian,
     pose_uncertainty,
 )
+from xvr_ros.core.render.renderer import render_scored
 
 __all__ = [
     "FEATURES",
@@ -117,7 +118,7 @@ def similarity_terms(
     device = getattr(renderer, "device", torch.device("cpu"))
     img, msk, det = pyramid(xray.to(device, dtype), None if mask is None else mask.to(device), detector, factor)
     with torch.no_grad():
-        drr = renderer(pose.reshape(1, 4, 4).to(device, dtype), det).sum(dim=1, keepdim=True)
+        drr = render_scored(renderer, pose.reshape(1, 4, 4).to(device, dtype), det, msk).sum(dim=1, keepdim=True)
         return {
             "mncc": float(sim_mod.mncc(drr.float(), img.float(), msk)[0]),
             "gradncc": float(sim_mod.gradncc(drr.float(), img.float(), msk, sigma=sigma)[0]),

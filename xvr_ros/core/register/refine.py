@@ -78,6 +78,7 @@ from xvr_ros.core.geometry import (
     make_pose,
 )
 from xvr_ros.core.register import similarity as sim_mod
+from xvr_ros.core.render.renderer import render_scored
 from xvr_ros.core.rotations import se3_exp
 
 __all__ = [
@@ -427,9 +428,11 @@ class _Run:
     def out_of_time(self) -> bool:
         return self.time_budget is not None and time.perf_counter() - self.t_start >= self.time_budget
 
-    def render(self, pose: torch.Tensor, detector: Detector) -> torch.Tensor:
-        """DRR (B, 1, h, w) at ``pose``; label channels are summed."""
-        drr = self.renderer(pose.to(self.dtype), detector)
+    def render(self, pose: torch.Tensor, level: tuple) -> torch.Tensor:
+        """DRR (B, 1, h, w) at ``pose`` of a :func:`pyramid` level (its scored pixels only); label
+        channels are summed."""
+        _, mask, detector = level
+        drr = render_scored(self.renderer, pose.to(self.dtype), detector, mask)
         return drr if drr.shape[1] == 1 else drr.sum(dim=1, keepdim=True)
 
     def similarity(self, scale: _Scale, drr: torch.Tensor) -> torch.Tensor:
@@ -447,7 +450,7 @@ def _evaluate(run: _Run, scale: _Scale, params: _Params):
     rot = params.rot.clone().requires_grad_(True)
     xyz = params.xyz.clone().requires_grad_(True)
     pose = params.pose(rot, xyz)
-    s = run.similarity(scale, run.render(pose, scale.level[2]))
+    s = run.similarity(scale, run.render(pose, scale.level))
     s_val = s.detach().to(torch.float64).cpu()
     finite = torch.isfinite(s_val)
     grad_rot, grad_xyz = torch.autograd.grad(torch.where(finite.to(s.device), s, torch.zeros_like(s)).sum(), [rot, xyz])
@@ -535,7 +538,7 @@ def _final(run: _Run, scale: _Scale, finest: Callable[[], _Scale], params: _Para
             sim = torch.where(never | (not scale.finest), torch.full_like(items.best, math.nan), items.best)
         else:  # not at the finest scale yet: one more render to report a comparable value
             last = finest()
-            sim = run.similarity(last, run.render(pose, last.level[2])).to(torch.float64).cpu()
+            sim = run.similarity(last, run.render(pose, last.level)).to(torch.float64).cpu()
     pose = torch.where(never[:, None, None], init_pose.to(torch.float64).cpu(), pose)
     return pose, sim
 

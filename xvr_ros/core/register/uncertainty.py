@@ -46,6 +46,7 @@ import torch
 from xvr_ros.core.geometry import Detector, invert, make_pose
 from xvr_ros.core.register import similarity as sim_mod
 from xvr_ros.core.register.refine import auto_scales, finest_similarity, pyramid
+from xvr_ros.core.render.renderer import render_scored
 from xvr_ros.core.rotations import hat, se3_exp, se3_log
 
 __all__ = [
@@ -156,7 +157,7 @@ class IsocenterObjective:
 
     def __call__(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xi = offsets.detach().to(torch.float64).clone().requires_grad_(True)
-        drr = self._renderer(self.poses(xi).to(self._dtype), self._det)
+        drr = render_scored(self._renderer, self.poses(xi).to(self._dtype), self._det, self._msk)
         if drr.shape[1] != 1:
             drr = drr.sum(dim=1, keepdim=True)
         loss = -self._fn(drr.float(), self._img.float(), self._msk)

@@ -23,8 +23,10 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from xvr_ros.core.geometry import Detector, transform_points
+from xvr_ros.core.intrinsics import crop_detector
 from xvr_ros.core.io.volume import Volume
 from xvr_ros.core.render import siddon, trilinear
 
@@ -199,6 +201,30 @@ class Renderer(torch.nn.Module):
             step = self.step or self.step_ratio * min(level.spacing)
             J = fn(level.data, src, tgt, level.spacing, step)
         return (J * length[..., None]).transpose(1, 2)
+
+
+def render_scored(renderer, pose: torch.Tensor, detector: Detector, mask: torch.Tensor | None) -> torch.Tensor:
+    """``renderer(pose, detector)`` (any renderer: a :class:`Renderer`, a test's stand-in) for only
+    the bounding box of ``mask`` ((B or 1, 1, H, W), True = scored), zeros elsewhere: all that a
+    similarity that never reads an unscored pixel needs (``core.register.similarity``). A tightly
+    collimated fluoroscopy frame scores a third of its pixels. None = every pixel."""
+    if mask is None:
+        return renderer(pose, detector)
+    scored = (mask.reshape(-1, *detector.shape) > 0).any(0)
+    rows, cols = scored.any(-1), scored.any(-2)
+    if not bool(rows.any()):
+        return renderer(pose, detector)
+    (top, bottom), (left, right) = _span(rows), _span(cols)
+    if (top, left, bottom, right) == (0, 0, detector.height, detector.width):
+        return renderer(pose, detector)
+    window = crop_detector(detector, top, detector.height - bottom, left, detector.width - right)
+    return F.pad(renderer(pose, window), (left, detector.width - right, top, detector.height - bottom))
+
+
+def _span(any_along: torch.Tensor) -> tuple[int, int]:
+    """First index and one past the last where the (N,) bool tensor is True."""
+    idx = torch.nonzero(any_along).flatten()
+    return int(idx[0]), int(idx[-1]) + 1
 
 
 def relative_rms_error(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
