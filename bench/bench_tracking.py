@@ -17,8 +17,9 @@ refinement: ``good_enough``; as the refiner) and assessed with the full quality 
 trackable frame (``Tracker``: within ``max_gap`` of the last accepted one) is tracked (``track``
 with the tracking renderer and the track's Hessian, the first at the full registration's pose,
 ``track_hessian``; reusing the field of view of the track's first frame) and assessed with the
-tracking model. Accepted frames extend the track, a rejection ends it (a tracked frame cut short
-by its time budget is rejected without ending it, as in the refiner). Every frame is processed,
+tracking model. Accepted frames extend the track, a rejection ends it (as in the refiner, a
+tracked frame cut short by its time budget is rejected without ending it, and one that started
+too far, ``started_far``, is rejected and the track goes on from it). Every frame is processed,
 one at a time, on one torch thread. The simulator's poses score only: mTRE on 100 points in the body.
 
 Figures per case (``<fps>fps_<size>px``): the share of frames accepted, tracked and tracked-and-
@@ -53,6 +54,7 @@ from xvr_ros.core.register.tracking import (
     Tracker,
     TrackingOptions,
     finished,
+    started_far,
     track,
     track_hessian,
     tracking_renderer,
@@ -100,13 +102,16 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
         if path == "full" and verdict.accepted:  # as the refiner: finished on the tracking level
             reg, verdict = finish(tracking_renderer(renderer, options), xray, reg, verdict, models["tracking"], options)
         cut_short = path == "tracking" and unfinished(reg, options)  # as the refiner: rejected, the track goes on
-        accepted = verdict.accepted and not cut_short
+        far = path == "tracking" and not cut_short and started_far(reg, options)  # rejected, the track goes on from it
+        accepted = verdict.accepted and not cut_short and not far
         if accepted:
             tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
             if path == "full":  # as the refiner starts a track
                 fov = reg.field_of_view
                 if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
                     tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
+        elif far:
+            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
         elif not cut_short:
             tracker.rejected()
         seconds = time.perf_counter() - t0

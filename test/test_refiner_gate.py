@@ -443,6 +443,40 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
         close(node, context)
 
 
+def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_from_it(ros_domain, monkeypatch):
+    """In a replayed sweep of single shots, tracked frames whose similarity rose by 0.03-0.3 were
+    accepted 2.5-5 mm off (the depth lags). Caught-up frames and the finishing keep the gate."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros import refiner as refiner_module
+    from xvr_ros.ros.refiner import _Outcome
+
+    node, context = refiner()
+    try:
+        node._tracker.accepted(500.0, carm_pose(torch.zeros(3), torch.tensor([0.0, 820.0, 0.0])), DET)
+        far = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([True]), iterations=6,
+                                                         similarity=torch.tensor([0.99]),
+                                                         trajectory=[torch.tensor([0.80])]),
+                              pose=carm_pose(torch.zeros(1, 3), torch.tensor([[0.0, 823.0, 0.0]])), uncertainty=None)
+        outcome = _Outcome(far, "tracking", 0.8, None)
+        verdict = node._assess(None, outcome, None)
+        assert not verdict.accepted and verdict.far and not verdict.judged and "too far" in verdict.reason
+        gated = SimpleNamespace(accepted=True, p_success=0.9, reason="accepted", covariance=torch.eye(6))
+        monkeypatch.setattr(refiner_module, "assess_registration", lambda *args, **kwargs: gated)
+        xray = SimpleNamespace(image=None, detector=DET)
+        assert node._assess(None, outcome, xray, far_ok=True).accepted  # a caught-up frame: the gate judges
+        entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.2)))})
+        node._update_track(entry, xray, outcome, verdict)
+        prior, why = node._tracker.prior(500.3, DET)
+        assert why == "" and float(prior[0, 1, 3]) > 822.0  # the track goes on from the far frame's pose
+        assert not node._cut_short  # (not a frame cut short: the next one has the usual budget)
+        entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.4)))})
+        node._update_track(entry, xray, outcome, verdict)
+        assert node._tracker.why_not(500.5, DET)  # the second in a row ended the track
+    finally:
+        close(node, context)
+
+
 def test_the_gate_decides_the_multi_start_and_its_verdict_is_not_computed_twice(ros_domain, monkeypatch):
     """The full registration's ``good_enough`` is the gate on the initial pose's refinement; the
     result of that refinement is then judged by that verdict (one assessment), but one with a

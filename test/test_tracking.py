@@ -17,6 +17,7 @@ from xvr_ros.core.register.tracking import (
     TrackingOptions,
     finished,
     same_intrinsics,
+    started_far,
     track,
     tracking_factor,
     tracking_renderer,
@@ -51,6 +52,28 @@ def test_tracks_only_a_recent_frame_with_the_same_intrinsics():
     assert not lenient.rejected() and not lenient.rejected()
     assert lenient.rejected()  # the third in a row ends the track
     assert "no accepted frame" in lenient.why_not(1.4, DET)
+
+
+def test_a_frame_tracked_from_too_far_carries_the_track_once():
+    """A frame whose similarity rose by more than max_gain is the track's next pose without being
+    accepted; the second such frame in a row ends the track, an accepted one in between does not."""
+    from types import SimpleNamespace
+
+    def tracked(start, end):
+        return SimpleNamespace(refinement=SimpleNamespace(similarity=torch.tensor([end]),
+                                                          trajectory=[torch.tensor([start])]))
+
+    options = TrackingOptions(max_gap=1.0)
+    assert started_far(tracked(0.87, 0.99), options) and not started_far(tracked(0.987, 0.99), options)
+    tracker = Tracker(options)
+    tracker.accepted(0.0, pose(x=4.0), DET)
+    assert not tracker.far(0.1, pose(x=6.0), DET)  # the first: the track goes on from its pose
+    prior, why = tracker.prior(0.2, DET)
+    assert why == "" and torch.allclose(prior[0], pose(x=8.0))  # ... moving on at the velocity it shows
+    tracker.accepted(0.2, pose(x=8.0), DET)
+    assert not tracker.far(0.3, pose(x=9.0), DET)  # the count started again
+    assert tracker.far(0.4, pose(x=10.0), DET)  # the second in a row ends the track
+    assert "no accepted frame" in tracker.why_not(0.5, DET)
 
 
 def test_the_prior_continues_at_the_last_velocity():
@@ -101,7 +124,7 @@ def test_time_going_backwards_restarts_the_track():
 def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
                 dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
-                dict(plateau_tolerance=-1.0)):
+                dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

@@ -91,6 +91,7 @@ from xvr_ros.core.register.tracking import (
     Tracker,
     TrackingOptions,
     finished,
+    started_far,
     track,
     track_hessian,
     tracking_renderer,
@@ -309,6 +310,7 @@ class _Verdict:
     reason: str  # one line, for the result and /diagnostics
     covariance: Any  # (6, 6) mm / rad along the volume frame's axes, or None (unknown: all zeros on ROS)
     judged: bool = True  # False: not assessed (a tracked frame cut short by its time budget), not the track's rejection
+    far: bool = False  # a tracked frame that started too far (tracking.started_far): the track goes on from it
 
 
 class Refiner(ImageNode):
@@ -621,7 +623,8 @@ class Refiner(ImageNode):
                             callback=lambda _: self._stopping.is_set())
         except ValueError:  # e.g. the similarity is not finite near the pose: keep what was accepted
             return outcome, verdict
-        judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray)
+        judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
+                              far_ok=True)
         if not judged.accepted:
             return outcome, verdict
         reason = f"{judged.reason} (finished on the tracking level; the full registration: {verdict.reason})"
@@ -685,7 +688,7 @@ class Refiner(ImageNode):
             outcome = None if xray is None else self._track(t, xray, volume, None, CATCH_UP_TIME_FACTOR)[0]
             if outcome is None or self._stopping.is_set():
                 break
-            verdict = self._assess(volume.tracking_renderer, outcome, xray)
+            verdict = self._assess(volume.tracking_renderer, outcome, xray, far_ok=True)
             with self._track_lock:
                 self._catch_up_cost = time.monotonic() - started
             rejections = 0 if verdict.accepted else rejections + 1
@@ -740,8 +743,13 @@ class Refiner(ImageNode):
     def _update_track(self, entry: Pending, xray, outcome: _Outcome, verdict: _Verdict) -> None:
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         if outcome.path == "tracking":
-            self._cut_short = not verdict.judged
+            self._cut_short = not verdict.judged and not verdict.far
         with self._track_lock:
+            if verdict.far:
+                reg = outcome.registration
+                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty):  # the track ended
+                    self._track_fov = None
+                return
             if not verdict.accepted:
                 if verdict.judged and self._tracker.rejected():  # the track ended
                     self._track_fov = None
@@ -851,17 +859,24 @@ class Refiner(ImageNode):
         self.diagnostics.warn(f"overlay of image {convert.stamp_to_str(job[4].stamp)} failed: "
                               f"{type(exc).__name__}: {exc}")
 
-    def _assess(self, renderer: Renderer, outcome: _Outcome, xray) -> _Verdict:
+    def _assess(self, renderer: Renderer, outcome: _Outcome, xray, far_ok: bool = False) -> _Verdict:
         """Accept or reject one registration with its path's quality model; its covariance in
-        ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown."""
+        ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown.
+        A tracked frame that started too far is rejected unassessed unless ``far_ok`` (a caught-up
+        frame or a finishing, which publish nothing of their own or start from the same frame)."""
         if not self._quality:
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
-        reg = outcome.registration
-        if outcome.path == "tracking" and unfinished(reg, self._tracker.options):
+        reg, options = outcome.registration, self._tracker.options
+        if outcome.path == "tracking" and unfinished(reg, options):
             budget = self.params["tracking_time_budget"]
             return _Verdict(False, 0.0, f"rejected: tracking stopped after {reg.refinement.iterations} render(s) on "
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
+        if outcome.path == "tracking" and not far_ok and started_far(reg, options):
+            gain = float(reg.refinement.similarity[0]) - float(reg.refinement.trajectory[0][0])
+            return _Verdict(False, 0.0, f"rejected: tracked from too far (the similarity rose by {gain:.3f} > "
+                            f"{options.max_gain:g}: the C-arm moved more than a frame's worth, and the depth lags); "
+                            "the track goes on from it", None, judged=False, far=True)
         threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
         try:
             a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],

@@ -39,8 +39,8 @@ from xvr_ros.core.register.uncertainty import (
 )
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finished", "same_intrinsics", "track",
-           "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
+__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finished", "same_intrinsics", "started_far",
+           "track", "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
 
 
 #: A caught-up frame (one the refiner tracks after a full registration, without a result) has
@@ -106,6 +106,14 @@ class TrackingOptions:
         path); until then the next frame is tracked again from the last accepted one. Measured
         with 3 (``bench_tracking.py``): frames tracked after a rejection start from an older pose,
         the gate accepted fewer of them, and one 2.4 mm off; hence 1.
+    max_gain: a tracked frame whose similarity rose by more than this from its prior started too
+        far for tracking (:func:`started_far`: the C-arm moved more than a fluoroscopy frame's
+        worth, e.g. a sweep of single shots, or the first live frame after a catch-up): the
+        Newton steps bring the image in line but the depth, which the image barely shows, lags
+        by millimetres, and the quality model, fitted on near starts, does not see it. In
+        replays, 8 of 53 accepted tracked frames above 0.005 were 2.5-5 mm off, none of 686
+        below it. Such a frame is not published; the track goes on from it (the next frame
+        starts near), and ``max_far`` of them in a row end the track.
     """
 
     max_gap: float = 10.0
@@ -126,6 +134,8 @@ class TrackingOptions:
     footprint_ratio: float = 0.75
     hessian_frames: int = 24
     max_rejections: int = 1
+    max_gain: float = 0.005
+    max_far: int = 2
 
     def __post_init__(self):
         positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
@@ -133,10 +143,13 @@ class TrackingOptions:
             raise ValueError(f"need min_gain >= 0, got {self.min_gain}")
         if not self.plateau_tolerance >= 0:
             raise ValueError(f"need plateau_tolerance >= 0, got {self.plateau_tolerance}")
-        counts = (self.max_iterations, self.hessian_frames, self.max_rejections, self.plateau_renders)
+        counts = (self.max_iterations, self.hessian_frames, self.max_rejections, self.plateau_renders, self.max_far)
         if not all(v > 0 for v in positive) or self.size < 8 or min(counts) < 1:
             raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
-                             f"max_iterations, hessian_frames, max_rejections and plateau_renders >= 1, got {self}")
+                             f"max_iterations, hessian_frames, max_rejections, plateau_renders and max_far >= 1, "
+                             f"got {self}")
+        if not self.max_gain > 0:
+            raise ValueError(f"need max_gain > 0, got {self.max_gain}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,7 @@ class Tracker:
         self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
         self._hessian_uses = 0  # ... and how many accepted frames used it
         self._rejections = 0  # in a row, since the last accepted frame
+        self._far = 0  # frames tracked from too far (started_far), in a row
         self._recent: _Accepted | None = None  # the last accepted frame, kept when the track ends
 
     @property
@@ -176,12 +190,28 @@ class Tracker:
         """Forget the track: the next frame takes the full path."""
         self._last = []
         self._hessian, self._hessian_uses = None, 0
-        self._rejections = 0
+        self._rejections = self._far = 0
 
     def accepted(self, t: float, pose: torch.Tensor, detector: Detector,
                  hessian: PoseUncertainty | None = None) -> None:
         """Record an accepted frame (time ``t`` s, (4, 4) or (1, 4, 4) pose mm) and the Hessian its
         refinement used (``Registration.uncertainty`` of a tracked frame; it serves the next ones)."""
+        self._record(t, pose, detector, hessian)
+        self._rejections = self._far = 0
+
+    def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None) -> bool:
+        """A frame tracked from too far (:func:`started_far`), not published: the track goes on from
+        its pose, as from an accepted one, unless it is the ``max_far``-th in a row (a sweep of
+        single shots: each moves further than tracking follows), which ends the track -> whether
+        it ended."""
+        self._far += 1
+        if self._far >= self.options.max_far:
+            self.reset()
+            return True
+        self._record(t, pose, detector, hessian)
+        return False
+
+    def _record(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None) -> None:
         if self._last and t <= self._last[-1].time:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
@@ -190,7 +220,6 @@ class Tracker:
         if hessian is not self._hessian:
             self._hessian, self._hessian_uses = hessian, 0
         self._hessian_uses += hessian is not None
-        self._rejections = 0
 
     def use_hessian(self, hessian: PoseUncertainty) -> None:
         """Serve the next tracked frames with ``hessian`` (:func:`track_hessian` of the registration
@@ -368,14 +397,21 @@ def finished(full: registration.Registration, tracked: registration.Registration
     refinement used (``uncertainty``, at ``full``'s pose: it serves the track's first frames).
 
     The full path's finest level renders coarser voxels than the tracking level (for the demo CT
-    at 512 px: 96 px of 2.8 mm against 64 px of 2.1 mm), which bias the depth: its quality model
-    accepted a 3.3 mm depth error at p 0.96 in a replay, and the track started from it. A caller
-    takes the finished pose only when the tracking quality model accepts ``tracked``.
+    at 512 px: 96 px of 2.8 mm against 64 px of 2.1 mm), which bias the depth, which its quality
+    model does not see, and a track would start from that bias. A caller takes the finished pose
+    only when the tracking quality model accepts ``tracked``.
     """
     refinement = dataclasses.replace(
         full.refinement, pose=tracked.pose.to(full.pose),
         message=f"{full.refinement.message}; finished on the tracking level ({tracked.refinement.message})")
     return dataclasses.replace(full, refinement=refinement, uncertainty=tracked.uncertainty)
+
+
+def started_far(reg: registration.Registration, options: TrackingOptions) -> bool:
+    """A :func:`track` result whose similarity rose by more than ``options.max_gain`` from its prior:
+    the prior was further than tracking follows, and the depth lags (see ``TrackingOptions.max_gain``)."""
+    result = reg.refinement
+    return float(result.similarity[0]) - float(result.trajectory[0][0]) > options.max_gain
 
 
 def unfinished(reg: registration.Registration, options: TrackingOptions) -> bool:
