@@ -359,7 +359,7 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
         factors = set()
         monkeypatch.setattr(node, "_track", lambda t, xray, volume, network, factor=1.0: (
             tracked.append(t) or factors.add(factor) or SimpleNamespace(t=t), ""))
-        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: SimpleNamespace(
+        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray, far_ok=False: SimpleNamespace(
             accepted=round(outcome.t, 6) not in rejected))
         monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
             (outcome.t, verdict.accepted)))
@@ -397,7 +397,7 @@ def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
 
         monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
         monkeypatch.setattr(node, "_track", slow_track)
-        monkeypatch.setattr(node, "_assess", lambda *args: SimpleNamespace(accepted=True))
+        monkeypatch.setattr(node, "_assess", lambda *args, **kwargs: SimpleNamespace(accepted=True))
         monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(outcome.t))
         node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(10)]  # to 502.0
         node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
@@ -436,7 +436,7 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
         entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.2)))})
         node._register(entry, SimpleNamespace(detector=DET), None)
         node._update_track(entry, None, _Outcome(None, "tracking", 0.9, None), SimpleNamespace(accepted=False,
-                                                                                                judged=True))
+                                                                                                judged=True, far=False))
         node._register(entry, SimpleNamespace(detector=DET), None)
         assert factors == [refiner_module.CATCH_UP_TIME_FACTOR, 1.0]  # once, after a frame cut short
     finally:
@@ -518,7 +518,7 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
         monkeypatch.setattr(refiner_module, "track", lambda renderer, xray, prior, field_of_view, options, callback: (
             budgets.append(options.time_budget) or SimpleNamespace(prior=prior, fov=field_of_view)))
         monkeypatch.setattr(refiner_module, "finished", lambda full, tracked: ("finished", full, tracked))
-        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: _Verdict(
+        monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray, far_ok=False: _Verdict(
             next(answers), 0.9, "tracking gate", None) if outcome.path == "tracking" else None)
         volume = SimpleNamespace(tracking_renderer="tracking")
         full = SimpleNamespace(pose="full pose", field_of_view="fov")
@@ -552,7 +552,7 @@ def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_dom
         clock = [100.0]
         monkeypatch.setattr(refiner_module.time, "monotonic", lambda: clock[0])
         monkeypatch.setattr(node, "_track", slow_track)
-        monkeypatch.setattr(node, "_assess", lambda *args: SimpleNamespace(accepted=True))
+        monkeypatch.setattr(node, "_assess", lambda *args, **kwargs: SimpleNamespace(accepted=True))
 
         def kept(stamps):
             node._catching_up, node._skipped, node._last_kept = True, [], -math.inf
