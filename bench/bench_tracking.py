@@ -89,7 +89,10 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             used = tracking_renderer(renderer, options)
             reg = track(used, xray, prior, field_of_view=fov, hessian=tracker.hessian, options=options)
             path = "tracking"
-        else:
+            if started_far(reg, options) and tracker.far_in_a_row + 1 >= options.max_far:  # as the refiner: the
+                tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty)  # track ends, the full path runs
+                prior = None
+        if prior is None:
             used = renderer
             init = predict_initial_pose(checkpoint, xray.image, xray.detector)
             # As the refiner: the multi-start runs only when the gate rejects the first refinement.

@@ -431,8 +431,10 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
         node._update_track(SimpleNamespace(parts={"image": image}), None, outcome, verdict)
         assert node._tracker.why_not(500.2, DET) == ""  # the next frame is tracked from the last accepted one
         factors = []  # ... with the caught-up frames' longer time budget (its start is further back)
+        near = SimpleNamespace(refinement=SimpleNamespace(similarity=torch.tensor([0.99]),
+                                                          trajectory=[torch.tensor([0.989])]))
         monkeypatch.setattr(node, "_track", lambda t, xray, volume, network, factor=1.0: (
-            factors.append(factor) or SimpleNamespace(note=""), ""))
+            factors.append(factor) or SimpleNamespace(note="", registration=near), ""))
         entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.2)))})
         node._register(entry, SimpleNamespace(detector=DET), None)
         node._update_track(entry, None, _Outcome(None, "tracking", 0.9, None), SimpleNamespace(accepted=False,
@@ -445,7 +447,8 @@ def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending
 
 def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_from_it(ros_domain, monkeypatch):
     """In a replayed sweep of single shots, tracked frames whose similarity rose by 0.03-0.3 were
-    accepted 2.5-5 mm off (the depth lags). Caught-up frames and the finishing keep the gate."""
+    accepted 2.5-5 mm off (the depth lags). Caught-up frames and the finishing keep the gate; the
+    second such frame in a row ends the track and is registered in full instead."""
     from types import SimpleNamespace
 
     from xvr_ros.ros import refiner as refiner_module
@@ -470,9 +473,11 @@ def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_fro
         prior, why = node._tracker.prior(500.3, DET)
         assert why == "" and float(prior[0, 1, 3]) > 822.0  # the track goes on from the far frame's pose
         assert not node._cut_short  # (not a frame cut short: the next one has the usual budget)
-        entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(500.4)))})
-        node._update_track(entry, xray, outcome, verdict)
-        assert node._tracker.why_not(500.5, DET)  # the second in a row ended the track
+        assert node._far_again(500.4, xray, outcome)  # the second in a row ends the track and takes the full path
+        assert node._tracker.why_not(500.5, DET) and node._track_fov is None
+        near = SimpleNamespace(registration=SimpleNamespace(refinement=SimpleNamespace(
+            similarity=torch.tensor([0.99]), trajectory=[torch.tensor([0.989])])))
+        assert not node._far_again(500.6, xray, near)
     finally:
         close(node, context)
 

@@ -49,6 +49,10 @@ instead (and the result's ``status`` says why) for the first frame, after a reje
 gap, when the intrinsics change (zoom, pan), or when the network's latest estimate lies beyond
 ``tracking_max_jump_rotation`` / ``tracking_max_jump_translation`` of the tracked pose (the
 C-arm moved to another view). ``RegistrationResult.path`` says which path produced the pose.
+A tracked frame whose similarity rose by more than ``TrackingOptions.max_gain`` from its prior
+started further than tracking follows (single shots of a sweep, the first live frame after a
+catch-up): its depth lags, so it is rejected without a TF, and the track goes on from its pose;
+the second such frame in a row ends the track and takes the full path itself.
 With tracking on, an accepted full registration is finished on the tracking level (Newton steps
 from its pose on the same frame; its finest level's coarser voxels bias the depth) and published
 with the finished pose when the tracking quality model accepts that refinement (``status`` says
@@ -224,6 +228,14 @@ PARAMETERS: dict[str, Param] = {
         1, "rejected frames in a row that end a track (until then the next frame is tracked again from the last "
         "accepted one; then the full path runs)", low=1, high=1000
     ),
+    "tracking_max_gain": Param(
+        0.005,
+        "a tracked frame whose similarity rose by more than this from its prior started further than tracking follows "
+        "(its depth lags): rejected without a TF, the track goes on from it; the second in a row ends the track and "
+        "takes the full path",
+        low=1e-6,
+        high=2.0,
+    ),
     "tracking_catch_up_interval": Param(
         0.6,
         "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
@@ -381,6 +393,7 @@ class Refiner(ImageNode):
             extrapolate=p["tracking_extrapolate"],
             size=p["tracking_size"],
             max_rejections=p["tracking_max_rejections"],
+            max_gain=p["tracking_max_gain"],
             time_budget=p["tracking_time_budget"],
         )
 
@@ -545,7 +558,9 @@ class Refiner(ImageNode):
         if p["tracking"]:
             factor = CATCH_UP_TIME_FACTOR if self._cut_short else 1.0
             tracked, why = self._track(t, xray, volume, self._network_estimate(initial, xray.detector), factor)
-            if tracked is not None:
+            if tracked is not None and self._far_again(t, xray, tracked):
+                why = "tracked from too far a second time in a row (e.g. single shots of a sweep): the track ended"
+            elif tracked is not None:
                 tracked.note, self._catch_up_note = self._catch_up_note, ""
                 return tracked
         if initial is None:
@@ -574,6 +589,20 @@ class Refiner(ImageNode):
             **self._scale_options(),
         )
         return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
+
+    def _far_again(self, t: float, xray, tracked: _Outcome) -> bool:
+        """A tracked frame that started too far (``tracking.started_far``) when the one before did
+        too: the track ends here and this frame takes the full path at once, instead of a
+        rejection (single shots of a sweep each move further than tracking follows)."""
+        reg = tracked.registration
+        if not started_far(reg, self._tracker.options):
+            return False
+        with self._track_lock:
+            if self._tracker.far_in_a_row + 1 < self._tracker.options.max_far:
+                return False
+            self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty)  # ends the track
+            self._track_fov = None
+        return True
 
     def _gate(self, volume: _Volume, xray):
         """``register``'s ``good_enough``: the full path's quality gate on the initial pose's

@@ -199,6 +199,11 @@ class Tracker:
         self._record(t, pose, detector, hessian)
         self._rejections = self._far = 0
 
+    @property
+    def far_in_a_row(self) -> int:
+        """Frames tracked from too far (:meth:`far`) since the last accepted one."""
+        return self._far
+
     def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None) -> bool:
         """A frame tracked from too far (:func:`started_far`), not published: the track goes on from
         its pose, as from an accepted one, unless it is the ``max_far``-th in a row (a sweep of
