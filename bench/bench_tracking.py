@@ -19,7 +19,8 @@ with the tracking renderer and the track's Hessian, the first at the full regist
 ``track_hessian``; reusing the field of view of the track's first frame) and assessed with the
 tracking model. Accepted frames extend the track, a rejection ends it (as in the refiner, a
 tracked frame cut short by its time budget is rejected without ending it, and one that started
-too far, ``started_far``, is rejected and the track goes on from it). Every frame is processed,
+too far, ``started_far``, is rejected and the track goes on from it; one whose match fell below the
+frame before, ``Tracker.match_fell``, is rejected). Every frame is processed,
 one at a time, on one torch thread. The simulator's poses score only: mTRE on 100 points in the body.
 
 Figures per case (``<fps>fps_<size>px``): the share of frames accepted, tracked and tracked-and-
@@ -106,15 +107,17 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             reg, verdict = finish(tracking_renderer(renderer, options), xray, reg, verdict, models["tracking"], options)
         cut_short = path == "tracking" and unfinished(reg, options)  # as the refiner: rejected, the track goes on
         far = path == "tracking" and not cut_short and started_far(reg, options)  # rejected, the track goes on from it
-        accepted = verdict.accepted and not cut_short and not far
+        similarity = float(reg.refinement.similarity[0])
+        fell = path == "tracking" and not (cut_short or far) and tracker.match_fell(similarity)  # rejected
+        accepted = verdict.accepted and not (cut_short or far or fell)
         if accepted:
-            tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
+            tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity)
             if path == "full":  # as the refiner starts a track
                 fov = reg.field_of_view
                 if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
                     tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
         elif far:
-            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
+            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity)
         elif not cut_short:
             tracker.rejected()
         seconds = time.perf_counter() - t0

@@ -478,6 +478,14 @@ def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_fro
         near = SimpleNamespace(registration=SimpleNamespace(refinement=SimpleNamespace(
             similarity=torch.tensor([0.99]), trajectory=[torch.tensor([0.989])])))
         assert not node._far_again(500.6, xray, near)
+        # A near start that ends on a far worse match than the frame tracked from: rejected, the track ends.
+        node._tracker.accepted(501.0, carm_pose(torch.zeros(3), torch.tensor([0.0, 820.0, 0.0])), DET, similarity=0.98)
+        stuck = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([True]), iterations=5,
+                                                           similarity=torch.tensor([0.601]),
+                                                           trajectory=[torch.tensor([0.598])]), pose=far.pose)
+        verdict = node._assess(None, _Outcome(stuck, "tracking", 0.6, None), xray)
+        assert not verdict.accepted and verdict.judged and "match fell" in verdict.reason
+        assert node._assess(None, _Outcome(stuck, "tracking", 0.6, None), xray, far_ok=True).accepted  # caught up
     finally:
         close(node, context)
 

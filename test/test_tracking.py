@@ -76,6 +76,20 @@ def test_a_frame_tracked_from_too_far_carries_the_track_once():
     assert "no accepted frame" in tracker.why_not(0.5, DET)
 
 
+def test_a_match_that_fell_below_the_frame_tracked_from_is_noticed():
+    tracker = Tracker(TrackingOptions(max_drop=0.05))
+    assert not tracker.match_fell(0.1)  # nothing to compare with
+    tracker.accepted(0.0, pose(), DET, similarity=0.98)
+    assert not tracker.match_fell(0.95) and tracker.match_fell(0.60)
+    tracker.far(0.1, pose(), DET, similarity=0.70)  # the track goes on from that frame, and so does the reference
+    assert not tracker.match_fell(0.66) and tracker.match_fell(0.64)
+    tracker.accepted(0.2, pose(), DET)  # a frame without a similarity: no check
+    assert not tracker.match_fell(0.1)
+    tracker.accepted(0.3, pose(), DET, similarity=0.98)
+    tracker.reset()
+    assert not tracker.match_fell(0.1)
+
+
 def test_the_prior_continues_at_the_last_velocity():
     tracker = Tracker(TrackingOptions(max_gap=1.0))
     tracker.accepted(0.0, pose(alpha=10.0, x=4.0), DET)
@@ -124,7 +138,7 @@ def test_time_going_backwards_restarts_the_track():
 def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
                 dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
-                dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0)):
+                dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0), dict(max_drop=0.0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

@@ -52,7 +52,9 @@ C-arm moved to another view). ``RegistrationResult.path`` says which path produc
 A tracked frame whose similarity rose by more than ``TrackingOptions.max_gain`` from its prior
 started further than tracking follows (single shots of a sweep, the first live frame after a
 catch-up): its depth lags, so it is rejected without a TF, and the track goes on from its pose;
-the second such frame in a row ends the track and takes the full path itself.
+the second such frame in a row ends the track and takes the full path itself. A tracked frame
+whose final similarity fell more than ``tracking_max_drop`` below the frame it was tracked from is
+rejected (another view, or a local optimum).
 With tracking on, an accepted full registration is finished on the tracking level (Newton steps
 from its pose on the same frame; its finest level's coarser voxels bias the depth) and published
 with the finished pose when the tracking quality model accepts that refinement (``status`` says
@@ -236,6 +238,13 @@ PARAMETERS: dict[str, Param] = {
         low=1e-6,
         high=2.0,
     ),
+    "tracking_max_drop": Param(
+        0.05,
+        "a tracked frame whose final similarity is more than this below that of the frame it was tracked from "
+        "(consecutive fluoroscopy frames: under 0.002) is rejected: another view, or stuck in a local optimum",
+        low=1e-6,
+        high=2.0,
+    ),
     "tracking_catch_up_interval": Param(
         0.6,
         "s: the frames superseded while a full registration ran (seconds, while the C-arm moves) are tracked "
@@ -394,6 +403,7 @@ class Refiner(ImageNode):
             size=p["tracking_size"],
             max_rejections=p["tracking_max_rejections"],
             max_gain=p["tracking_max_gain"],
+            max_drop=p["tracking_max_drop"],
             time_budget=p["tracking_time_budget"],
         )
 
@@ -774,16 +784,16 @@ class Refiner(ImageNode):
         if outcome.path == "tracking":
             self._cut_short = not verdict.judged and not verdict.far
         with self._track_lock:
+            reg = outcome.registration
             if verdict.far:
-                reg = outcome.registration
-                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty):  # the track ended
-                    self._track_fov = None
+                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg)):
+                    self._track_fov = None  # the track ended
                 return
             if not verdict.accepted:
                 if verdict.judged and self._tracker.rejected():  # the track ended
                     self._track_fov = None
                 return
-            self._tracker.accepted(t, outcome.registration.pose[0], xray.detector, outcome.registration.uncertainty)
+            self._tracker.accepted(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg))
             if outcome.path == "full":
                 self._track_fov = outcome.registration.field_of_view
 
@@ -891,8 +901,9 @@ class Refiner(ImageNode):
     def _assess(self, renderer: Renderer, outcome: _Outcome, xray, far_ok: bool = False) -> _Verdict:
         """Accept or reject one registration with its path's quality model; its covariance in
         ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown.
-        A tracked frame that started too far is rejected unassessed unless ``far_ok`` (a caught-up
-        frame or a finishing, which publish nothing of their own or start from the same frame)."""
+        A tracked frame that started too far, or whose match fell below the frame before it, is
+        rejected unassessed unless ``far_ok`` (a caught-up frame or a finishing, which publish
+        nothing of their own or start from the same frame)."""
         if not self._quality:
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
         reg, options = outcome.registration, self._tracker.options
@@ -902,10 +913,16 @@ class Refiner(ImageNode):
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
         if outcome.path == "tracking" and not far_ok and started_far(reg, options):
-            gain = float(reg.refinement.similarity[0]) - float(reg.refinement.trajectory[0][0])
+            gain = _final_similarity(reg) - float(reg.refinement.trajectory[0][0])
             return _Verdict(False, 0.0, f"rejected: tracked from too far (the similarity rose by {gain:.3f} > "
                             f"{options.max_gain:g}: the C-arm moved more than a frame's worth, and the depth lags); "
                             "the track goes on from it", None, judged=False, far=True)
+        similarity = _final_similarity(reg)
+        with self._track_lock:
+            fell = outcome.path == "tracking" and not far_ok and self._tracker.match_fell(similarity)
+        if fell:
+            return _Verdict(False, 0.0, f"rejected: the image match fell to {similarity:.3f}, more than "
+                            f"{options.max_drop:g} below the frame it was tracked from (another view, or stuck)", None)
         threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
         try:
             a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],
@@ -926,6 +943,11 @@ class Refiner(ImageNode):
         self._stopping.set()  # a running refinement stops at its next iteration
         self._overlay_worker.stop()
         super().destroy_node()
+
+
+def _final_similarity(reg: Registration) -> float:
+    """The registration's final similarity (its refinement's finest scale)."""
+    return float(reg.refinement.similarity[0])
 
 
 def main(args: list[str] | None = None) -> int:

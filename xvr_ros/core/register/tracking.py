@@ -114,6 +114,11 @@ class TrackingOptions:
         replays, 8 of 53 accepted tracked frames above 0.005 were 2.5-5 mm off, none of 686
         below it. Such a frame is not published; the track goes on from it (the next frame
         starts near), and ``max_far`` of them in a row end the track.
+    max_drop: a tracked frame whose final similarity is more than this below that of the frame it
+        was tracked from (:meth:`Tracker.match_fell`) is stuck on another view or a local optimum:
+        rejected. Consecutive fluoroscopy frames differ by under 0.002; in a replayed sweep of
+        single shots the tracking model accepted a frame ending at 0.60 after a full registration
+        at 0.98 (2.1 mm off: its features do not bound the match).
     """
 
     max_gap: float = 10.0
@@ -136,6 +141,7 @@ class TrackingOptions:
     max_rejections: int = 1
     max_gain: float = 0.005
     max_far: int = 2
+    max_drop: float = 0.05
 
     def __post_init__(self):
         positive = (self.max_gap, self.time_budget, self.max_step_mm, self.max_step_rad, self.footprint_ratio)
@@ -148,8 +154,8 @@ class TrackingOptions:
             raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
                              f"max_iterations, hessian_frames, max_rejections, plateau_renders and max_far >= 1, "
                              f"got {self}")
-        if not self.max_gain > 0:
-            raise ValueError(f"need max_gain > 0, got {self.max_gain}")
+        if not (self.max_gain > 0 and self.max_drop > 0):
+            raise ValueError(f"need max_gain and max_drop > 0, got {self.max_gain}, {self.max_drop}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class Tracker:
         self._hessian_uses = 0  # ... and how many accepted frames used it
         self._rejections = 0  # in a row, since the last accepted frame
         self._far = 0  # frames tracked from too far (started_far), in a row
+        self._similarity: float | None = None  # the final similarity of the frame the track goes on from
         self._recent: _Accepted | None = None  # the last accepted frame, kept when the track ends
 
     @property
@@ -191,12 +198,14 @@ class Tracker:
         self._last = []
         self._hessian, self._hessian_uses = None, 0
         self._rejections = self._far = 0
+        self._similarity = None
 
     def accepted(self, t: float, pose: torch.Tensor, detector: Detector,
-                 hessian: PoseUncertainty | None = None) -> None:
-        """Record an accepted frame (time ``t`` s, (4, 4) or (1, 4, 4) pose mm) and the Hessian its
-        refinement used (``Registration.uncertainty`` of a tracked frame; it serves the next ones)."""
-        self._record(t, pose, detector, hessian)
+                 hessian: PoseUncertainty | None = None, similarity: float | None = None) -> None:
+        """Record an accepted frame (time ``t`` s, (4, 4) or (1, 4, 4) pose mm), the Hessian its
+        refinement used (``Registration.uncertainty`` of a tracked frame; it serves the next ones)
+        and its final similarity (for :meth:`match_fell`; None = no check)."""
+        self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
 
     @property
@@ -204,7 +213,13 @@ class Tracker:
         """Frames tracked from too far (:meth:`far`) since the last accepted one."""
         return self._far
 
-    def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None) -> bool:
+    def match_fell(self, similarity: float) -> bool:
+        """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the frame
+        it was tracked from (see ``TrackingOptions.max_drop``)."""
+        return self._similarity is not None and similarity < self._similarity - self.options.max_drop
+
+    def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None,
+            similarity: float | None = None) -> bool:
         """A frame tracked from too far (:func:`started_far`), not published: the track goes on from
         its pose, as from an accepted one, unless it is the ``max_far``-th in a row (a sweep of
         single shots: each moves further than tracking follows), which ends the track -> whether
@@ -213,10 +228,12 @@ class Tracker:
         if self._far >= self.options.max_far:
             self.reset()
             return True
-        self._record(t, pose, detector, hessian)
+        self._record(t, pose, detector, hessian, similarity)
         return False
 
-    def _record(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None) -> None:
+    def _record(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None,
+                similarity: float | None) -> None:
+        self._similarity = similarity
         if self._last and t <= self._last[-1].time:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
