@@ -33,7 +33,6 @@ Run: ``python bench/bench_tracking.py [--sizes 256 512] [--fps 7.5] [--duration 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -51,10 +50,11 @@ from xvr_ros.core.model.inference import predict_initial_pose
 from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, assess_registration, load_model
 from xvr_ros.core.register.registration import register
 from xvr_ros.core.register.tracking import (
-    CATCH_UP_TIME_FACTOR,
     Tracker,
     TrackingOptions,
+    finish,
     finished,
+    screen,
     started_far,
     track,
     track_hessian,
@@ -90,7 +90,7 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             used = tracking_renderer(renderer, options)
             reg = track(used, xray, prior, field_of_view=fov, hessian=tracker.hessian, options=options)
             path = "tracking"
-            if started_far(reg, options) and tracker.far_in_a_row + 1 >= options.max_far:  # as the refiner: the
+            if started_far(reg, options) and tracker.next_far_ends():  # as the refiner: the
                 tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty)  # track ends, the full path runs
                 prior = None
         if prior is None:
@@ -104,21 +104,22 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             path = "full"
         verdict = assess_registration(used, reg, xray.image, xray.detector, model=models[path])
         if path == "full" and verdict.accepted:  # as the refiner: finished on the tracking level
-            reg, verdict = finish(tracking_renderer(renderer, options), xray, reg, verdict, models["tracking"], options)
-        cut_short = path == "tracking" and unfinished(reg, options)  # as the refiner: rejected, the track goes on
-        far = path == "tracking" and not cut_short and started_far(reg, options)  # rejected, the track goes on from it
+            reg, verdict = finish_accepted(tracking_renderer(renderer, options), xray, reg, verdict, models["tracking"],
+                                           options)
+        # As the refiner: a tracked frame cut short ("unfinished") is rejected and the track goes on from
+        # the last accepted one; one tracked from too far ("far") is rejected and the track goes on from it.
+        why = screen(reg, tracker) if path == "tracking" else ""
         similarity = float(reg.refinement.similarity[0])
-        fell = path == "tracking" and not (cut_short or far) and tracker.match_fell(similarity)  # rejected
-        accepted = verdict.accepted and not (cut_short or far or fell)
+        accepted = verdict.accepted and not why
         if accepted:
             tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity)
             if path == "full":  # as the refiner starts a track
                 fov = reg.field_of_view
                 if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
                     tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
-        elif far:
+        elif why == "far":
             tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity)
-        elif not cut_short:
+        elif why != "unfinished":
             tracker.rejected()
         seconds = time.perf_counter() - t0
         error = float(mtre(fr.pose[None], reg.pose.to(torch.float64), points)[0])
@@ -128,13 +129,12 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
     return records
 
 
-def finish(renderer: Renderer, xray, reg, verdict, model, options: TrackingOptions):
+def finish_accepted(renderer: Renderer, xray, reg, verdict, model, options: TrackingOptions):
     """An accepted full registration finished on the tracking level as the refiner does it
     (``Refiner._finish``) -> (registration, verdict)."""
-    budget = dataclasses.replace(options, time_budget=CATCH_UP_TIME_FACTOR * options.time_budget)
-    tracked = track(renderer, xray, reg.pose, field_of_view=reg.field_of_view, options=budget)
+    tracked = finish(renderer, xray, reg, options)
     judged = assess_registration(renderer, tracked, xray.image, xray.detector, model=model)
-    if not judged.accepted or unfinished(tracked, budget):
+    if not judged.accepted or unfinished(tracked, options):
         return reg, verdict
     return finished(reg, tracked), judged
 

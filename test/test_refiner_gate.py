@@ -522,13 +522,14 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
     published finished when accepted, else as it was."""
     from types import SimpleNamespace
 
+    from xvr_ros.core.register import tracking as tracking_module
     from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome, _Verdict
 
     node, context = refiner()
     try:
         budgets, answers = [], iter([True, False])
-        monkeypatch.setattr(refiner_module, "track", lambda renderer, xray, prior, field_of_view, options, callback: (
+        monkeypatch.setattr(tracking_module, "track", lambda renderer, xray, prior, field_of_view, options, callback: (
             budgets.append(options.time_budget) or SimpleNamespace(prior=prior, fov=field_of_view)))
         monkeypatch.setattr(refiner_module, "finished", lambda full, tracked: ("finished", full, tracked))
         monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray, far_ok=False: _Verdict(

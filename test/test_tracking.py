@@ -17,6 +17,7 @@ from xvr_ros.core.register.tracking import (
     TrackingOptions,
     finished,
     same_intrinsics,
+    screen,
     started_far,
     track,
     tracking_factor,
@@ -74,6 +75,25 @@ def test_a_frame_tracked_from_too_far_carries_the_track_once():
     assert not tracker.far(0.3, pose(x=9.0), DET)  # the count started again
     assert tracker.far(0.4, pose(x=10.0), DET)  # the second in a row ends the track
     assert "no accepted frame" in tracker.why_not(0.5, DET)
+
+
+def test_screen_names_why_a_tracked_frame_is_not_for_the_gate():
+    from types import SimpleNamespace
+
+    def tracked(start, end, converged=True, renders=4):
+        return SimpleNamespace(refinement=SimpleNamespace(similarity=torch.tensor([end]), iterations=renders,
+                                                          trajectory=[torch.tensor([start])],
+                                                          converged=torch.tensor([converged])))
+
+    tracker = Tracker(TrackingOptions(max_drop=0.05))
+    tracker.accepted(0.0, pose(), DET, similarity=0.98)
+    assert screen(tracked(0.979, 0.98), tracker) == ""
+    assert screen(tracked(0.979, 0.98, converged=False, renders=1), tracker) == "unfinished"  # first
+    assert screen(tracked(0.90, 0.98), tracker) == "far"
+    assert screen(tracked(0.599, 0.60), tracker) == "fell"
+    assert not tracker.next_far_ends()  # max_far 2: one far frame carries the track ...
+    tracker.far(0.1, pose(), DET)
+    assert tracker.next_far_ends()  # ... a second would end it
 
 
 def test_a_match_that_fell_below_the_frame_tracked_from_is_noticed():

@@ -96,12 +96,13 @@ from xvr_ros.core.register.tracking import (
     CATCH_UP_TIME_FACTOR,
     Tracker,
     TrackingOptions,
+    finish,
     finished,
+    screen,
     started_far,
     track,
     track_hessian,
     tracking_renderer,
-    unfinished,
 )
 from xvr_ros.core.register.uncertainty import world_axes_covariance
 from xvr_ros.core.render import _ext
@@ -608,7 +609,7 @@ class Refiner(ImageNode):
         if not started_far(reg, self._tracker.options):
             return False
         with self._track_lock:
-            if self._tracker.far_in_a_row + 1 < self._tracker.options.max_far:
+            if not self._tracker.next_far_ends():
                 return False
             self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty)  # ends the track
             self._track_fov = None
@@ -655,11 +656,9 @@ class Refiner(ImageNode):
         tracking quality model accepts that refinement: the pose published and tracked on, and the
         Hessian for the track's first frames; else the registration as it was."""
         reg = outcome.registration
-        options = self._tracker.options
-        options = dataclasses.replace(options, time_budget=CATCH_UP_TIME_FACTOR * options.time_budget)
         try:
-            tracked = track(volume.tracking_renderer, xray, reg.pose, field_of_view=reg.field_of_view, options=options,
-                            callback=lambda _: self._stopping.is_set())
+            tracked = finish(volume.tracking_renderer, xray, reg, self._tracker.options,
+                             callback=lambda _: self._stopping.is_set())
         except ValueError:  # e.g. the similarity is not finite near the pose: keep what was accepted
             return outcome, verdict
         judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
@@ -907,21 +906,20 @@ class Refiner(ImageNode):
         if not self._quality:
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
         reg, options = outcome.registration, self._tracker.options
-        if outcome.path == "tracking" and unfinished(reg, options):
+        with self._track_lock:
+            why = screen(reg, self._tracker) if outcome.path == "tracking" else ""
+        if why == "unfinished":
             budget = self.params["tracking_time_budget"]
             return _Verdict(False, 0.0, f"rejected: tracking stopped after {reg.refinement.iterations} render(s) on "
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
-        if outcome.path == "tracking" and not far_ok and started_far(reg, options):
+        if why == "far" and not far_ok:
             gain = _final_similarity(reg) - float(reg.refinement.trajectory[0][0])
             return _Verdict(False, 0.0, f"rejected: tracked from too far (the similarity rose by {gain:.3f} > "
                             f"{options.max_gain:g}: the C-arm moved more than a frame's worth, and the depth lags); "
                             "the track goes on from it", None, judged=False, far=True)
-        similarity = _final_similarity(reg)
-        with self._track_lock:
-            fell = outcome.path == "tracking" and not far_ok and self._tracker.match_fell(similarity)
-        if fell:
-            return _Verdict(False, 0.0, f"rejected: the image match fell to {similarity:.3f}, more than "
+        if why == "fell" and not far_ok:
+            return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
                             f"{options.max_drop:g} below the frame it was tracked from (another view, or stuck)", None)
         threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
         try:

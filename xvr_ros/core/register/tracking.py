@@ -39,8 +39,8 @@ from xvr_ros.core.register.uncertainty import (
 )
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finished", "same_intrinsics", "started_far",
-           "track", "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
+__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finish", "finished", "same_intrinsics", "screen",
+           "started_far", "track", "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
 
 
 #: A caught-up frame (one the refiner tracks after a full registration, without a result) has
@@ -208,10 +208,9 @@ class Tracker:
         self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
 
-    @property
-    def far_in_a_row(self) -> int:
-        """Frames tracked from too far (:meth:`far`) since the last accepted one."""
-        return self._far
+    def next_far_ends(self) -> bool:
+        """Whether one more frame tracked from too far (:meth:`far`) would end the track."""
+        return self._far + 1 >= self.options.max_far
 
     def match_fell(self, similarity: float) -> bool:
         """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the frame
@@ -224,10 +223,10 @@ class Tracker:
         its pose, as from an accepted one, unless it is the ``max_far``-th in a row (a sweep of
         single shots: each moves further than tracking follows), which ends the track -> whether
         it ended."""
-        self._far += 1
-        if self._far >= self.options.max_far:
+        if self.next_far_ends():
             self.reset()
             return True
+        self._far += 1
         self._record(t, pose, detector, hessian, similarity)
         return False
 
@@ -434,6 +433,27 @@ def started_far(reg: registration.Registration, options: TrackingOptions) -> boo
     the prior was further than tracking follows, and the depth lags (see ``TrackingOptions.max_gain``)."""
     result = reg.refinement
     return float(result.similarity[0]) - float(result.trajectory[0][0]) > options.max_gain
+
+
+def finish(renderer: Renderer, xray: Xray, full: registration.Registration,
+           options: TrackingOptions = TrackingOptions(), callback=None) -> registration.Registration:
+    """:func:`track` of ``xray`` from the full registration's pose, with its field of view and a
+    caught-up frame's time budget: the refinement :func:`finished` takes the pose of, when the
+    tracking quality model accepts it. ``renderer``: :func:`tracking_renderer`'s."""
+    budget = dataclasses.replace(options, time_budget=CATCH_UP_TIME_FACTOR * options.time_budget)
+    return track(renderer, xray, full.pose, field_of_view=full.field_of_view, options=budget, callback=callback)
+
+
+def screen(reg: registration.Registration, tracker: Tracker) -> str:
+    """Why the tracked frame ``reg`` is not for the quality gate: ``"unfinished"`` (cut short by
+    its time budget, :func:`unfinished`), ``"far"`` (:func:`started_far`), ``"fell"`` (its match
+    fell below the frame it was tracked from, :meth:`Tracker.match_fell`), or ``""``."""
+    options = tracker.options
+    if unfinished(reg, options):
+        return "unfinished"
+    if started_far(reg, options):
+        return "far"
+    return "fell" if tracker.match_fell(float(reg.refinement.similarity[0])) else ""
 
 
 def unfinished(reg: registration.Registration, options: TrackingOptions) -> bool:
