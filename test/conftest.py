@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import subprocess
@@ -15,6 +16,25 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "data"
+
+#: A test (its setup, call and teardown) running longer than this is taken as hung: every
+#: thread's stack is written to stderr and the run ends, rather than running into CI's limit.
+HANG_S = float(os.environ.get("XVR_ROS_TEST_HANG_S", "900"))
+
+
+def pytest_configure(config):
+    # A copy of the terminal's stderr: pytest captures fd 2 during a test, and a hang must still be seen.
+    config._hang_report = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # (the stacks name the test: its function is in the main thread's)
+    faulthandler.dump_traceback_later(HANG_S, exit=True, file=item.config._hang_report)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def load_fixture(height: int) -> dict[str, np.ndarray]:
@@ -85,6 +105,17 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> int:
             continue
     proc._log_file.close()  # type: ignore[attr-defined]
     return proc.returncode
+
+
+def stop_spinning(executor, thread, node, context) -> None:
+    """End a client node spun by ``executor.spin`` in ``thread``: the thread leaves ``spin`` before
+    the node and the context it waits on are destroyed (each step bounded: a teardown never hangs)."""
+    import rclpy
+
+    executor.shutdown(timeout_sec=5.0)
+    thread.join(10.0)
+    node.destroy_node()
+    rclpy.try_shutdown(context=context)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

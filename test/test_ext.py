@@ -21,6 +21,7 @@ def test_cache_key_changes_with_everything_the_build_depends_on():
         machine="aarch64",
         flags="avx2 avx512f fma sse4_2",  # a newer CPU of the same architecture
         cxx="/usr/bin/clang++ 17",
+        source_path="/another/checkout/csrc/trilinear.cpp",
     )
     keys = {name: _ext.cache_key(**(BASE | {name: value})) for name, value in changes.items()}
     keys["cflags"] = _ext.cache_key(**BASE, cflags=("-O3", "-march=x86-64-v3"))

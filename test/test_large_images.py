@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import rclpy
-from conftest import ros_env, start, stop, wait_for
+from conftest import ros_env, start, stop, stop_spinning, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rclpy.executors import SingleThreadedExecutor
@@ -118,9 +118,7 @@ class Listener:
             return list(self.diag)
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.ctx)
+        stop_spinning(self.executor, self.thread, self.node, self.ctx)
 
 
 @pytest.fixture(scope="module")

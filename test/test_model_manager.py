@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
-from conftest import ros_env, start, stop, wait_for
+from conftest import ros_env, start, stop, stop_spinning, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.action import ActionClient
 from rclpy.executors import MultiThreadedExecutor
@@ -89,9 +89,7 @@ class Client:
         self.thread.start()
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+        stop_spinning(self.executor, self.thread, self.node, self.context)
 
     def model_infos(self) -> list[ModelInfo]:
         """A *new* subscription to the latched ModelInfo: what a late subscriber receives."""

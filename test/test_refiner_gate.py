@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import rclpy
 import torch
-from conftest import ros_env, start, stop, wait_for
+from conftest import ros_env, start, stop, stop_spinning, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rclpy.executors import SingleThreadedExecutor
@@ -88,9 +88,7 @@ class Client:
         return [s for arr in self.messages("diag") for s in arr.status if s.name == "/refiner"]
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.ctx)
+        stop_spinning(self.executor, self.thread, self.node, self.ctx)
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +319,34 @@ def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domai
         close(node, context)
     with pytest.raises(Exception, match="accept_threshold"):  # rclpy refuses it: out of its 0..1 range
         refiner(accept_threshold=1.5)
+
+
+def test_the_first_registration_waits_for_the_kernels_before_its_time_budget_starts(ros_domain, monkeypatch):
+    """A kernel build at start-up (~30 s) would otherwise eat the first registration's time budget."""
+    from types import SimpleNamespace
+
+    from xvr_ros.core.render import _ext
+
+    built = threading.Event()
+    monkeypatch.setattr(_ext, "warm", lambda: built.wait(10.0) and _ext.status())
+    node, context = refiner()
+    try:
+        registered = []
+        node._volume = SimpleNamespace()
+        monkeypatch.setattr(node, "read_xray", lambda entry, **_: "xray")
+        monkeypatch.setattr(node, "_register", lambda entry, xray, volume: registered.append(xray) or None)
+        info = CameraInfo(header=Header(frame_id="carm_source_optical"))
+        entry = SimpleNamespace(key=(7, 0), parts={"camera_info": info, "image": Image()})
+        worker = threading.Thread(target=node._refine_frame, args=(entry,), daemon=True)
+        worker.start()
+        time.sleep(0.3)
+        assert not registered, "registered before the kernels were built"
+        built.set()
+        worker.join(10.0)
+        assert registered == ["xray"]
+    finally:
+        built.set()
+        close(node, context)
 
 
 def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monkeypatch):

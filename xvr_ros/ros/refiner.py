@@ -298,6 +298,10 @@ CATCH_UP_MAX_REJECTIONS = 2
 #: then gains on the stream (one frame tracked per interval of it), and ends.
 CATCH_UP_GAIN = 2.0
 #: The acceptance threshold parameter of each path's quality model.
+#: s a destroyed refiner waits for its kernel warm-up, so that the warm-up does not report on a
+#: node being torn down (a cached load takes ~0.1 s).
+WARM_JOIN_S = 2.0
+
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
 
@@ -378,7 +382,8 @@ class Refiner(ImageNode):
         self.create_subscription(Header, p["initial_pose_dropped_topic"], self._on_upstream_drop, qos.DROPPED)
         self._set_state("WARN", f"no volume loaded yet (waiting for ModelInfo on {p['model_info_topic']})")
         # Compile (or load) the render kernels now, beside the volume loading, not in the first refinement.
-        threading.Thread(target=self._warm_kernels, name=f"{self.get_name()}-warm", daemon=True).start()
+        self._warm_thread = threading.Thread(target=self._warm_kernels, name=f"{self.get_name()}-warm", daemon=True)
+        self._warm_thread.start()
 
     def _load_quality_models(self) -> tuple[dict[str, QualityModel], str]:
         """({path: model}, "") or ({}, why: the message of the node's standing ERROR)."""
@@ -417,6 +422,8 @@ class Refiner(ImageNode):
     def _warm_kernels(self) -> None:
         t0 = time.perf_counter()
         kernels = _ext.warm()
+        if self._stopping.is_set():
+            return
         fallback = [k for k in kernels.values() if not k.available]
         self.diagnostics.report(
             "WARN" if fallback else "OK",
@@ -529,6 +536,9 @@ class Refiner(ImageNode):
         xray = self.read_xray(entry, mask_clipped=p["mask_clipped"])
         if xray is None:
             return
+        # The time budget starts with the kernels built: at a first start-up (or after an update of
+        # torch or the compiler) they compile for ~30 s, which the first registration would spend waiting.
+        self._warm_thread.join()
         try:
             outcome = self._register(entry, xray, volume)
         except ValueError as exc:
@@ -940,6 +950,7 @@ class Refiner(ImageNode):
     def destroy_node(self) -> None:
         self._stopping.set()  # a running refinement stops at its next iteration
         self._overlay_worker.stop()
+        self._warm_thread.join(WARM_JOIN_S)  # (a kernel build can take a minute: not waited for)
         super().destroy_node()
 
 

@@ -9,8 +9,8 @@ nodes' diagnostics).
 
 A build is compiled with ``-march=native``, so it is only valid on CPUs with the same
 instruction-set extensions, built by the same compiler: the cache key (:func:`cache_key`) holds
-the source, the torch version, the compiler flags, the CPU's architecture and feature flags and
-the compiler's path and version. A cache shared between machines (a network home, a copied
+the source and its path, the torch version, the compiler flags, the CPU's architecture and
+feature flags and the compiler's path and version. A cache shared between machines (a network home, a copied
 container) then holds one build per kind of machine instead of crashing on an illegal
 instruction.
 """
@@ -98,15 +98,19 @@ def compiler() -> str:
     return f"{os.path.realpath(path)} {version}"
 
 
-def cache_key(source: bytes, torch_version: str, machine: str, flags: str, cxx: str, cflags=CFLAGS) -> str:
+def cache_key(
+    source: bytes, torch_version: str, machine: str, flags: str, cxx: str, cflags=CFLAGS, source_path: str = ""
+) -> str:
     """Name of a build's cache entry: a hash of everything the compiled code depends on.
 
     source: the .cpp file's bytes; torch_version: ``torch.__version__``; machine:
     ``platform.machine()``; flags: :func:`cpu_flags`; cxx: :func:`compiler`; cflags: the
-    compiler flags. Pure: the same inputs always give the same key.
+    compiler flags; source_path: where the .cpp file is (torch's build file names it, so two
+    checkouts sharing one entry would rebuild it, ~30 s, each time the other loaded it). Pure:
+    the same inputs always give the same key.
     """
     h = hashlib.sha256(source)
-    for part in (torch_version, machine, flags, cxx, " ".join(cflags)):
+    for part in (torch_version, machine, flags, cxx, " ".join(cflags), source_path):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
@@ -116,8 +120,10 @@ def build_dir(name: str | None = None) -> Path:
     root = os.environ.get("XVR_ROS_EXT_DIR") or Path.home() / ".cache" / "xvr_ros" / "ext"
     path = Path(root) / f"torch{torch.__version__.split('+')[0]}"
     if name is not None:
-        src = (_CSRC / f"{name}.cpp").read_bytes()
-        path = path / f"{name}-{cache_key(src, torch.__version__, platform.machine(), cpu_flags(), compiler())}"
+        cpp = _CSRC / f"{name}.cpp"
+        key = cache_key(cpp.read_bytes(), torch.__version__, platform.machine(), cpu_flags(), compiler(),
+                        source_path=str(cpp))
+        path = path / f"{name}-{key}"
     return path
 
 
