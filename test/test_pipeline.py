@@ -7,7 +7,7 @@ import time
 
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import wait_for
+from conftest import stop_spinning, wait_for
 from sensor_msgs.msg import CameraInfo, Image
 
 from xvr_ros.ros import qos
@@ -350,7 +350,6 @@ def test_following_the_publishers_qos_never_breaks_a_multithreaded_executor(ros_
         assert thread.is_alive()
         assert node.reliability == "best_effort"
         assert (len(list(node.subscriptions)), len(list(node.waitables))) == (subscriptions, waitables)
-        executor.shutdown()
-        node.destroy_node()
+        stop_spinning(executor, thread, node, context)
     finally:
         rclpy.try_shutdown(context=context)
