@@ -261,27 +261,33 @@ def detect_circle(intensity: np.ndarray, min_ratio: float, seed: int = 0) -> tup
 def side_coordinates(shape, side: str, angle: float, scale: float = 1.0):
     """(s, t): distance into the image from ``side`` along its normal turned by ``angle`` (rad), and
     position along it, px, for pixel centres of an image of ``shape`` (``scale``: px per pixel)."""
+    return _turned(*_side_offsets(shape, side, scale), side, angle)
+
+
+def _side_offsets(shape, side: str, scale: float = 1.0):
+    """(dx, dy) px of the pixel centres from the middle of ``side`` (what every angle shares)."""
     H, W = shape
     yy, xx = np.meshgrid((np.arange(H) + 0.5) * scale, (np.arange(W) + 0.5) * scale, indexing="ij")
     Hs, Ws = H * scale, W * scale
+    origin = {"left": (0.0, Hs / 2), "right": (Ws, Hs / 2), "top": (Ws / 2, 0.0), "bottom": (Ws / 2, Hs)}[side]
+    return xx - origin[0], yy - origin[1]
+
+
+def _turned(dx, dy, side: str, angle: float):
+    """:func:`side_coordinates` from :func:`_side_offsets`."""
     c, s = math.cos(angle), math.sin(angle)
-    origin, normal = {
-        "left": ((0.0, Hs / 2), (c, s)),
-        "right": ((Ws, Hs / 2), (-c, -s)),
-        "top": ((Ws / 2, 0.0), (-s, c)),
-        "bottom": ((Ws / 2, Hs), (s, -c)),
-    }[side]
-    dx, dy = xx - origin[0], yy - origin[1]
+    normal = {"left": (c, s), "right": (-c, -s), "top": (-s, c), "bottom": (s, -c)}[side]
     return dx * normal[0] + dy * normal[1], -dx * normal[1] + dy * normal[0]
 
 
-def _profiles(intensity, weight, s, t, nbins: int, segments: int, t_half: float):
-    """Weighted sums of intensity and weight per (segment along t, 1 px band of s) -> (K, nbins) x2."""
+def _profiles(weighted, weight, s, t, nbins: int, segments: int, t_half: float):
+    """Sums of ``weighted`` (intensity x weight) and weight per (segment along t, 1 px band of s)
+    -> (K, nbins) x2."""
     sb = np.floor(s).astype(np.int64)
     kb = np.clip(((t + t_half) / (2 * t_half) * segments).astype(np.int64), 0, segments - 1)
     use = (sb >= 0) & (sb < nbins) & (weight > 0)
     idx = kb[use] * nbins + sb[use]
-    num = np.bincount(idx, weights=intensity[use] * weight[use], minlength=segments * nbins)
+    num = np.bincount(idx, weights=weighted[use], minlength=segments * nbins)
     den = np.bincount(idx, weights=weight[use], minlength=segments * nbins)
     return num.reshape(segments, nbins), den.reshape(segments, nbins)
 
@@ -312,25 +318,26 @@ def _step_scores(num, den, g: int, w: int, min_ratio: float):
     return score, tot_in, tot_out
 
 
-def _search(intensity, weight, side, angles, lo, hi, scale, g, w, min_ratio, segments, band=None):
-    """Best (score, angle, band index, level) over ``angles`` and bands [lo, hi)."""
+def _search(intensity, weight, side, angles, lo, hi, g, w, min_ratio, segments):
+    """Best (score, angle, band index) over ``angles`` and bands [lo, hi)."""
     H, W = intensity.shape
-    extent = (W if side in ("left", "right") else H) * scale
-    t_half = (H if side in ("left", "right") else W) * scale / 2
-    best = (-np.inf, 0.0, 0, 0.0, None)
+    extent = W if side in ("left", "right") else H
+    t_half = (H if side in ("left", "right") else W) / 2
+    # Only weighted pixels add to a profile: drop the others once, not at every angle (their order,
+    # and so every sum, stays the same).
+    on = weight > 0
+    dx, dy = (d[on] for d in _side_offsets((H, W), side))
+    weighted, weight = (intensity * weight)[on], weight[on]
+    best = (-np.inf, 0.0, 0)
     for a in angles:
-        s, t = side_coordinates((H, W), side, a, scale)
-        if band is not None:
-            s, t = s[band], t[band]
-        num, den = _profiles(intensity if band is None else intensity[band], weight if band is None else weight[band],
-                             s / scale, t, int(math.ceil(extent / scale)) + 1, segments, t_half)
-        score, m_in, m_out = _step_scores(num, den, g, w, min_ratio)
+        s, t = _turned(dx, dy, side, a)
+        num, den = _profiles(weighted, weight, s, t, extent + 1, segments, t_half)
+        score = _step_scores(num, den, g, w, min_ratio)[0]
         score[:lo] = -np.inf
         score[hi:] = -np.inf
         k = int(np.argmax(score))
         if score[k] > best[0]:
-            profile = num.sum(0) / np.maximum(den.sum(0), 1e-12)
-            best = (float(score[k]), float(a), k, 0.5 * (m_in[k] + m_out[k]), profile)
+            best = (float(score[k]), float(a), k)
     return best
 
 
@@ -349,8 +356,7 @@ def detect_blade(intensity, keep, side, min_ratio, max_angle_deg, max_depth, seg
     extent_c = coarse.shape[1] if side in ("left", "right") else coarse.shape[0]
     g, w = max(2, round(0.01 * extent_c)), max(3, round(0.015 * extent_c))
     angles = np.radians(np.arange(-max_angle_deg, max_angle_deg + 1e-9, 0.5))
-    score, a, k, _, _ = _search(coarse, cw, side, angles, g + 1, int(max_depth * extent_c), 1.0, g, w,
-                                min_ratio, segments)
+    score, a, k = _search(coarse, cw, side, angles, g + 1, int(max_depth * extent_c), g, w, min_ratio, segments)
     if score < math.log(min_ratio):
         return None
     return _fit_edge(intensity, weight, side, a, (k + 0.5) * f, 2 * f + 2)
@@ -366,7 +372,7 @@ def _fit_edge(intensity, weight, side, angle, centre, reach, pieces: int = 16):
     g, w = max(2, round(0.01 * extent)), max(3, round(0.015 * extent))
     s, t = side_coordinates((H, W), side, angle)
     band = np.abs(s - centre) <= reach + g + w + 2
-    num, den = _profiles(intensity[band], weight[band], s[band], t[band], extent + 1, pieces, t_half)
+    num, den = _profiles((intensity * weight)[band], weight[band], s[band], t[band], extent + 1, pieces, t_half)
     c = int(round(centre))
     t_mid, s_mid = [], []
     for k in range(pieces):
