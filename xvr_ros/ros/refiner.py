@@ -715,12 +715,11 @@ class Refiner(ImageNode):
         meanwhile (:meth:`superseded`; more come in while this runs), one per catch-up interval and
         without results (each was dropped and accounted for), until none is left or
         CATCH_UP_MAX_REJECTIONS in a row were rejected (then the track ends), or it fell over an
-        interval further behind the newest kept frame than it started. The last step, once, may be
-        shorter: to the newest kept frame. After a rejected one the kept frame nearest
+        interval further behind the newest kept frame than it started. After a rejected one the kept frame nearest
         halfway back is tracked (:meth:`_next_to_catch_up`); it has no result to withhold. The
         next frame then starts from a prior a catch-up interval old instead of a full
         registration's seconds, over which the C-arm may have turned degrees."""
-        caught_up, rejections, anchor, failed, handed_over = 0, 0, registered, math.inf, False
+        caught_up, rejections, anchor, failed = 0, 0, registered, math.inf
         with self._track_lock:
             behind = self._behind(anchor)
         while accepted and not self._stopping.is_set():
@@ -728,11 +727,10 @@ class Refiner(ImageNode):
                 # Over an interval further behind the stream than at the start (a slow machine,
                 # rejections and retries): it would never end; the next live frame decides instead.
                 losing = self._behind(anchor) > behind + self._catch_up_interval()
-                kept = None if losing else self._next_to_catch_up(anchor, failed, last_step=not handed_over)
+                kept = None if losing else self._next_to_catch_up(anchor, failed)
             if kept is None:
                 break
             t, entry = kept
-            handed_over |= t < anchor + self._catch_up_interval() - 1e-6 and failed == math.inf
             started = time.monotonic()
             xray = self.read_xray(entry, mask_clipped=self.params["mask_clipped"])
             outcome = None if xray is None else self._track(t, xray, volume, None, CATCH_UP_TIME_FACTOR)[0]
@@ -757,14 +755,11 @@ class Refiner(ImageNode):
         """Seconds from ``anchor`` to the newest frame kept to catch up on (under the track lock)."""
         return self._skipped[-1][0] - anchor if self._skipped else 0.0
 
-    def _next_to_catch_up(self, anchor: float, failed: float, last_step: bool = True) -> tuple[float, Pending] | None:
+    def _next_to_catch_up(self, anchor: float, failed: float) -> tuple[float, Pending] | None:
         """The kept frame to track next (under the track lock), the last accepted one being at
-        ``anchor`` s: the first a catch-up interval on, or when none is that far (and
-        ``last_step``), the newest: the next live frame then starts a frame or two from it, not up
-        to an interval (the C-arm turns degrees in that: such a frame was rejected as tracked from
-        too far). After a rejected one at ``failed`` s (else inf), the one nearest halfway between
-        (earlier on a tie), or when none lies between, the first after it. None when there is no
-        such frame. Frames up to ``anchor`` are let go."""
+        ``anchor`` s: the first a catch-up interval on; after a rejected one at ``failed`` s
+        (else inf), the one nearest halfway between (earlier on a tie), or when none lies between,
+        the first after it. None when there is no such frame. Frames up to ``anchor`` are let go."""
         self._skipped = [(t, e) for t, e in self._skipped if t > anchor]
         if failed < math.inf:
             between = [(t, e) for t, e in self._skipped if t < failed]
@@ -773,8 +768,7 @@ class Refiner(ImageNode):
                 return min(between, key=lambda kept: (abs(kept[0] - halfway), kept[0]))
             return next(((t, e) for t, e in self._skipped if t > failed), None)
         step = self._catch_up_interval()
-        ahead = next(((t, e) for t, e in self._skipped if t >= anchor + step - 1e-6), None)
-        return self._skipped[-1] if ahead is None and last_step and self._skipped else ahead
+        return next(((t, e) for t, e in self._skipped if t >= anchor + step - 1e-6), None)
 
     def _scale_options(self) -> dict:
         return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
