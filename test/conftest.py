@@ -108,8 +108,13 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> int:
 
 
 def stop_spinning(executor, thread, node, context) -> None:
-    """End a client node spun by ``executor.spin`` in ``thread``: the thread leaves ``spin`` before
-    the node and the context it waits on are destroyed (each step bounded: a teardown never hangs)."""
+    """End a client node spun by ``executor.spin`` in ``thread``, before the nodes under test stop.
+
+    Fast DDS (2.14, in the PyPI wheels) can hang for good destroying a participant while another
+    participant's departure is being processed: a CI run hung so, a node's destruction deferred to
+    its spin thread (which held the GIL) coinciding with the refiner process shutting down. Here the
+    thread leaves ``spin`` first (bounded), so the node and its context are destroyed now, in this
+    thread, while the other processes still run."""
     import rclpy
 
     executor.shutdown(timeout_sec=5.0)

@@ -294,11 +294,13 @@ def test_bringup_only_and_sigterm(config, tmp_path, context):
     )
     probe = Node("bringup_probe", context=context)
     try:
-        wait_for(
-            lambda: proc.poll() is not None or ("model_manager", "/") in _node_names(probe), 60, what="model_manager"
-        )
-        assert proc.poll() is None, f"bringup exited ({proc.returncode}):\n{log.read_text()}"
-        assert not {("pose_estimator", "/"), ("refiner", "/")} & _node_names(probe)
+        try:
+            wait_for(lambda: proc.poll() is not None or ("model_manager", "/") in _node_names(probe), 60,
+                     what="model_manager")
+            assert proc.poll() is None, f"bringup exited ({proc.returncode}):\n{log.read_text()}"
+            assert not {("pose_estimator", "/"), ("refiner", "/")} & _node_names(probe)
+        finally:
+            probe.destroy_node()  # before the node leaves (conftest.stop_spinning says why)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             code = proc.wait(15)
@@ -307,7 +309,6 @@ def test_bringup_only_and_sigterm(config, tmp_path, context):
         assert code == 0, f"no clean exit on SIGTERM ({code}):\n{log.read_text()}"
     finally:
         stop(proc)
-        probe.destroy_node()
 
 
 def test_bringup_bad_arguments(tmp_path, capsys):

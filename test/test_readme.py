@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import rclpy
-from conftest import start, stop, wait_for
+from conftest import start, stop, stop_spinning, wait_for
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 
@@ -148,15 +148,19 @@ def start_and_stop(command: str, env: dict[str, str], log: Path, up: str) -> Non
     probe.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.update(s.name for s in m.status), 50)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(probe)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinning = threading.Thread(target=executor.spin, daemon=True)
+    spinning.start()
     proc = bash(command, env, log)
     try:
-        wait_for(
-            lambda: proc.poll() is not None or (up in log.read_text() and NODES <= seen),
-            START_TIMEOUT,
-            what=f"{command!r} to come up (log line {up!r}, /diagnostics from {sorted(NODES)})",
-        )
-        assert proc.poll() is None, f"{command!r} exited with {proc.returncode}:\n{log.read_text()}"
+        try:
+            wait_for(
+                lambda: proc.poll() is not None or (up in log.read_text() and NODES <= seen),
+                START_TIMEOUT,
+                what=f"{command!r} to come up (log line {up!r}, /diagnostics from {sorted(NODES)})",
+            )
+            assert proc.poll() is None, f"{command!r} exited with {proc.returncode}:\n{log.read_text()}"
+        finally:
+            stop_spinning(executor, spinning, probe, context)  # before the nodes leave
         os.killpg(proc.pid, signal.SIGINT)
         try:
             code = proc.wait(30)
@@ -165,9 +169,6 @@ def start_and_stop(command: str, env: dict[str, str], log: Path, up: str) -> Non
         assert code == 0, f"{command!r}: no clean exit on SIGINT ({code}):\n{log.read_text()}"
     finally:
         stop(proc)
-        executor.shutdown()
-        probe.destroy_node()
-        rclpy.try_shutdown(context=context)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
