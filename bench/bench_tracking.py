@@ -55,6 +55,7 @@ from xvr_ros.core.register.tracking import (
     finish,
     finished,
     screen,
+    similarity_gain,
     started_far,
     track,
     track_hessian,
@@ -90,8 +91,9 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
             used = tracking_renderer(renderer, options)
             reg = track(used, xray, prior, field_of_view=fov, hessian=tracker.hessian, options=options)
             path = "tracking"
-            if started_far(reg, options) and tracker.next_far_ends():  # as the refiner: the
-                tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty)  # track ends, the full path runs
+            gain = similarity_gain(reg)
+            if started_far(reg, options) and tracker.next_far_ends(gain):  # as the refiner: the track
+                tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, gain=gain)  # ends, the full path runs
                 prior = None
         if prior is None:
             used = renderer
@@ -118,7 +120,7 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
                 if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
                     tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
         elif why == "far":
-            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity)
+            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity, similarity_gain(reg))
         elif why != "unfinished":
             tracker.rejected()
         seconds = time.perf_counter() - t0

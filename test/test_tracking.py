@@ -18,6 +18,7 @@ from xvr_ros.core.register.tracking import (
     finished,
     same_intrinsics,
     screen,
+    similarity_gain,
     started_far,
     track,
     tracking_factor,
@@ -75,6 +76,27 @@ def test_a_frame_tracked_from_too_far_carries_the_track_once():
     assert not tracker.far(0.3, pose(x=9.0), DET)  # the count started again
     assert tracker.far(0.4, pose(x=10.0), DET)  # the second in a row ends the track
     assert "no accepted frame" in tracker.why_not(0.5, DET)
+
+
+def test_far_frames_of_a_fluoroscopy_run_do_not_end_the_track():
+    """Only far frames that rose by more than shot_gain (other shots) count towards max_far: on a
+    busy CPU fluoroscopy frames after skipped ones rise by 0.005-0.014, and ending the track on two
+    of them costs a full registration."""
+    from types import SimpleNamespace
+
+    options = TrackingOptions(max_gap=1.0)
+    assert options.max_gain < 0.01 < options.shot_gain < 0.03
+    result = SimpleNamespace(similarity=torch.tensor([0.99]), trajectory=[torch.tensor([0.97])])
+    reg = SimpleNamespace(refinement=result)
+    assert similarity_gain(reg) == pytest.approx(0.02)
+    tracker = Tracker(options)
+    tracker.accepted(0.0, pose(x=4.0), DET)
+    assert not tracker.far(0.1, pose(x=6.0), DET, gain=0.03)  # another shot: it counts
+    assert not tracker.next_far_ends(0.01)
+    assert not tracker.far(0.2, pose(x=7.0), DET, gain=0.01)  # a skipped fluoroscopy frame: the track goes on ...
+    assert not tracker.next_far_ends(0.03)  # ... and the run of far frames starts over
+    assert not tracker.far(0.3, pose(x=8.0), DET, gain=0.03)
+    assert tracker.next_far_ends(0.03) and tracker.far(0.4, pose(x=9.0), DET, gain=0.03)  # two shots in a row
 
 
 def test_screen_names_why_a_tracked_frame_is_not_for_the_gate():
@@ -158,7 +180,8 @@ def test_time_going_backwards_restarts_the_track():
 def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
                 dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
-                dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0), dict(max_drop=0.0)):
+                dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0), dict(max_drop=0.0),
+                dict(max_gain=0.03, shot_gain=0.02)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

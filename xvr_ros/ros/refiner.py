@@ -99,6 +99,7 @@ from xvr_ros.core.register.tracking import (
     finish,
     finished,
     screen,
+    similarity_gain,
     started_far,
     track,
     track_hessian,
@@ -234,8 +235,16 @@ PARAMETERS: dict[str, Param] = {
     "tracking_max_gain": Param(
         0.005,
         "a tracked frame whose similarity rose by more than this from its prior started further than tracking follows "
-        "(its depth lags): rejected without a TF, the track goes on from it; the second in a row ends the track and "
-        "takes the full path",
+        "(its depth lags): rejected without a TF, the track goes on from it; the second in a row above "
+        "tracking_shot_gain ends the track and takes the full path",
+        low=1e-6,
+        high=2.0,
+    ),
+    "tracking_shot_gain": Param(
+        0.02,
+        "a frame tracked from too far whose similarity rose by more than this is another shot (a sweep of single "
+        "shots): two in a row end the track; below it, a fluoroscopy frame after frames a busy CPU skipped: the "
+        "track goes on (>= tracking_max_gain)",
         low=1e-6,
         high=2.0,
     ),
@@ -409,6 +418,7 @@ class Refiner(ImageNode):
             size=p["tracking_size"],
             max_rejections=p["tracking_max_rejections"],
             max_gain=p["tracking_max_gain"],
+            shot_gain=max(p["tracking_shot_gain"], p["tracking_max_gain"]),
             max_drop=p["tracking_max_drop"],
             time_budget=p["tracking_time_budget"],
         )
@@ -612,16 +622,18 @@ class Refiner(ImageNode):
         return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
 
     def _far_again(self, t: float, xray, tracked: _Outcome) -> bool:
-        """A tracked frame that started too far (``tracking.started_far``) when the one before did
-        too: the track ends here and this frame takes the full path at once, instead of a
-        rejection (single shots of a sweep each move further than tracking follows)."""
+        """A tracked frame that started too far (``tracking.started_far``), further than a skipped
+        fluoroscopy frame (``tracking_shot_gain``), when the one before did too: the track ends here
+        and this frame takes the full path at once, instead of a rejection (single shots of a sweep
+        each move further than tracking follows)."""
         reg = tracked.registration
         if not started_far(reg, self._tracker.options):
             return False
+        gain = similarity_gain(reg)
         with self._track_lock:
-            if not self._tracker.next_far_ends():
+            if not self._tracker.next_far_ends(gain):
                 return False
-            self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty)  # ends the track
+            self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, gain=gain)  # ends the track
             self._track_fov = None
         return True
 
@@ -795,7 +807,8 @@ class Refiner(ImageNode):
         with self._track_lock:
             reg = outcome.registration
             if verdict.far:
-                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg)):
+                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg),
+                                     similarity_gain(reg)):
                     self._track_fov = None  # the track ended
                 return
             if not verdict.accepted:

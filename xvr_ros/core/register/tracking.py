@@ -40,7 +40,8 @@ from xvr_ros.core.register.uncertainty import (
 from xvr_ros.core.render.renderer import Renderer
 
 __all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finish", "finished", "same_intrinsics", "screen",
-           "started_far", "track", "track_hessian", "tracking_factor", "tracking_renderer", "unfinished"]
+           "similarity_gain", "started_far", "track", "track_hessian", "tracking_factor", "tracking_renderer",
+           "unfinished"]
 
 
 #: A caught-up frame (one the refiner tracks after a full registration, without a result) has
@@ -113,7 +114,14 @@ class TrackingOptions:
         by millimetres, and the quality model, fitted on near starts, does not see it. In
         replays, 8 of 53 accepted tracked frames above 0.005 were 2.5-5 mm off, none of 686
         below it. Such a frame is not published; the track goes on from it (the next frame
-        starts near), and ``max_far`` of them in a row end the track.
+        starts near), and ``max_far`` of them in a row that rose by more than ``shot_gain`` end
+        the track.
+    shot_gain: a frame tracked from too far whose similarity rose by more than this is another
+        shot (single shots of a sweep rose by 0.01-0.22, most above 0.02, in a replay) and counts
+        towards ``max_far``; one below it is a fluoroscopy frame after frames a busy CPU skipped
+        (0.005-0.014 at 15 frames/s and 512 px, where ending the track on two of them in a row
+        cost a full registration, 3 s without a TF, three times in a 20 s replay): not
+        published either, but the run of far frames starts over.
     max_drop: a tracked frame whose final similarity is more than this below that of the frame it
         was tracked from (:meth:`Tracker.match_fell`) is stuck on another view or a local optimum:
         rejected. Consecutive fluoroscopy frames differ by under 0.002; in a replayed sweep of
@@ -141,6 +149,7 @@ class TrackingOptions:
     max_rejections: int = 1
     max_gain: float = 0.005
     max_far: int = 2
+    shot_gain: float = 0.02
     max_drop: float = 0.05
 
     def __post_init__(self):
@@ -154,8 +163,9 @@ class TrackingOptions:
             raise ValueError(f"need max_gap, time_budget, footprint_ratio and the step limits > 0, size >= 8, and "
                              f"max_iterations, hessian_frames, max_rejections, plateau_renders and max_far >= 1, "
                              f"got {self}")
-        if not (self.max_gain > 0 and self.max_drop > 0):
-            raise ValueError(f"need max_gain and max_drop > 0, got {self.max_gain}, {self.max_drop}")
+        if not (self.max_gain > 0 and self.max_drop > 0 and self.shot_gain >= self.max_gain):
+            raise ValueError(f"need max_gain and max_drop > 0 and shot_gain >= max_gain, got {self.max_gain}, "
+                             f"{self.max_drop}, {self.shot_gain}")
 
 
 @dataclass(frozen=True)
@@ -208,9 +218,10 @@ class Tracker:
         self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
 
-    def next_far_ends(self) -> bool:
-        """Whether one more frame tracked from too far (:meth:`far`) would end the track."""
-        return self._far + 1 >= self.options.max_far
+    def next_far_ends(self, gain: float = math.inf) -> bool:
+        """Whether one more frame tracked from too far (:meth:`far`), its similarity risen by
+        ``gain`` (:func:`similarity_gain`), would end the track."""
+        return gain > self.options.shot_gain and self._far + 1 >= self.options.max_far
 
     def match_fell(self, similarity: float) -> bool:
         """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the frame
@@ -218,15 +229,15 @@ class Tracker:
         return self._similarity is not None and similarity < self._similarity - self.options.max_drop
 
     def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None,
-            similarity: float | None = None) -> bool:
-        """A frame tracked from too far (:func:`started_far`), not published: the track goes on from
-        its pose, as from an accepted one, unless it is the ``max_far``-th in a row (a sweep of
-        single shots: each moves further than tracking follows), which ends the track -> whether
-        it ended."""
-        if self.next_far_ends():
+            similarity: float | None = None, gain: float = math.inf) -> bool:
+        """A frame tracked from too far (:func:`started_far`; its similarity rose by ``gain``), not
+        published: the track goes on from its pose, as from an accepted one, unless it is the
+        ``max_far``-th in a row above ``shot_gain`` (a sweep of single shots: each moves further
+        than tracking follows), which ends the track -> whether it ended."""
+        if self.next_far_ends(gain):
             self.reset()
             return True
-        self._far += 1
+        self._far = self._far + 1 if gain > self.options.shot_gain else 0
         self._record(t, pose, detector, hessian, similarity)
         return False
 
@@ -428,11 +439,16 @@ def finished(full: registration.Registration, tracked: registration.Registration
     return dataclasses.replace(full, refinement=refinement, uncertainty=tracked.uncertainty)
 
 
+def similarity_gain(reg: registration.Registration) -> float:
+    """How much a :func:`track` result's similarity rose from its prior's."""
+    result = reg.refinement
+    return float(result.similarity[0]) - float(result.trajectory[0][0])
+
+
 def started_far(reg: registration.Registration, options: TrackingOptions) -> bool:
     """A :func:`track` result whose similarity rose by more than ``options.max_gain`` from its prior:
     the prior was further than tracking follows, and the depth lags (see ``TrackingOptions.max_gain``)."""
-    result = reg.refinement
-    return float(result.similarity[0]) - float(result.trajectory[0][0]) > options.max_gain
+    return similarity_gain(reg) > options.max_gain
 
 
 def finish(renderer: Renderer, xray: Xray, full: registration.Registration,
