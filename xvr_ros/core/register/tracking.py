@@ -119,7 +119,7 @@ class TrackingOptions:
     shot_gain: a frame tracked from too far whose similarity rose by more than this is another
         shot (single shots of a sweep rose by 0.01-0.22, most above 0.02, in a replay) and counts
         towards ``max_far``; one below it is a fluoroscopy frame after frames a busy CPU skipped
-        (0.005-0.014 at 15 frames/s and 512 px, where ending the track on two of them in a row
+        (0.005-0.019 at 15 frames/s and 512 px, where ending the track on two of them in a row
         cost a full registration, 3 s without a TF, three times in a 20 s replay): not
         published either, but the run of far frames starts over.
     max_drop: a tracked frame whose final similarity is more than this below that of the frame it

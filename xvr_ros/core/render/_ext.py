@@ -10,9 +10,9 @@ nodes' diagnostics).
 A build is compiled with ``-march=native``, so it is only valid on CPUs with the same
 instruction-set extensions, built by the same compiler: the cache key (:func:`cache_key`) holds
 the source and its path, the torch version, the compiler flags, the CPU's architecture and
-feature flags and the compiler's path and version. A cache shared between machines (a network home, a copied
-container) then holds one build per kind of machine instead of crashing on an illegal
-instruction.
+feature flags and the compiler's path and version. A cache shared between machines (a network
+home, a copied container) then holds one build per kind of machine instead of crashing on an
+illegal instruction, and one shared between checkouts one build per checkout.
 """
 
 from __future__ import annotations
