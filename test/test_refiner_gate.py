@@ -499,6 +499,9 @@ def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_fro
         prior, why = node._tracker.prior(500.3, DET)
         assert why == "" and float(prior[0, 1, 3]) > 822.0  # the track goes on from the far frame's pose
         assert not node._cut_short  # (not a frame cut short: the next one has the usual budget)
+        skipped = SimpleNamespace(registration=SimpleNamespace(refinement=SimpleNamespace(
+            similarity=torch.tensor([0.99]), trajectory=[torch.tensor([0.98])]), pose=far.pose, uncertainty=None))
+        assert not node._far_again(500.35, xray, skipped)  # a rise of 0.01 (< tracking_shot_gain): not another shot
         assert node._far_again(500.4, xray, outcome)  # the second in a row ends the track and takes the full path
         assert node._tracker.why_not(500.5, DET) and node._track_fov is None
         near = SimpleNamespace(registration=SimpleNamespace(refinement=SimpleNamespace(
