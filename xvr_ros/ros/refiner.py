@@ -306,11 +306,10 @@ CATCH_UP_MAX_REJECTIONS = 2
 #: The kept frames' interval is at least this many times a caught-up frame's cost: the catch-up
 #: then gains on the stream (one frame tracked per interval of it), and ends.
 CATCH_UP_GAIN = 2.0
-#: The acceptance threshold parameter of each path's quality model.
 #: s a destroyed refiner waits for its kernel warm-up, so that the warm-up does not report on a
 #: node being torn down (a cached load takes ~0.1 s).
 WARM_JOIN_S = 2.0
-
+#: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
 
 
@@ -937,10 +936,10 @@ class Refiner(ImageNode):
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
         if why == "far" and not far_ok:
-            gain = _final_similarity(reg) - float(reg.refinement.trajectory[0][0])
-            return _Verdict(False, 0.0, f"rejected: tracked from too far (the similarity rose by {gain:.3f} > "
-                            f"{options.max_gain:g}: the C-arm moved more than a frame's worth, and the depth lags); "
-                            "the track goes on from it", None, judged=False, far=True)
+            return _Verdict(False, 0.0, "rejected: tracked from too far (the similarity rose by "
+                            f"{similarity_gain(reg):.3f} > {options.max_gain:g}: the C-arm moved more than a "
+                            "frame's worth, and the depth lags); the track goes on from it", None, judged=False,
+                            far=True)
         if why == "fell" and not far_ok:
             return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
                             f"{options.max_drop:g} below the frame it was tracked from (another view, or stuck)", None)
