@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["xvr_ros", "xvr_ros.*"]),
     package_data={
         "xvr_ros.core.render": ["csrc/*.cpp"],
-        "xvr_ros.core.register": ["quality_model.json", "quality_model_tracking.json"],
+        "xvr_ros.core.register": ["quality_model.json", "quality_model_coarse.json", "quality_model_tracking.json"],
     },
     install_requires=["torch>=2.1", "numpy", "nibabel", "pydicom", "pillow", "scipy", "rosbags>=0.11", "matplotlib"],
     entry_points={"console_scripts": ["xvr-ros = xvr_ros.cli:main"]},

@@ -1,9 +1,11 @@
 """Fit the registration quality model and the covariance calibration, then score them on held-out cases.
 
-One command refits ``xvr_ros/core/register/quality_model.json`` (full registrations) or, with
-``--path tracking``, ``quality_model_tracking.json`` (tracked fluoroscopy frames)::
+One command refits ``xvr_ros/core/register/quality_model.json`` (full registrations), with
+``--path coarse`` ``quality_model_coarse.json`` (full registrations that stop a scale early, as a
+fluoroscopy run's first frame is registered before tracking finishes it) or, with ``--path
+tracking``, ``quality_model_tracking.json`` (tracked fluoroscopy frames)::
 
-    python bench/fit_quality.py [--path full|tracking] [--fit 120] [--holdout 40] [--runs 0] [--holdout-runs 0]
+    python bench/fit_quality.py [--path full|coarse|tracking] [--fit 120] [--holdout 40] [--runs 0] [--holdout-runs 0]
                                 [--workers 2] [--seed 0] [--out PATH]
 
 Cases (all seeded):
@@ -19,6 +21,13 @@ Cases (all seeded):
   bad ones and most of the far ones, and the model needs failures to learn from. The registration
   is ``registration.register`` with its defaults (field-of-view detection, multi-start,
   refinement), given only the X-ray (counts read as line integrals, intrinsics) and the initial pose.
+  ``--path coarse``: the same starts, registered on the automatic scales but the finest
+  (``registration.coarse_scales``), then finished as the refiner finishes a fluoroscopy run's
+  first frame (``tracking.finish``, capped by renders): the features are the coarse
+  registration's (what the gate sees when it decides on the multi-start), the label is the
+  finished pose's mTRE (what is published), and the record keeps the coarse pose's
+  (``registered_mtre``) and the tracking model's ``p_success`` for the finished pose
+  (``p_tracking``, the refiner's second gate on this path).
 - Starts, tracked frames (``--path tracking``): as the previous frame's pose extrapolated is off
   (``track_near`` ±0.5°, ±1.5 mm, ±3 mm), a C-arm that turned faster than extrapolated (``track``
   ±1°, ±3 mm, ±6 mm) and one that moved during a gap (``track_moved``, ±4°, ±10 mm, ±25 mm; most of
@@ -100,6 +109,7 @@ STARTS["track_near"] = (0.5, 1.5, 3.0)
 #: The start of case ``index`` is ``PLANS[path][index % len(PLANS[path])]``.
 PLANS = {
     "full": ("network", "far", "network", "bad"),
+    "coarse": ("network", "far", "network", "bad"),
     "tracking": ("track_near", "track", "track_moved"),
 }
 TRACKED = ("track_near", "track", "track_moved")
@@ -139,19 +149,36 @@ def _recorder(log: list):
     return refine
 
 
-def _register(renderer, xray, init):
-    """``register`` with its defaults -> (mask, final refinement, multi-start similarities or None)."""
+def _register(renderer, xray, init, **options):
+    """``register`` with its defaults but ``options`` -> (registration, mask, final refinement,
+    multi-start similarities or None)."""
     log: list = []
     reg_mod.refine, original = _recorder(log), reg_mod.refine
     try:
-        result = reg_mod.register(renderer, xray, init_pose=init)
+        result = reg_mod.register(renderer, xray, init_pose=init, **options)
     finally:
         reg_mod.refine = original
     mask, refinement = log[-1]
     ms = getattr(result, "multistart_similarity", None)
     if ms is None and len(log) > 1:
         ms = log[0][1].similarity
-    return mask, refinement, ms
+    return result, mask, refinement, ms
+
+
+def _finished_fields(renderer, xray, result, truth, points) -> dict:
+    """``--path coarse``: the registration finished as the refiner finishes it (``tracking.finish``,
+    capped by renders) -> the finished pose's mTRE (the case's label: the pose that is published)
+    and the tracking model's ``p_success`` for it (the second gate the refiner applies)."""
+    from xvr_ros.core.metrics import mtre
+    from xvr_ros.core.register.tracking import finish
+
+    options = dataclasses.replace(TrackingOptions(), time_budget=3600.0)  # max_iterations caps it
+    level = tracking_renderer(renderer, options)
+    finishing = finish(level, xray, result, options)
+    a = quality.assess_registration(level, finishing, xray.image.to(torch.float32), xray.detector,
+                                    model=quality.load_model(quality.TRACKING_MODEL_PATH))
+    return {"mtre": float(mtre(truth, finishing.pose.to(torch.float64), points)[0]),
+            "p_tracking": float(a.p_success)}
 
 
 def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict:
@@ -174,8 +201,10 @@ def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict
         result = track(renderer, xray, init, options=options)
         mask, refinement, ms = result.mask, result.refinement, None
     else:
-        mask, refinement, ms = _register(renderer, xray, init)
+        options = {"scales": reg_mod.coarse_scales(xray.detector)} if path == "coarse" else {}
+        result, mask, refinement, ms = _register(renderer, xray, init, **options)
     seconds = time.perf_counter() - t0
+    finished = _finished_fields(renderer, xray, result, true, points) if path == "coarse" else {}
     image = xray.image.to(torch.float32)
 
     t1 = time.perf_counter()
@@ -200,7 +229,7 @@ def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict
         "error_twist": pose_error_twist(pose, true)[0].tolist(),
         "seconds": seconds,
         "assess_seconds": assess_seconds,
-    }
+    } | ({"registered_mtre": float(mtre(true, pose, points)[0])} | finished if finished else {})
 
 
 #: Runs (``--runs``): fluoroscopy of RUN_DURATION s at RUN_FPS, tracked with strides of 1 to
@@ -481,7 +510,8 @@ def report(prefix: str, model: quality.QualityModel, records: list[dict]) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", choices=(*PLANS, "runs"), default="full",  # runs: a worker's fluoroscopy runs
-                        help="full registrations (quality_model.json) or tracked frames (quality_model_tracking.json)")
+                        help="full registrations (quality_model.json), ones that stop a scale early "
+                             "(quality_model_coarse.json) or tracked frames (quality_model_tracking.json)")
     parser.add_argument("--fit", type=int, default=120, help="fitting cases (default 120)")
     parser.add_argument("--holdout", type=int, default=40, help="held-out evaluation cases (default 40)")
     parser.add_argument("--workers", type=int, default=2, help="registration processes (default 2)")
@@ -504,7 +534,7 @@ def main() -> None:
     if args.path == "runs" or (args.path != "tracking" and (args.runs or args.holdout_runs)):
         parser.error("--runs and --holdout-runs are for --path tracking")
     cache_dir = Path(args.cache) / args.path
-    out = args.out or (quality.MODEL_PATH if args.path == "full" else quality.TRACKING_MODEL_PATH)
+    out = args.out or quality.MODEL_PATHS[args.path]
     if args.fresh:
         for path in [*cache_dir.glob(f"seed{args.seed}_*.jsonl"), *cache_dir.glob(f"runs_seed{args.seed}_*.jsonl")]:
             path.unlink()
@@ -525,7 +555,9 @@ def main() -> None:
         "successes": int((errors < SUCCESS_MM).sum()),
         "simulator": "simulate.simulate_xray default appearance, chest preset, demo CT, 256 px of 1 mm, SDD 1020 mm",
         "starts": {name: STARTS[name] for name in PLANS[args.path]} | {"by_index_mod": list(PLANS[args.path])},
-        "registration": "tracking.track defaults" if args.path == "tracking" else "registration.register defaults",
+        "registration": {"full": "registration.register defaults",
+                         "coarse": "registration.register defaults, scales registration.coarse_scales",
+                         "tracking": "tracking.track defaults"}[args.path],
         "threshold_rule": f"lowest >= 0.5 with <= {args.max_false_accept:.0%} of the accepted {FOLDS}-fold CV cases "
                           f"over {FAIL_MM} mm",
         "runs": {"count": args.runs, "duration_s": RUN_DURATION, "fps": RUN_FPS, "max_stride": RUN_MAX_STRIDE,

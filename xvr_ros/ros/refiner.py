@@ -84,14 +84,14 @@ from tf2_msgs.msg import TFMessage
 from xvr_ros.core.imaging import registration_overlay
 from xvr_ros.core.io.volume import load_volume
 from xvr_ros.core.register.quality import (
-    TRACKING_MODEL_PATH,
+    MODEL_PATHS,
     QualityModel,
     QualityModelError,
     assess_registration,
     load_model,
 )
 from xvr_ros.core.register.refine import intra_op_threads, refine
-from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, register
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, Registration, coarse_scales, register
 from xvr_ros.core.register.tracking import (
     CATCH_UP_TIME_FACTOR,
     Tracker,
@@ -213,6 +213,21 @@ PARAMETERS: dict[str, Param] = {
         low=0.0,
         high=10.0,
     ),
+    "tracking_coarse_start": Param(
+        True,
+        "with tracking on, a full registration stops a scale before the finest (the tracking level finishes it; "
+        "about half its time), is judged by the coarse quality model (coarse_accept_threshold) and its finished "
+        "pose by the tracking model, and is rejected unless both accept; false = the finest scale too, judged by the "
+        "full model, and finished when the tracking model accepts",
+    ),
+    "coarse_accept_threshold": Param(
+        0.5,
+        "a full registration stopped a scale early (tracking_coarse_start) is accepted when its p_success (the coarse "
+        "quality model's, for the finished pose's mTRE < 1 mm) is at least this; unset = that model file's "
+        "threshold; 0 = accept every one",
+        low=0.0,
+        high=1.0,
+    ),
     "tracking_extrapolate": Param(True, "start a tracked frame from the last pose moved at the last velocity"),
     "tracking_size": Param(
         64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
@@ -310,7 +325,8 @@ CATCH_UP_GAIN = 2.0
 #: node being torn down (a cached load takes ~0.1 s).
 WARM_JOIN_S = 2.0
 #: The acceptance threshold parameter of each path's quality model.
-_THRESHOLDS = {"accept_threshold": "full", "tracking_accept_threshold": "tracking"}
+_THRESHOLDS = {"accept_threshold": "full", "coarse_accept_threshold": "coarse",
+               "tracking_accept_threshold": "tracking"}
 
 
 @dataclass
@@ -335,6 +351,12 @@ class _Outcome:
     start_similarity: float  # at the pose it started from, finest scale
     initial: Any  # geometry_msgs/PoseWithCovariance: where it started (network's, or the tracked prior)
     note: str = ""  # why the full path ran when tracking was on; a tracked frame's catch-up before it
+    coarse: bool = False  # a full registration stopped a scale early (parameter tracking_coarse_start)
+
+    @property
+    def model(self) -> str:
+        """The quality model (and accept threshold) that judges it: "full", "coarse" or "tracking"."""
+        return "coarse" if self.coarse else self.path
 
 
 @dataclass
@@ -396,7 +418,7 @@ class Refiner(ImageNode):
     def _load_quality_models(self) -> tuple[dict[str, QualityModel], str]:
         """({path: model}, "") or ({}, why: the message of the node's standing ERROR)."""
         try:
-            return {"full": load_model(), "tracking": load_model(TRACKING_MODEL_PATH)}, ""
+            return {path: load_model(file) for path, file in MODEL_PATHS.items()}, ""
         except QualityModelError as exc:
             return {}, f"no quality model ({exc}): no registration can be accepted, no TF is published"
 
@@ -601,6 +623,7 @@ class Refiner(ImageNode):
             self.repair(entry)
             return None
         init = convert.carm_from_optical(convert.pose_from_msg(initial.pose.pose), xray.detector)
+        coarse = p["tracking"] and p["tracking_coarse_start"]
         with self._track_lock:
             recent = self._tracker.recent_pose(t, xray.detector) if p["tracking"] else None
             self._catching_up, self._skipped = p["tracking"] and p["tracking_catch_up_interval"] > 0, []
@@ -613,12 +636,13 @@ class Refiner(ImageNode):
             time_budget=p["time_budget"] or None,
             callback=lambda _: self._stopping.is_set(),
             multistart_offsets=MULTISTART_OFFSETS if p["multistart"] else (),
-            good_enough=self._gate(volume, xray),
+            good_enough=self._gate(volume, xray, coarse),
             other_starts=recent,
             detect_fov=p["detect_fov"],
-            **self._scale_options(),
+            **self._scale_options(xray.detector, coarse),
         )
-        return _Outcome(reg, "full", self._similarity_at(volume.renderer, xray, reg, init[None]), initial.pose, why)
+        start = self._similarity_at(volume.renderer, xray, reg, init[None])
+        return _Outcome(reg, "full", start, initial.pose, why, coarse=coarse)
 
     def _far_again(self, t: float, xray, tracked: _Outcome) -> bool:
         """A tracked frame that started too far (``tracking.started_far``), further than a skipped
@@ -636,12 +660,12 @@ class Refiner(ImageNode):
             self._track_fov = None
         return True
 
-    def _gate(self, volume: _Volume, xray):
-        """``register``'s ``good_enough``: the full path's quality gate on the initial pose's
-        refinement (the multi-start runs only when it rejects it); the verdict is kept for
-        :meth:`_judged`."""
+    def _gate(self, volume: _Volume, xray, coarse: bool):
+        """``register``'s ``good_enough``: the full path's quality gate (the coarse one when
+        ``coarse``) on the initial pose's refinement (the multi-start runs only when it rejects it);
+        the verdict is kept for :meth:`_judged`."""
         def accepted(reg: Registration) -> bool:
-            verdict = self._assess(volume.renderer, _Outcome(reg, "full", math.nan, None), xray)
+            verdict = self._assess(volume.renderer, _Outcome(reg, "full", math.nan, None, coarse=coarse), xray)
             self._gated = (reg.refinement, verdict)
             return verdict.accepted
         return accepted
@@ -675,16 +699,21 @@ class Refiner(ImageNode):
         """An accepted full registration finished on the tracking level (Newton steps from its pose,
         as a tracked frame, with a caught-up frame's time budget; ``tracking.finished``) when the
         tracking quality model accepts that refinement: the pose published and tracked on, and the
-        Hessian for the track's first frames; else the registration as it was."""
+        Hessian for the track's first frames; else the registration as it was, or rejected when it
+        stopped a scale early (``outcome.coarse``: its coarse model vouches for the finished pose)."""
         reg = outcome.registration
         try:
             tracked = finish(volume.tracking_renderer, xray, reg, self._tracker.options,
                              callback=lambda _: self._stopping.is_set())
-        except ValueError:  # e.g. the similarity is not finite near the pose: keep what was accepted
-            return outcome, verdict
-        judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
-                              far_ok=True)
-        if not judged.accepted:
+        except ValueError as exc:  # e.g. the similarity is not finite near the pose
+            judged = _Verdict(False, 0.0, f"rejected: cannot finish it ({exc})", None)
+        else:
+            judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
+                                  far_ok=True)
+        if not judged.accepted and outcome.coarse:
+            return outcome, dataclasses.replace(judged, reason=f"{judged.reason} (its finishing on the tracking "
+                                                f"level; the registration to the scale before: {verdict.reason})")
+        if not judged.accepted:  # keep what was accepted
             return outcome, verdict
         reason = f"{judged.reason} (finished on the tracking level; the full registration: {verdict.reason})"
         return dataclasses.replace(outcome, registration=finished(reg, tracked)), dataclasses.replace(judged,
@@ -781,8 +810,12 @@ class Refiner(ImageNode):
         step = self._catch_up_interval()
         return next(((t, e) for t, e in self._skipped if t >= anchor + step - 1e-6), None)
 
-    def _scale_options(self) -> dict:
-        return {"scales": self._scales} if self._scales else {}  # else the core's automatic choice
+    def _scale_options(self, detector, coarse: bool) -> dict:
+        """``register``'s scales: the parameter's, else the core's automatic choice; but the finest
+        when ``coarse``."""
+        if coarse:
+            return {"scales": coarse_scales(detector, self._scales or None)}
+        return {"scales": self._scales} if self._scales else {}
 
     def _similarity_at(self, renderer: Renderer, xray, reg: Registration, pose) -> float:
         """The similarity at ``pose`` on the registration's finest scale, scored on the pixels it
@@ -943,9 +976,9 @@ class Refiner(ImageNode):
         if why == "fell" and not far_ok:
             return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
                             f"{options.max_drop:g} below the frame it was tracked from (another view, or stuck)", None)
-        threshold = next(name for name, path in _THRESHOLDS.items() if path == outcome.path)
+        threshold = next(name for name, model in _THRESHOLDS.items() if model == outcome.model)
         try:
-            a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.path],
+            a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.model],
                                     threshold=self.params[threshold])
         except ValueError as exc:  # e.g. a degenerate image: nothing to trust
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)

@@ -24,7 +24,9 @@ The fitted model is a small versioned JSON file shipped in the package (:data:`M
 also carries the covariance calibration factor (``covariance_scale``). Tracked fluoroscopy frames
 (``tracking.track``: Newton steps from the previous frame's pose, assessed on a coarser level) have
 a model of their own (:data:`TRACKING_MODEL_PATH`): their features lie elsewhere and separate
-success from failure differently. Refit with ``python bench/fit_quality.py [--path tracking]``
+success from failure differently, and so have full registrations stopped a scale early (the first
+frame of a fluoroscopy run, which tracking then finishes: :data:`COARSE_MODEL_PATH`). Refit with
+``python bench/fit_quality.py [--path coarse|tracking]``
 (simulated registrations, see that script). :func:`load_model`
 refuses a missing, corrupt, or other-version file with :class:`QualityModelError`.
 
@@ -61,7 +63,9 @@ from xvr_ros.core.render.renderer import render_scored
 __all__ = [
     "FEATURES",
     "FORMAT",
+    "COARSE_MODEL_PATH",
     "MODEL_PATH",
+    "MODEL_PATHS",
     "TRACKING_MODEL_PATH",
     "VERSION",
     "Assessment",
@@ -80,6 +84,10 @@ FORMAT = "xvr_ros.quality_model"
 VERSION = 1
 MODEL_PATH = Path(__file__).resolve().parent / "quality_model.json"
 TRACKING_MODEL_PATH = MODEL_PATH.with_name("quality_model_tracking.json")
+COARSE_MODEL_PATH = MODEL_PATH.with_name("quality_model_coarse.json")
+#: Each registration path's model file: "full", "coarse" (a full registration stopped a scale
+#: early, ``registration.coarse_scales``) and "tracking".
+MODEL_PATHS = {"full": MODEL_PATH, "coarse": COARSE_MODEL_PATH, "tracking": TRACKING_MODEL_PATH}
 
 #: The features, in the model's order (see the module docstring).
 FEATURES: tuple[str, ...] = (

@@ -180,6 +180,14 @@ def register(
     return Registration(origin, result, source, time.perf_counter() - t0, fov, mask, candidates)
 
 
+def coarse_scales(detector: Detector, scales=None) -> tuple[float, ...]:
+    """``scales`` (None or ``"auto"``: :func:`~.refine.auto_scales`) but the finest, when there are
+    two or more: a registration whose result tracking finishes at its own level (``tracking.finish``)
+    stops there, which saves the finest scale's renders (half of a cold start's refinement)."""
+    scales = tuple(auto_scales(detector) if scales in (None, "auto") else scales)
+    return scales[:-1] if len(scales) > 1 else scales
+
+
 #: A refinement that ends below this similarity (mNCC + gradNCC at the finest scale) is taken for
 #: a start outside the capture range and triggers the multi-start.
 MULTISTART_BELOW = 0.98
