@@ -14,7 +14,7 @@ from xvr_ros.core.register import quality
 from xvr_ros.core.register.quality import (
     FEATURES,
     MODEL_PATH,
-    TRACKING_MODEL_PATH,
+    MODEL_PATHS,
     QualityModel,
     QualityModelError,
     accept,
@@ -106,7 +106,8 @@ def test_the_shipped_models_do_not_vouch_for_a_registration_that_turned_far_from
               "log10_dissimilarity_coarse": -0.19, "multistart_agreement": 0.556, "log10_sd_translation": 1.553,
               "log10_sd_rotation": -0.386, "flat_directions": 0.0, "moved_rotation_deg": 117.1,
               "moved_translation_mm": 143.7, "masked_fraction": 0.538, "converged": 1.0}
-    for path in (MODEL_PATH, TRACKING_MODEL_PATH):
+    assert set(MODEL_PATHS) == {"full", "coarse", "tracking"} and MODEL_PATHS["full"] == MODEL_PATH
+    for path in MODEL_PATHS.values():
         model = load_model(path)
         assert {"moved_rotation_deg", "moved_translation_mm"} <= set(model.upper_limits), path
         assert "moved_rotation_deg" in model.outside(turned) and model.p_success(turned) == 0.0, path

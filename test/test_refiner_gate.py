@@ -4,10 +4,12 @@ outside it is rejected (result with ``accepted`` false and a reason, WARN on /di
 no refined pose, nothing republished).
 
 The quality model was fitted on the demo chest CT with the default refinement, whose finest
-scale is 96 px here as there; the test feeds that CT with the simulator's default image
-degradations, so the model is inside what it was fitted on. The initial poses are given (no
-network): the refiner alone is under test. A last test follows a few frames of continuous
-fluoroscopy through the tracking path and its fall-backs.
+scale is 96 px here as there (the gate's refiner registers to it: ``tracking_coarse_start``
+off); the test feeds that CT with the simulator's default image degradations, so the model is
+inside what it was fitted on. The initial poses are given (no network): the refiner alone is
+under test. The last tests follow a few frames of continuous fluoroscopy through the tracking
+path and its fall-backs, with the refiner's defaults (a full registration stops a scale early,
+judged by the coarse model, and is finished on the tracking level).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tf2_msgs.msg import TFMessage
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
 from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.metrics import body_points, mtre
-from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, load_model
+from xvr_ros.core.register.quality import COARSE_MODEL_PATH, TRACKING_MODEL_PATH, load_model
 from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
 from xvr_ros.msg import ModelInfo, RegistrationResult
@@ -93,7 +95,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
-    yield from refiner_process(tmp_path_factory.mktemp("refiner_gate"))
+    yield from refiner_process(tmp_path_factory.mktemp("refiner_gate"), tracking_coarse_start="false")
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +232,9 @@ def test_continuous_frames_are_tracked_from_the_last_accepted_pose(tracking_gate
     client, counts, points, _ = tracking_gate
     first = register(client, counts, NEAR, 300)
     assert first.accepted and first.path == "full", first.status
+    assert "finished on the tracking level; the registration to the scale before the finest" in first.status
+    refined = convert.carm_from_optical(convert.pose_from_msg(first.refined_pose.pose), DET)
+    assert float(mtre(TRUE_POSE, refined[None], points)[0]) < 1.0
     # 0.13 s later (7.5 frames/s), same intrinsics: tracked at once, without waiting for the network.
     tracked = register(client, counts, None, 300.133)
     assert tracked.path == "tracking", tracked.status
@@ -267,7 +272,8 @@ def test_frames_superseded_during_a_full_registration_are_caught_up_on(tracking_
     for sec in seconds:  # published faster than the full registration of the first takes
         send_initial_pose(client, NEAR, stamp_of(sec))
         send_image(client, counts, stamp_of(sec))
-        time.sleep(0.5 if sec == seconds[0] else 0.02)  # the first one's registration is under way
+        # The first one's registration under way (it takes ~1 s), the others arrive while it runs.
+        time.sleep(0.25 if sec == seconds[0] else 0.01)
     first, last = result_of(client, stamp_of(seconds[0])), result_of(client, stamp_of(seconds[-1]))
     assert first.path == "full" and first.accepted, first.status
     assert last.path == "tracking" and last.accepted, last.status
@@ -310,6 +316,7 @@ def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domai
     try:
         assert node.params["accept_threshold"] == load_model().threshold
         assert node.params["tracking_accept_threshold"] == load_model(TRACKING_MODEL_PATH).threshold
+        assert node.params["coarse_accept_threshold"] == load_model(COARSE_MODEL_PATH).threshold
         assert sys.getswitchinterval() <= GIL_SWITCH_INTERVAL  # the worker's torch calls get the GIL back soon
     finally:
         close(node, context)
@@ -354,7 +361,7 @@ def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monke
     from xvr_ros.core.register import quality
 
     (tmp_path / "quality_model.json").write_text('{"format": "something else"}')
-    monkeypatch.setattr(quality, "MODEL_PATH", tmp_path / "quality_model.json")
+    monkeypatch.setitem(quality.MODEL_PATHS, "full", tmp_path / "quality_model.json")
     node, context = refiner()
     try:
         level, message, _ = node.diagnostics.state
@@ -530,18 +537,19 @@ def test_the_gate_decides_the_multi_start_and_its_verdict_is_not_computed_twice(
 
     node, context = refiner()
     try:
-        assessed = []
+        assessed, models = [], []
         monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray: assessed.append(outcome.registration)
-                            or SimpleNamespace(accepted=len(assessed) == 1))
+                            or models.append(outcome.model) or SimpleNamespace(accepted=len(assessed) == 1))
         volume = SimpleNamespace(renderer="full", for_path=lambda path: path)
         first = SimpleNamespace(refinement=object(), multistart_similarity=None)
-        assert node._gate(volume, None)(first) is True
+        assert node._gate(volume, None, coarse=False)(first) is True
         verdict = node._judged(volume, _Outcome(first, "full", 0.9, None), None)
         assert verdict.accepted and assessed == [first]
-        assert node._gate(volume, None)(first) is False  # (the fake gate rejects from now on)
+        assert node._gate(volume, None, coarse=True)(first) is False  # (the fake gate rejects from now on)
+        assert models == ["full", "coarse"]  # a registration stopped a scale early: the coarse model
         restarted = SimpleNamespace(refinement=first.refinement, multistart_similarity=torch.ones(9))
-        assert not node._judged(volume, _Outcome(restarted, "full", 0.9, None), None).accepted
-        assert assessed == [first, first, restarted]
+        assert not node._judged(volume, _Outcome(restarted, "full", 0.9, None, coarse=True), None).accepted
+        assert assessed == [first, first, restarted] and models[-1] == "coarse"
     finally:
         close(node, context)
 
@@ -574,8 +582,36 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
         assert "tracking gate" in judged.reason and "full gate" in judged.reason
         assert budgets == [refiner_module.CATCH_UP_TIME_FACTOR * node._tracker.options.time_budget]
         assert node._finish(volume, None, outcome, verdict) == (outcome, verdict)  # rejected: as it was
+        # Stopped a scale early, its model vouched for the finished pose: rejected when that is.
+        coarse = _Outcome(full, "full", 0.5, None, coarse=True)
+        answers = iter([False])
+        done, judged = node._finish(volume, None, coarse, _Verdict(True, 0.7, "coarse gate", None))
+        assert done is coarse and not judged.accepted
+        assert "tracking gate" in judged.reason and "coarse gate" in judged.reason
+
+        def unfinishable(*args, **kwargs):
+            raise ValueError("not finite")
+
+        monkeypatch.setattr(tracking_module, "track", unfinishable)
+        assert node._finish(volume, None, outcome, verdict) == (outcome, verdict)
+        done, judged = node._finish(volume, None, coarse, _Verdict(True, 0.7, "coarse gate", None))
+        assert not judged.accepted and "not finite" in judged.reason
     finally:
         close(node, context)
+
+
+def test_with_tracking_a_full_registration_stops_a_scale_before_the_finest(ros_domain):
+    from xvr_ros.core.register.registration import coarse_scales
+
+    for parameters, coarse, expected in (({}, True, {"scales": coarse_scales(DET)}),
+                                         ({}, False, {}),
+                                         ({"scales": [8.0, 4.0, 2.0]}, True, {"scales": (8.0, 4.0)}),
+                                         ({"scales": [8.0, 4.0, 2.0]}, False, {"scales": (8.0, 4.0, 2.0)})):
+        node, context = refiner(**parameters)
+        try:
+            assert node._scale_options(DET, coarse) == expected
+        finally:
+            close(node, context)
 
 
 def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_domain, monkeypatch):

@@ -11,10 +11,17 @@ from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.metrics import mtre
-from xvr_ros.core.register.registration import MULTISTART_OFFSETS, multistart, register
+from xvr_ros.core.register.registration import MULTISTART_OFFSETS, coarse_scales, multistart, register
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.simulate import perturb_poses, simulate_xray
 from xvr_ros.core.train.presets import pose_generator, resolve_ranges, sample_poses
+
+
+def test_coarse_scales_leave_out_the_finest():
+    square = Detector(sdd=1020.0, height=256, width=256, delx=1.0, dely=1.0)
+    assert coarse_scales(square) == coarse_scales(square, "auto") == (16.0, 8.0, 4.0)  # auto: (16, 8, 4, 8/3)
+    assert coarse_scales(square, [8.0, 4.0, 2.0]) == (8.0, 4.0)
+    assert coarse_scales(square, [4.0]) == (4.0,)  # one scale: nothing to leave out
 
 
 def test_multistart_starts_from_the_best_candidate(setup):  # noqa: F811

@@ -58,7 +58,11 @@ rejected (another view, or a local optimum).
 With tracking on, an accepted full registration is finished on the tracking level (Newton steps
 from its pose on the same frame; its finest level's coarser voxels bias the depth) and published
 with the finished pose when the tracking quality model accepts that refinement (``status`` says
-so), else as it was; the track goes on from the published pose.
+so), else as it was; the track goes on from the published pose. With ``tracking_coarse_start``
+(the default) the full registration stops a scale before its finest (about half of a cold
+start's time: the finishing refines on its own level), is judged by the coarse quality model
+(fitted on such registrations for the finished pose's mTRE) and is rejected unless the tracking
+model accepts its finishing too.
 
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
 waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
@@ -710,12 +714,13 @@ class Refiner(ImageNode):
         else:
             judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
                                   far_ok=True)
+        registered = "the registration to the scale before the finest" if outcome.coarse else "the full registration"
         if not judged.accepted and outcome.coarse:
-            return outcome, dataclasses.replace(judged, reason=f"{judged.reason} (its finishing on the tracking "
-                                                f"level; the registration to the scale before: {verdict.reason})")
+            return outcome, dataclasses.replace(
+                judged, reason=f"{judged.reason} (its finishing on the tracking level; {registered}: {verdict.reason})")
         if not judged.accepted:  # keep what was accepted
             return outcome, verdict
-        reason = f"{judged.reason} (finished on the tracking level; the full registration: {verdict.reason})"
+        reason = f"{judged.reason} (finished on the tracking level; {registered}: {verdict.reason})"
         return dataclasses.replace(outcome, registration=finished(reg, tracked)), dataclasses.replace(judged,
                                                                                                       reason=reason)
 
