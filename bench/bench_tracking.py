@@ -120,7 +120,7 @@ def run(renderer: Renderer, checkpoint, frames, points) -> list[dict]:
                 if reg.uncertainty is None:  # not finished: the track's Hessian at its pose
                     tracker.use_hessian(track_hessian(tracking_renderer(renderer, options), xray, reg, options))
         elif why == "far":
-            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, similarity, similarity_gain(reg))
+            tracker.far(fr.time, reg.pose[0], xray.detector, reg.uncertainty, gain=similarity_gain(reg))
         elif why != "unfinished":
             tracker.rejected()
         seconds = time.perf_counter() - t0

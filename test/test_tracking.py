@@ -123,8 +123,8 @@ def test_a_match_that_fell_below_the_frame_tracked_from_is_noticed():
     assert not tracker.match_fell(0.1)  # nothing to compare with
     tracker.accepted(0.0, pose(), DET, similarity=0.98)
     assert not tracker.match_fell(0.95) and tracker.match_fell(0.60)
-    tracker.far(0.1, pose(), DET, similarity=0.70)  # the track goes on from that frame, and so does the reference
-    assert not tracker.match_fell(0.66) and tracker.match_fell(0.64)
+    tracker.far(0.1, pose(), DET)  # the track goes on from that frame, not vouched for: the reference stays
+    assert not tracker.match_fell(0.95) and tracker.match_fell(0.66)
     tracker.accepted(0.2, pose(), DET)  # a frame without a similarity: no check
     assert not tracker.match_fell(0.1)
     tracker.accepted(0.3, pose(), DET, similarity=0.98)

@@ -53,7 +53,7 @@ A tracked frame whose similarity rose by more than ``TrackingOptions.max_gain`` 
 started further than tracking follows (single shots of a sweep, the first live frame after a
 catch-up): its depth lags, so it is rejected without a TF, and the track goes on from its pose;
 the second such frame in a row ends the track and takes the full path itself. A tracked frame
-whose final similarity fell more than ``tracking_max_drop`` below the frame it was tracked from is
+whose final similarity fell more than ``tracking_max_drop`` below the last accepted frame is
 rejected (another view, or a local optimum).
 With tracking on, an accepted full registration is finished on the tracking level (Newton steps
 from its pose on the same frame; its finest level's coarser voxels bias the depth) and published
@@ -269,7 +269,7 @@ PARAMETERS: dict[str, Param] = {
     ),
     "tracking_max_drop": Param(
         0.05,
-        "a tracked frame whose final similarity is more than this below that of the frame it was tracked from "
+        "a tracked frame whose final similarity is more than this below that of the last accepted frame "
         "(consecutive fluoroscopy frames: under 0.002) is rejected: another view, or stuck in a local optimum",
         low=1e-6,
         high=2.0,
@@ -844,8 +844,7 @@ class Refiner(ImageNode):
         with self._track_lock:
             reg = outcome.registration
             if verdict.far:
-                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg),
-                                     similarity_gain(reg)):
+                if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, gain=similarity_gain(reg)):
                     self._track_fov = None  # the track ended
                 return
             if not verdict.accepted:
@@ -980,7 +979,7 @@ class Refiner(ImageNode):
                             far=True)
         if why == "fell" and not far_ok:
             return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
-                            f"{options.max_drop:g} below the frame it was tracked from (another view, or stuck)", None)
+                            f"{options.max_drop:g} below the last accepted frame (another view, or stuck)", None)
         threshold = next(name for name, model in _THRESHOLDS.items() if model == outcome.model)
         try:
             a = assess_registration(renderer, reg, xray.image, xray.detector, model=self._quality[outcome.model],

@@ -122,8 +122,8 @@ class TrackingOptions:
         (0.005-0.019 at 15 frames/s and 512 px, where ending the track on two of them in a row
         cost a full registration, 3 s without a TF, three times in a 20 s replay): not
         published either, but the run of far frames starts over.
-    max_drop: a tracked frame whose final similarity is more than this below that of the frame it
-        was tracked from (:meth:`Tracker.match_fell`) is stuck on another view or a local optimum:
+    max_drop: a tracked frame whose final similarity is more than this below that of the last
+        accepted frame (:meth:`Tracker.match_fell`) is stuck on another view or a local optimum:
         rejected. Consecutive fluoroscopy frames differ by under 0.002; in a replayed sweep of
         single shots the tracking model accepted a frame ending at 0.60 after a full registration
         at 0.98 (2.1 mm off: its features do not bound the match).
@@ -134,6 +134,7 @@ class TrackingOptions:
     max_jump_mm: float | None = 250.0
     extrapolate: bool = True
     max_extrapolation: float = 1.0
+    velocity_span: float = 0.0
     size: int = 64
     time_budget: float = 0.25
     max_iterations: int = 10
@@ -168,6 +169,10 @@ class TrackingOptions:
                              f"{self.max_drop}, {self.shot_gain}")
 
 
+#: Accepted frames a :class:`Tracker` keeps for its velocity (``TrackingOptions.velocity_span``).
+MAX_KEPT = 64
+
+
 @dataclass(frozen=True)
 class _Accepted:
     time: float
@@ -180,7 +185,7 @@ class Tracker:
 
     def __init__(self, options: TrackingOptions = TrackingOptions()):
         self.options = options
-        self._last: list[_Accepted] = []  # at most two, oldest first
+        self._last: list[_Accepted] = []  # the accepted frames of the last max_extrapolation s, oldest first
         self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
         self._hessian_uses = 0  # ... and how many accepted frames used it
         self._rejections = 0  # in a row, since the last accepted frame
@@ -224,21 +229,24 @@ class Tracker:
         return gain > self.options.shot_gain and self._far + 1 >= self.options.max_far
 
     def match_fell(self, similarity: float) -> bool:
-        """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the frame
-        it was tracked from (see ``TrackingOptions.max_drop``)."""
+        """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the last
+        accepted frame (see ``TrackingOptions.max_drop`` and :meth:`far`)."""
         return self._similarity is not None and similarity < self._similarity - self.options.max_drop
 
     def far(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None = None,
-            similarity: float | None = None, gain: float = math.inf) -> bool:
+            gain: float = math.inf) -> bool:
         """A frame tracked from too far (:func:`started_far`; its similarity rose by ``gain``), not
         published: the track goes on from its pose, as from an accepted one, unless it is the
         ``max_far``-th in a row above ``shot_gain`` (a sweep of single shots: each moves further
-        than tracking follows), which ends the track -> whether it ended."""
+        than tracking follows), which ends the track -> whether it ended. The match the next
+        frames must keep (:meth:`match_fell`) stays the last accepted frame's: a far frame's is not
+        vouched for (in a replayed sweep one ended at similarity -0.12, 59 mm off, and the frames
+        tracked after it, as poor, were accepted 59-91 mm off)."""
         if self.next_far_ends(gain):
             self.reset()
             return True
         self._far = self._far + 1 if gain > self.options.shot_gain else 0
-        self._record(t, pose, detector, hessian, similarity)
+        self._record(t, pose, detector, hessian, self._similarity)
         return False
 
     def _record(self, t: float, pose: torch.Tensor, detector: Detector, hessian: PoseUncertainty | None,
@@ -247,7 +255,8 @@ class Tracker:
         if self._last and t <= self._last[-1].time:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
-        self._last = [*self._last[-1:], entry]
+        self._last = [e for e in self._last if entry.time - e.time <= self.options.max_extrapolation][-MAX_KEPT:]
+        self._last.append(entry)
         self._recent = entry
         if hessian is not self._hessian:
             self._hessian, self._hessian_uses = hessian, 0
@@ -304,7 +313,8 @@ class Tracker:
         last = self._last[-1]
         if not self.options.extrapolate or len(self._last) < 2:
             return last.pose
-        before = self._last[0]
+        spanned = [e for e in self._last[:-1] if last.time - e.time >= self.options.velocity_span]
+        before = spanned[-1] if spanned else self._last[0]
         span = self.options.max_extrapolation
         if not same_intrinsics(before.detector, last.detector) or max(last.time - before.time, t - last.time) > span:
             return last.pose
