@@ -51,7 +51,9 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
         key, _, value = word.partition("=")
         if key not in types:
             raise SystemExit(f"unknown TrackingOptions field {key!r} (fields: {', '.join(types)})")
-        overrides[key] = types[key](value)
+        if types[key] is bool and value.lower() not in ("true", "false"):
+            raise SystemExit(f"{key} takes true or false, got {value!r}")
+        overrides[key] = value.lower() == "true" if types[key] is bool else types[key](value)  # bool("false") is True
     return name, overrides
 
 

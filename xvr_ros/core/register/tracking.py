@@ -134,7 +134,6 @@ class TrackingOptions:
     max_jump_mm: float | None = 250.0
     extrapolate: bool = True
     max_extrapolation: float = 1.0
-    velocity_span: float = 0.0
     size: int = 64
     time_budget: float = 0.25
     max_iterations: int = 10
@@ -169,10 +168,6 @@ class TrackingOptions:
                              f"{self.max_drop}, {self.shot_gain}")
 
 
-#: Accepted frames a :class:`Tracker` keeps for its velocity (``TrackingOptions.velocity_span``).
-MAX_KEPT = 64
-
-
 @dataclass(frozen=True)
 class _Accepted:
     time: float
@@ -185,7 +180,7 @@ class Tracker:
 
     def __init__(self, options: TrackingOptions = TrackingOptions()):
         self.options = options
-        self._last: list[_Accepted] = []  # the accepted frames of the last max_extrapolation s, oldest first
+        self._last: list[_Accepted] = []  # at most two, oldest first
         self._hessian: PoseUncertainty | None = None  # the track's Hessian ...
         self._hessian_uses = 0  # ... and how many accepted frames used it
         self._rejections = 0  # in a row, since the last accepted frame
@@ -255,8 +250,7 @@ class Tracker:
         if self._last and t <= self._last[-1].time:
             self._last = []  # time went backwards (a replayed bag restarted): start over
         entry = _Accepted(float(t), pose.detach().reshape(4, 4).to("cpu", torch.float64), detector)
-        self._last = [e for e in self._last if entry.time - e.time <= self.options.max_extrapolation][-MAX_KEPT:]
-        self._last.append(entry)
+        self._last = [*self._last[-1:], entry]
         self._recent = entry
         if hessian is not self._hessian:
             self._hessian, self._hessian_uses = hessian, 0
@@ -313,8 +307,7 @@ class Tracker:
         last = self._last[-1]
         if not self.options.extrapolate or len(self._last) < 2:
             return last.pose
-        spanned = [e for e in self._last[:-1] if last.time - e.time >= self.options.velocity_span]
-        before = spanned[-1] if spanned else self._last[0]
+        before = self._last[0]
         span = self.options.max_extrapolation
         if not same_intrinsics(before.detector, last.detector) or max(last.time - before.time, t - last.time) > span:
             return last.pose
