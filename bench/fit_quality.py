@@ -10,7 +10,8 @@ tracking``, ``quality_model_tracking.json`` (tracked fluoroscopy frames)::
 
 Cases (all seeded):
 
-- Volume: the demo chest CT; detector 256 x 256 px of 1 mm, SDD 1020 mm.
+- Volume: the demo chest CT; detector 256 x 256 px of 1 mm, SDD 1020 mm (``--path coarse``: drawn
+  per case, 192-512 px covering 150-280 mm, the principal point up to 15 mm off centre).
 - Targets: poses from the ``chest`` preset (``presets.sample_poses``), rendered with Siddon at full
   resolution through the simulator's image chain (``simulate.simulate_xray`` with its default
   appearance model: instrument, blur, collimation with leakage, noise, gamma, saturation, text)
@@ -95,6 +96,21 @@ from xvr_ros.core.register.uncertainty import (
 
 SDD = 1020.0
 DETECTOR = Detector(sdd=SDD, height=256, width=256, delx=1.0, dely=1.0)
+#: ``--path coarse``: each case's detector is drawn from these (seeded by the case): square
+#: panels of these sizes (px) covering a field of FIELD_MM at the detector, with the principal
+#: point up to PP_MM off centre (a zoomed, panned C-arm: the demo's zoom mode images 160 mm on 200
+#: px, 10 and -6 mm off centre). The coarse path serves every detector tracking does.
+SIZES, FIELD_MM, PP_MM = (192, 256, 320, 512), (150.0, 280.0), 15.0
+
+
+def case_detector(path: str, rng: np.random.Generator) -> Detector:
+    """The detector of a case: :data:`DETECTOR`, or for ``--path coarse`` one drawn as above."""
+    if path != "coarse":
+        return DETECTOR
+    size = int(rng.choice(SIZES))
+    spacing = float(rng.uniform(*FIELD_MM)) / size
+    x0, y0 = (float(v) for v in rng.uniform(-PP_MM, PP_MM, 2))
+    return Detector(sdd=SDD, height=size, width=size, delx=spacing, dely=spacing, x0=x0, y0=y0)
 #: Initial-pose errors (deg, in-plane mm, depth mm) by case index modulo 6: as a network errs, far
 #: outside it, as the network errs, deliberately bad, a tracked frame, a tracked frame after the
 #: C-arm moved.
@@ -191,8 +207,9 @@ def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict
     start = PLANS[path][index % len(PLANS[path])]
     true = sample_poses(resolve_ranges("chest"), 1, pose_generator(seed * 100_003 + index)).to(torch.float64)
     init = perturb_poses(true, *STARTS[start], seed=seed * 100_003 + index + 7)
-    sim = simulate_xray(siddon, true, DETECTOR, seed=seed * 100_003 + index + 11)
-    xray = read_xray_image(sim.counts[0, 0].numpy(), sdd=SDD, pixel_spacing=DETECTOR.delx)
+    det = case_detector(path, np.random.default_rng(seed * 100_003 + index + 13))
+    sim = simulate_xray(siddon, true, det, seed=seed * 100_003 + index + 11)
+    xray = read_xray_image(sim.counts[0, 0].numpy(), sdd=SDD, pixel_spacing=det.delx, x0=det.x0, y0=det.y0)
 
     t0 = time.perf_counter()
     if start in TRACKED:
@@ -229,6 +246,7 @@ def run_case(renderer, siddon, points, index: int, seed: int, path: str) -> dict
         "error_twist": pose_error_twist(pose, true)[0].tolist(),
         "seconds": seconds,
         "assess_seconds": assess_seconds,
+        "detector": [det.height, det.delx, det.x0, det.y0],
     } | ({"registered_mtre": float(mtre(true, pose, points)[0])} | finished if finished else {})
 
 
@@ -553,7 +571,9 @@ def main() -> None:
     fitted_on = {
         "cases": len(fitting),
         "successes": int((errors < SUCCESS_MM).sum()),
-        "simulator": "simulate.simulate_xray default appearance, chest preset, demo CT, 256 px of 1 mm, SDD 1020 mm",
+        "simulator": "simulate.simulate_xray default appearance, chest preset, demo CT, SDD 1020 mm, "
+                     + ("square detectors of %s px covering %g-%g mm, principal point up to %g mm off centre"
+                        % ("/".join(map(str, SIZES)), *FIELD_MM, PP_MM) if args.path == "coarse" else "256 px of 1 mm"),
         "starts": {name: STARTS[name] for name in PLANS[args.path]} | {"by_index_mod": list(PLANS[args.path])},
         "registration": {"full": "registration.register defaults",
                          "coarse": "registration.register defaults, scales registration.coarse_scales",
