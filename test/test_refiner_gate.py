@@ -600,6 +600,27 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
         close(node, context)
 
 
+def test_a_frame_overtaken_by_the_track_is_dropped_not_registered_in_full(ros_domain, monkeypatch):
+    """Released late (its initial pose came after newer frames were tracked), its full
+    registration would hold up the stream for a second; far older, the stream restarted."""
+    from types import SimpleNamespace
+
+    from xvr_ros.ros.refiner import STALE_S
+
+    node, context = refiner()
+    try:
+        drops = []
+        monkeypatch.setattr(node, "drop", lambda key, outcome, reason, *a, **kw: drops.append((key, outcome, reason)))
+        node._tracker.accepted(10.0, torch.eye(4), DET)
+        assert node._register(SimpleNamespace(key="9.5", parts={"image": Image(header=Header(stamp=stamp_of(9.5)))}),
+                              None, None) is None
+        assert drops == [("9.5", "superseded", drops[0][2])] and "0.50 s older" in drops[0][2]
+        assert not node._stale(SimpleNamespace(key="old"), 10.0 - STALE_S - 1.0)  # a restarted stream
+        assert not node._stale(SimpleNamespace(key="new"), 10.1) and len(drops) == 1
+    finally:
+        close(node, context)
+
+
 def test_with_tracking_a_full_registration_stops_a_scale_before_the_finest(ros_domain):
     from xvr_ros.core.register.registration import coarse_scales
 

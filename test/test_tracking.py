@@ -118,6 +118,13 @@ def test_screen_names_why_a_tracked_frame_is_not_for_the_gate():
     assert tracker.next_far_ends()  # ... a second would end it
 
 
+def test_behind_is_how_much_older_a_frame_is_than_the_last_accepted():
+    tracker = Tracker()
+    assert tracker.behind(5.0) == 0.0  # nothing accepted
+    tracker.accepted(10.0, pose(), DET)
+    assert tracker.behind(9.5) == pytest.approx(0.5) and tracker.behind(10.5) == 0.0
+
+
 def test_a_match_that_fell_below_the_frame_tracked_from_is_noticed():
     tracker = Tracker(TrackingOptions(max_drop=0.05))
     assert not tracker.match_fell(0.1)  # nothing to compare with

@@ -328,6 +328,9 @@ CATCH_UP_GAIN = 2.0
 #: s a destroyed refiner waits for its kernel warm-up, so that the warm-up does not report on a
 #: node being torn down (a cached load takes ~0.1 s).
 WARM_JOIN_S = 2.0
+#: s: with tracking on, a frame at most this much older than the last accepted one is dropped as
+#: superseded (:meth:`Refiner._stale`); further back, the stream restarted.
+STALE_S = 2.0
 #: The acceptance threshold parameter of each path's quality model.
 _THRESHOLDS = {"accept_threshold": "full", "coarse_accept_threshold": "coarse",
                "tracking_accept_threshold": "tracking"}
@@ -606,11 +609,14 @@ class Refiner(ImageNode):
     def _register(self, entry: Pending, xray, volume: _Volume) -> _Outcome | None:
         """Track the frame when the tracker allows it, else the full registration from its initial
         pose; None when a frame released early cannot be tracked after all (it goes back to wait
-        for its initial pose). Raises ValueError for invalid input."""
+        for its initial pose) or when it was dropped as stale (:meth:`_stale`). Raises ValueError
+        for invalid input."""
         p = self.params
         initial = entry.parts.get("initial_pose")
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         why = "tracking is off (parameter tracking)"
+        if p["tracking"] and self._stale(entry, t):
+            return None
         if p["tracking"]:
             factor = CATCH_UP_TIME_FACTOR if self._cut_short else 1.0
             tracked, why = self._track(t, xray, volume, self._network_estimate(initial, xray.detector), factor)
@@ -647,6 +653,19 @@ class Refiner(ImageNode):
         )
         start = self._similarity_at(volume.renderer, xray, reg, init[None])
         return _Outcome(reg, "full", start, initial.pose, why, coarse=coarse)
+
+    def _stale(self, entry: Pending, t: float) -> bool:
+        """Drop a frame (stamp ``t`` s) up to STALE_S older than the track's last accepted frame,
+        which a newer one has overtaken (e.g. released late by its initial pose): registering it
+        in full would hold up the newer frames for a second or more, for a pose already out of
+        date. Further back, the stream restarted (a replayed bag): not stale."""
+        with self._track_lock:
+            behind = self._tracker.behind(t)
+        if not 0.0 < behind <= STALE_S:
+            return False
+        self.drop(entry.key, "superseded", f"{behind:.2f} s older than the last accepted frame (a newer frame "
+                  "overtook it): its pose would be out of date")
+        return True
 
     def _far_again(self, t: float, xray, tracked: _Outcome) -> bool:
         """A tracked frame that started too far (``tracking.started_far``), further than a skipped

@@ -276,6 +276,11 @@ class Tracker:
             self.reset()
         return not self._last
 
+    def behind(self, t: float) -> float:
+        """How many s a frame at ``t`` is older than the last accepted frame (0 when newer or there
+        is none)."""
+        return max(self._last[-1].time - t, 0.0) if self._last else 0.0
+
     def why_not(self, t: float, detector: Detector) -> str:
         """Why a frame at ``t`` s on ``detector`` cannot be tracked ("" = it can; the network's
         estimate is not checked here: see :meth:`prior`)."""
