@@ -66,7 +66,8 @@ model accepts its finishing too.
 
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
 waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
-``/diagnostics`` with ``outcome=superseded``, counted in the next result). Bad input never stops
+``/diagnostics`` with ``outcome=superseded``, counted in the next result); so is, with tracking
+on, a frame that newer tracked frames overtook (up to ``STALE_S`` older than the last accepted). Bad input never stops
 the node: it is logged, reported on ``/diagnostics`` (ERROR, ``outcome=refused``) and dropped.
 """
 
