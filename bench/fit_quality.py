@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import subprocess
@@ -181,6 +182,11 @@ def _register(renderer, xray, init, **options):
     return result, mask, refinement, ms
 
 
+@functools.cache
+def _tracking_model() -> quality.QualityModel:
+    return quality.load_model(quality.TRACKING_MODEL_PATH)  # once per worker, not per case
+
+
 def _finished_fields(renderer, xray, result, truth, points) -> dict:
     """``--path coarse``: the registration finished as the refiner finishes it (``tracking.finish``,
     capped by renders) -> the finished pose's mTRE (the case's label: the pose that is published)
@@ -192,7 +198,7 @@ def _finished_fields(renderer, xray, result, truth, points) -> dict:
     level = tracking_renderer(renderer, options)
     finishing = finish(level, xray, result, options)
     a = quality.assess_registration(level, finishing, xray.image.to(torch.float32), xray.detector,
-                                    model=quality.load_model(quality.TRACKING_MODEL_PATH))
+                                    model=_tracking_model())
     return {"mtre": float(mtre(truth, finishing.pose.to(torch.float64), points)[0]),
             "p_tracking": float(a.p_success)}
 

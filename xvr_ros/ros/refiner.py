@@ -735,11 +735,11 @@ class Refiner(ImageNode):
             judged = self._assess(volume.tracking_renderer, _Outcome(tracked, "tracking", math.nan, None), xray,
                                   far_ok=True)
         registered = "the registration to the scale before the finest" if outcome.coarse else "the full registration"
-        if not judged.accepted and outcome.coarse:
+        if not judged.accepted:
+            if not outcome.coarse:  # keep what was accepted
+                return outcome, verdict
             return outcome, dataclasses.replace(
                 judged, reason=f"{judged.reason} (its finishing on the tracking level; {registered}: {verdict.reason})")
-        if not judged.accepted:  # keep what was accepted
-            return outcome, verdict
         reason = f"{judged.reason} (finished on the tracking level; {registered}: {verdict.reason})"
         return dataclasses.replace(outcome, registration=finished(reg, tracked)), dataclasses.replace(judged,
                                                                                                       reason=reason)
