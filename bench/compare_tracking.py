@@ -34,7 +34,9 @@ from xvr_ros.core.io.volume import demo_ct_path, load_volume
 from xvr_ros.core.io.xray_image import read_xray_image
 from xvr_ros.core.metrics import body_points, mtre
 from xvr_ros.core.register import registration
+from xvr_ros.core.register.quality import TRACKING_MODEL_PATH, load_model
 from xvr_ros.core.register.tracking import Tracker, TrackingOptions, track, tracking_renderer
+from xvr_ros.core.register.uncertainty import carried_uncertainty
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.core.sim.session import plan_fluoro, render_session
 from xvr_ros.core.sim.simulate import perturb_poses
@@ -57,8 +59,11 @@ def parse_variant(words: list[str]) -> tuple[str, dict]:
     return name, overrides
 
 
-def track_run(renderer: Renderer, frames, points, options: TrackingOptions) -> list[dict]:
-    """Track one run's frames in order -> one record per tracked frame."""
+def track_run(renderer: Renderer, frames, points, options: TrackingOptions, covariance_scale: float) -> list[dict]:
+    """Track one run's frames in order -> one record per tracked frame, scored on the pose the
+    tracker gives for publishing (the filtered one with ``options.filter``; each frame's covariance
+    is its Hessian carried to its pose and calibrated by ``covariance_scale``, as the refiner's
+    assessment does)."""
     renderer = tracking_renderer(renderer, options)
     tracker, fov, records = Tracker(options), None, []
     for i, fr in enumerate(frames):
@@ -76,12 +81,15 @@ def track_run(renderer: Renderer, frames, points, options: TrackingOptions) -> l
         reg = track(renderer, xray, prior, field_of_view=fov, hessian=tracker.hessian, options=options)
         seconds = time.perf_counter() - t0
         error = float(mtre(true, reg.pose.to(torch.float64), points)[0])
-        records.append({"mtre": error, "seconds": seconds, "renders": reg.refinement.iterations,
-                        "restart": error >= RESTART_MM})
-        if error < RESTART_MM:
-            tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty)
-        else:
+        if error >= RESTART_MM:
+            records.append({"mtre": error, "seconds": seconds, "renders": reg.refinement.iterations, "restart": True})
             tracker.reset()
+            continue
+        covariance = carried_uncertainty(reg.uncertainty, renderer, reg.pose, covariance_scale).covariance
+        pose, _ = tracker.accepted(fr.time, reg.pose[0], xray.detector, reg.uncertainty, None, covariance,
+                                   renderer.isocenter)
+        records.append({"mtre": float(mtre(true, pose[None], points)[0]), "seconds": seconds,
+                        "renders": reg.refinement.iterations, "restart": False})
     return records
 
 
@@ -101,11 +109,12 @@ def main(argv=None) -> int:
     renderer, siddon = Renderer(volume), Renderer(volume, method="siddon")
     renderer.build_levels()
     points = body_points(volume, n=100, seed=0).to(torch.float64)
+    covariance_scale = load_model(TRACKING_MODEL_PATH).covariance_scale
     runs = [render_session(siddon, plan_fluoro(a.duration, size=a.size, fps=7.5, seed=1000 + r), seed=1000 + r)
             [::a.stride] for r in a.runs]
     for name, overrides in variants:
         options = dataclasses.replace(TrackingOptions(), time_budget=3600.0, **overrides)  # renders cap it
-        records = [r for frames in runs for r in track_run(renderer, frames, points, options)]
+        records = [r for frames in runs for r in track_run(renderer, frames, points, options, covariance_scale)]
         e = np.array([r["mtre"] for r in records])
         ms = 1000 * np.array([r["seconds"] for r in records])
         print(f"{name}: {a.size} px, stride {a.stride}, {len(e)} tracked frames: mTRE median {np.median(e):.3f} mm, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -144,6 +145,10 @@ def register(client: Client, counts: np.ndarray, init: torch.Tensor | None, sec:
         send_initial_pose(client, init, stamp)
     send_image(client, counts, stamp)
     return result_of(client, stamp)
+
+
+#: A volume for the catch-up's unit tests: nothing is rendered, nothing filtered.
+NO_VOLUME = SimpleNamespace(tracking_renderer=None, renderer=SimpleNamespace(isocenter=None))
 
 
 def stamp_of(sec: float):
@@ -395,12 +400,12 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
             tracked.append(t) or factors.add(factor) or SimpleNamespace(t=t), ""))
         monkeypatch.setattr(node, "_assess", lambda renderer, outcome, xray, far_ok=False: SimpleNamespace(
             accepted=round(outcome.t, 6) not in rejected))
-        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(
+        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict, isocenter=None: calls.append(
             (outcome.t, verdict.accepted)))
         node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(12)]  # to 502.4
         hessian = SimpleNamespace(factor=1.0)
         node._tracker.use_hessian(hessian)
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        node._catch_up(NO_VOLUME, accepted=True, registered=500.0)
         assert tracked == pytest.approx(order)
         assert factors == {refiner_module.CATCH_UP_TIME_FACTOR}  # the live frames' render cap, more time
         # After a skipped rejection the next frame computes its own Hessian (the shared one may not fit).
@@ -432,15 +437,15 @@ def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
         monkeypatch.setattr(node, "read_xray", lambda entry, **_: entry)
         monkeypatch.setattr(node, "_track", slow_track)
         monkeypatch.setattr(node, "_assess", lambda *args, **kwargs: SimpleNamespace(accepted=True))
-        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, verdict: calls.append(outcome.t))
+        monkeypatch.setattr(node, "_update_track", lambda entry, xray, outcome, *_: calls.append(outcome.t))
         node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(10)]  # to 502.0
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        node._catch_up(NO_VOLUME, accepted=True, registered=500.0)
         # Then 2.8 s behind the newest frame: more than the 2.0 s at the start and an interval.
         assert tracked == pytest.approx([500.6]) and calls == tracked
         node._skipped = [(round(500.2 + 0.2 * i, 6), f"frame {i}") for i in range(10)]
         monkeypatch.setattr(node, "_track", lambda t, *args: (tracked.append(t) or SimpleNamespace(t=t), ""))
         tracked.clear()
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=500.0)
+        node._catch_up(NO_VOLUME, accepted=True, registered=500.0)
         assert tracked == pytest.approx([500.6, 501.2, 501.8])  # gaining: to the end
     finally:
         close(node, context)
@@ -668,7 +673,7 @@ def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_dom
         per = refiner_module.CATCH_UP_FRAMES_PER_INTERVAL
         assert per == 3 and kept(frames) == pytest.approx(frames[::3])  # >= 0.4 / 3 s apart: the parameter
         node._skipped = [(500.0, "frame")]
-        node._catch_up(SimpleNamespace(tracking_renderer=None), accepted=True, registered=499.0)
+        node._catch_up(NO_VOLUME, accepted=True, registered=499.0)
         assert node._catch_up_interval() == pytest.approx(0.6)  # twice 0.3 s
         assert kept(frames) == pytest.approx(frames[::4])  # >= 0.6 / 3 s apart
     finally:
@@ -738,5 +743,38 @@ def test_the_overlay_is_rendered_beside_the_next_frame_not_before_it(ros_domain,
         release.set()
         assert wait_for(lambda: len(published) == 1, 10.0)
         assert published[0].header.stamp == image.header.stamp and published[0].encoding == "rgb8"
+    finally:
+        close(node, context)
+
+
+@pytest.mark.parametrize("filtered", [True, False])
+def test_an_accepted_tracked_frame_is_published_filtered_with_the_track(ros_domain, filtered):
+    """A tracked frame's depth scatters by a millimetre or two; with ``tracking_filter`` its pose and
+    covariance are the track's filter's (the frames before weigh in), else its own."""
+    from types import SimpleNamespace
+
+    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
+
+    from xvr_ros.core.register.refine import RefineResult
+    from xvr_ros.core.register.registration import Registration
+    from xvr_ros.ros.refiner import _Outcome, _Verdict
+
+    node, context = refiner(tracking_filter=filtered)
+    try:
+        for i in range(6):
+            frame = along_depth(carm(), 2.0 * (-1) ** i)  # a still C-arm, the depth +-2 mm off
+            refinement = RefineResult(pose=frame[None].float(), init_pose=frame[None].float(),
+                                      similarity=torch.tensor([0.9]), message="tracking: 4 renders, converged")
+            outcome = _Outcome(Registration(frame[None].float(), refinement, "tracking", 0.05), "tracking", 0.9, None)
+            verdict = _Verdict(True, 0.95, "accepted", covariance(frame))
+            entry = SimpleNamespace(parts={"image": SimpleNamespace(header=SimpleNamespace(stamp=stamp_of(
+                500.0 + 0.1 * i)))})
+            published, said = node._update_track(entry, SimpleNamespace(detector=DET), outcome, verdict, ISOCENTER)
+        depth = float((torch.linalg.inv(carm()) @ published.registration.pose[0].double())[:3, 3].norm())
+        if filtered:
+            assert depth < 1.0 and "filtered" in published.registration.refinement.message, depth
+            assert float(said.covariance[:3, :3].trace()) < float(covariance(frame)[:3, :3].trace())
+        else:
+            assert (published, said) == (outcome, verdict) and depth == pytest.approx(2.0, abs=1e-3)
     finally:
         close(node, context)

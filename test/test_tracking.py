@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_refine import DET, FIDUCIALS, offset, setup  # noqa: F401 - fixture
 
-from xvr_ros.core.geometry import carm_parameters, carm_pose
+from xvr_ros.core.geometry import carm_parameters, carm_pose, invert
 from xvr_ros.core.io.xray import Xray
 from xvr_ros.core.metrics import mtre, pose_errors
 from xvr_ros.core.register.tracking import (
@@ -164,6 +164,30 @@ def test_the_velocity_crosses_the_angle_wrap():
     assert float(rot[0]) < 1e-6
 
 
+def test_accepted_frames_are_fused_by_the_filter_which_gives_the_next_prior():
+    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
+
+    tracker, plain = Tracker(), Tracker(TrackingOptions(filter=False))
+    frames = [along_depth(carm(alpha_deg=0.5 * i), 2.0 * (-1) ** i) for i in range(6)]  # depth noise +-2 mm
+    for i, frame in enumerate(frames):
+        published, cov = tracker.accepted(0.1 * i, frame, DET, covariance=covariance(frame), isocenter=ISOCENTER)
+        same, same_cov = plain.accepted(0.1 * i, frame, DET, covariance=covariance(frame), isocenter=ISOCENTER)
+        assert torch.equal(same, frame) and same_cov is not None and torch.equal(same_cov, covariance(frame))
+    truth = carm(alpha_deg=2.5)
+    assert (invert(truth) @ published)[:3, 3].norm() < 0.5 * (invert(truth) @ frames[-1])[:3, 3].norm()
+    assert float(cov[2, 2]) < float(covariance(frames[-1])[2, 2])
+    prior, _ = tracker.prior(0.6, DET)
+    assert torch.allclose(prior[0], tracker._filter.predict(0.6))
+    # A frame tracked from too far: the track goes on from its pose, which the filter cannot weigh.
+    tracker.far(0.6, carm(alpha_deg=3.0), DET, gain=0.01)
+    unfiltered = Tracker(TrackingOptions(filter=False))
+    unfiltered.accepted(0.5, published, DET)
+    unfiltered.far(0.6, carm(alpha_deg=3.0), DET, gain=0.01)
+    assert torch.allclose(tracker.prior(0.7, DET)[0], unfiltered.prior(0.7, DET)[0])
+    # Without a covariance (nothing to weigh it by) the frame is taken as it is.
+    assert torch.equal(Tracker().accepted(0.0, frames[0], DET)[0], frames[0])
+
+
 def test_a_far_network_estimate_means_the_view_changed():
     tracker = Tracker(TrackingOptions(max_jump_deg=20.0, max_jump_mm=100.0))
     tracker.accepted(0.0, pose(), DET)
@@ -188,7 +212,8 @@ def test_invalid_options_are_refused():
     for bad in (dict(max_gap=0.0), dict(size=4), dict(time_budget=0.0), dict(max_step_mm=0.0), dict(max_iterations=0),
                 dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
                 dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0), dict(max_drop=0.0),
-                dict(max_gain=0.03, shot_gain=0.02)):
+                dict(max_gain=0.03, shot_gain=0.02), dict(filter_acceleration_mm=0.0),
+                dict(filter_acceleration_rad=-1.0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

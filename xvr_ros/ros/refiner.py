@@ -234,6 +234,14 @@ PARAMETERS: dict[str, Param] = {
         high=1.0,
     ),
     "tracking_extrapolate": Param(True, "start a tracked frame from the last pose moved at the last velocity"),
+    "tracking_filter": Param(
+        True, "fuse a track's accepted frames with a constant-velocity Kalman filter, each weighed by its covariance: "
+        "the filtered pose is published (a single tracked frame's depth scatters by a millimetre or two)"),
+    "tracking_filter_acceleration": Param(
+        0.003, "m / s^1.5: the filter's white-noise acceleration per axis (how quickly the table, breathing or the "
+        "C-arm may change speed; smaller smooths more and lags more)", low=1e-6, high=10.0),
+    "tracking_filter_angular_acceleration": Param(
+        0.1, "rad / s^1.5: the filter's white-noise angular acceleration per axis", low=1e-6, high=100.0),
     "tracking_size": Param(
         64, "px: long side of the pyramid level a tracked frame is refined and assessed on", low=8, high=4096
     ),
@@ -372,7 +380,7 @@ class _Verdict:
     accepted: bool
     p_success: float
     reason: str  # one line, for the result and /diagnostics
-    covariance: Any  # (6, 6) mm / rad along the volume frame's axes, or None (unknown: all zeros on ROS)
+    covariance: Any  # (6, 6) mm / rad, uncertainty.PoseUncertainty's convention (C-arm axes), or None (unknown)
     judged: bool = True  # False: not assessed (a tracked frame cut short by its time budget), not the track's rejection
     far: bool = False  # a tracked frame that started too far (tracking.started_far): the track goes on from it
 
@@ -450,6 +458,9 @@ class Refiner(ImageNode):
             shot_gain=max(p["tracking_shot_gain"], p["tracking_max_gain"]),
             max_drop=p["tracking_max_drop"],
             time_budget=p["tracking_time_budget"],
+            filter=p["tracking_filter"],
+            filter_acceleration_mm=convert.m_to_mm(p["tracking_filter_acceleration"]),
+            filter_acceleration_rad=p["tracking_filter_angular_acceleration"],
         )
 
     def _set_state(self, level: str, message: str, **kv) -> None:
@@ -591,7 +602,7 @@ class Refiner(ImageNode):
             outcome, verdict = self._finish(volume, xray, outcome, verdict)
         if self._stopping.is_set():
             return
-        self._update_track(entry, xray, outcome, verdict)
+        outcome, verdict = self._update_track(entry, xray, outcome, verdict, volume.renderer.isocenter)
         self._publish(entry, xray, volume.overlay_renderer, outcome, verdict, time.monotonic() - t_assess)
         if outcome.path == "full":
             if verdict.accepted and p["tracking"] and outcome.registration.uncertainty is None:  # not finished
@@ -807,7 +818,7 @@ class Refiner(ImageNode):
             rejections = 0 if verdict.accepted else rejections + 1
             anchor, failed = (t, math.inf) if verdict.accepted else (anchor, t)
             if verdict.accepted or rejections >= CATCH_UP_MAX_REJECTIONS:
-                self._update_track(entry, xray, outcome, verdict)
+                self._update_track(entry, xray, outcome, verdict, volume.renderer.isocenter)
             else:  # skipped: the next one is tracked from the last accepted frame, with its own Hessian
                 with self._track_lock:
                     self._tracker.forget_hessian()
@@ -857,7 +868,11 @@ class Refiner(ImageNode):
             return None
         return convert.carm_from_optical(convert.pose_from_msg(msg.pose.pose), detector)
 
-    def _update_track(self, entry: Pending, xray, outcome: _Outcome, verdict: _Verdict) -> None:
+    def _update_track(self, entry: Pending, xray, outcome: _Outcome, verdict: _Verdict,
+                      isocenter: torch.Tensor | None = None) -> tuple[_Outcome, _Verdict]:
+        """Record the frame's outcome in the track -> the outcome and verdict to publish: an
+        accepted one fused into the track's filter (``tracking_filter``; about the volume's
+        ``isocenter``) carries the filtered pose and its covariance."""
         t = convert.ns_from_time(entry.parts["image"].header.stamp) * 1e-9
         if outcome.path == "tracking":
             self._cut_short = not verdict.judged and not verdict.far
@@ -866,14 +881,21 @@ class Refiner(ImageNode):
             if verdict.far:
                 if self._tracker.far(t, reg.pose[0], xray.detector, reg.uncertainty, gain=similarity_gain(reg)):
                     self._track_fov = None  # the track ended
-                return
+                return outcome, verdict
             if not verdict.accepted:
                 if verdict.judged and self._tracker.rejected():  # the track ended
                     self._track_fov = None
-                return
-            self._tracker.accepted(t, reg.pose[0], xray.detector, reg.uncertainty, _final_similarity(reg))
+                return outcome, verdict
+            pose, covariance = self._tracker.accepted(t, reg.pose[0], xray.detector, reg.uncertainty,
+                                                      _final_similarity(reg), verdict.covariance, isocenter)
             if outcome.path == "full":
                 self._track_fov = outcome.registration.field_of_view
+        if covariance is verdict.covariance:  # not filtered
+            return outcome, verdict
+        refinement = dataclasses.replace(reg.refinement, pose=pose[None].to(reg.pose),
+                                         message=f"{reg.refinement.message}; filtered with the track's frames")
+        return (dataclasses.replace(outcome, registration=dataclasses.replace(reg, refinement=refinement)),
+                dataclasses.replace(verdict, covariance=covariance))
 
     def _trackable(self, entry: Pending) -> bool:
         """Pairer hook (tracking without waiting for the network): image and CameraInfo are in and
@@ -907,7 +929,8 @@ class Refiner(ImageNode):
         header = Header(stamp=image.header.stamp, frame_id=p["volume_frame"])
         pose = reg.pose[0].to(torch.float64)
         optical = convert.optical_from_carm(pose, xray.detector)
-        refined = convert.pose_with_covariance_to_msg(optical, verdict.covariance)
+        covariance = None if verdict.covariance is None else world_axes_covariance(pose, verdict.covariance).numpy()
+        refined = convert.pose_with_covariance_to_msg(optical, covariance)
         if verdict.accepted:
             if outcome.path == "tracking":
                 self._tracked_at = time.monotonic()
@@ -977,8 +1000,8 @@ class Refiner(ImageNode):
                               f"{type(exc).__name__}: {exc}")
 
     def _assess(self, renderer: Renderer, outcome: _Outcome, xray, far_ok: bool = False) -> _Verdict:
-        """Accept or reject one registration with its path's quality model; its covariance in
-        ``pose_with_covariance_to_msg``'s convention (mm, rad; along the volume frame's axes), None when unknown.
+        """Accept or reject one registration with its path's quality model; its covariance as
+        ``PoseUncertainty.covariance`` (mm, rad; along the C-arm's axes), None when unknown.
         A tracked frame that started too far, or whose match fell below the frame before it, is
         rejected unassessed unless ``far_ok`` (a caught-up frame or a finishing, which publish
         nothing of their own or start from the same frame)."""
@@ -1006,8 +1029,7 @@ class Refiner(ImageNode):
                                     threshold=self.params[threshold])
         except ValueError as exc:  # e.g. a degenerate image: nothing to trust
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
-        covariance = world_axes_covariance(reg.pose[0], a.covariance).numpy()
-        return _Verdict(bool(a.accepted), float(a.p_success), a.reason, covariance)
+        return _Verdict(bool(a.accepted), float(a.p_success), a.reason, a.covariance)
 
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop
