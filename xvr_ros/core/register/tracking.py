@@ -125,16 +125,15 @@ class TrackingOptions:
         published either, but the run of far frames starts over.
     filter: fuse the accepted frames of a track with a constant-velocity Kalman filter
         (:class:`~xvr_ros.core.register.pose_filter.PoseFilter`, each frame weighed by its
-        covariance): the pose published is the filtered one, and the next frame starts from the
-        filter's prediction (instead of ``extrapolate``'s; without ``extrapolate``, from the
-        filtered pose). A single tracked frame's depth scatters by a millimetre or two on the
-        64 px level; the filter averages it over frames while the directions the image pins down
-        follow each frame. On 10 simulated 256 px runs tracked frame to frame without a gate
-        (``bench/compare_tracking.py``) it cut the frames over 1 mm from 5 to 2 % and the worst
-        from 2.7 to 1.6 mm.
+        covariance): the pose published is the filtered one. A single tracked frame's depth
+        scatters by a millimetre or two on the 64 px level; the filter averages it over frames
+        while the directions the image pins down follow each frame. The next frame still starts
+        from the frames' own poses (``extrapolate``): started from the filter's prediction, off
+        the last frame's image optimum in depth, the next frames' similarity rose more, and the
+        far rule (``max_gain``) rejected 7 good frames instead of 3-4 in a 512 px replay.
     filter_acceleration_mm, filter_acceleration_rad: the filter's white-noise acceleration
         (mm / s^1.5, rad / s^1.5, per axis about the isocenter): how quickly it lets the velocity
-        change. 1 mm lagged the breathing and the table (frames 3-5 mm off), 10 mm smoothed less.
+        change; smaller smooths more and lags more.
     max_drop: a tracked frame whose final similarity is more than this below that of the last
         accepted frame (:meth:`Tracker.match_fell`) is stuck on another view or a local optimum:
         rejected. Consecutive fluoroscopy frames differ by under 0.002; in a replayed sweep of
@@ -243,12 +242,13 @@ class Tracker:
         ``covariance``: (6, 6) of the frame's pose (``PoseUncertainty.covariance``, calibrated),
         ``isocenter``: (3,) mm the volume's (``Renderer.isocenter``): with both and
         ``options.filter`` the frame is fused into the track's filter, which gives the pose to
-        publish (and the track goes on from it); else it is the frame's own."""
+        publish; else it is the frame's own. The next frame starts from the frame's own pose
+        (:meth:`prior`)."""
         pose = pose.detach().reshape(4, 4).to("cpu", torch.float64)
-        if self.options.filter and covariance is not None and isocenter is not None:
-            pose, covariance = self._filter_about(isocenter).update(t, pose, covariance)
         self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
+        if self.options.filter and covariance is not None and isocenter is not None:
+            return self._filter_about(isocenter).update(t, pose, covariance)
         return pose, covariance
 
     def _filter_about(self, isocenter: torch.Tensor) -> PoseFilter:
@@ -353,9 +353,6 @@ class Tracker:
 
     def _extrapolated(self, t: float) -> torch.Tensor:
         last = self._last[-1]
-        if self._filter is not None and self._filter.started:
-            moving = self.options.extrapolate and t - last.time <= self.options.max_extrapolation
-            return self._filter.predict(t if moving else last.time)
         if not self.options.extrapolate or len(self._last) < 2:
             return last.pose
         before = self._last[0]
