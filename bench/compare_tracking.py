@@ -121,7 +121,7 @@ def main(argv=None) -> int:
               f"p95 {np.percentile(e, 95):.2f} mm, over 1 mm {100 * np.mean(e > 1):.1f} %, over 2 mm "
               f"{int(np.sum(e > 2))}, restarts {sum(r['restart'] for r in records)}; "
               f"{np.median(ms):.0f} ms median, {np.percentile(ms, 95):.0f} ms p95, "
-              f"renders median {np.median([r['renders'] for r in records]):.0f}", flush=True)
+              f"renders median {np.median([r['renders'] for r in records]):.0f}, worst {e.max():.2f} mm", flush=True)
     return 0
 
 

@@ -126,11 +126,11 @@ class TrackingOptions:
     filter: fuse the accepted frames of a track with a constant-velocity Kalman filter
         (:class:`~xvr_ros.core.register.pose_filter.PoseFilter`, each frame weighed by its
         covariance): the pose published is the filtered one. A single tracked frame's depth
-        scatters by a millimetre or two on the 64 px level; the filter averages it over frames
-        while the directions the image pins down follow each frame. The next frame still starts
-        from the frames' own poses (``extrapolate``): started from the filter's prediction, off
-        the last frame's image optimum in depth, the next frames' similarity rose more, and the
-        far rule (``max_gain``) rejected 7 good frames instead of 3-4 in a 512 px replay.
+        scatters on the 64 px level; the filter averages it over frames while the directions the
+        image pins down follow each frame (README: tracking). The next frame still starts from
+        the frames' own poses (``extrapolate``): from the filter's prediction, off the last
+        frame's image optimum in depth, the next frames' similarity rose more and the far rule
+        (``max_gain``) rejected more good frames.
     filter_acceleration_mm, filter_acceleration_rad: the filter's white-noise acceleration
         (mm / s^1.5, rad / s^1.5, per axis about the isocenter): how quickly it lets the velocity
         change; smaller smooths more and lags more.
