@@ -496,13 +496,15 @@ def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_fro
     node, context = refiner()
     try:
         node._tracker.accepted(500.0, carm_pose(torch.zeros(3), torch.tensor([0.0, 820.0, 0.0])), DET)
+        prior, moved = (carm_pose(torch.zeros(1, 3), torch.tensor([[0.0, y, 0.0]])) for y in (820.0, 823.0))
         far = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([True]), iterations=6,
                                                          similarity=torch.tensor([0.99]),
-                                                         trajectory=[torch.tensor([0.80])]),
-                              pose=carm_pose(torch.zeros(1, 3), torch.tensor([[0.0, 823.0, 0.0]])), uncertainty=None)
+                                                         trajectory=[torch.tensor([0.80])], init_pose=prior,
+                                                         pose=moved), pose=moved, uncertainty=None)
         outcome = _Outcome(far, "tracking", 0.8, None)
-        verdict = node._assess(None, outcome, None)
+        verdict = node._assess(SimpleNamespace(isocenter=torch.zeros(3)), outcome, None)
         assert not verdict.accepted and verdict.far and not verdict.judged and "too far" in verdict.reason
+        assert "moving 3.0 mm / 0.00 deg" in verdict.reason, verdict.reason
         gated = SimpleNamespace(accepted=True, p_success=0.9, reason="accepted", covariance=torch.eye(6))
         monkeypatch.setattr(refiner_module, "assess_registration", lambda *args, **kwargs: gated)
         xray = SimpleNamespace(image=None, detector=DET)

@@ -15,6 +15,7 @@ from xvr_ros.core.metrics import mtre, pose_errors
 from xvr_ros.core.register.tracking import (
     Tracker,
     TrackingOptions,
+    correction,
     finished,
     same_intrinsics,
     screen,
@@ -184,6 +185,18 @@ def test_accepted_frames_are_fused_by_the_filter_for_publishing():
     assert torch.equal(tracker.accepted(0.7, frame, DET, covariance=covariance(frame), isocenter=ISOCENTER)[0], frame)
     # Without a covariance (nothing to weigh it by) the frame is taken as it is.
     assert torch.equal(Tracker().accepted(0.0, frames[0], DET)[0], frames[0])
+
+
+def test_the_correction_is_measured_about_the_isocenter():
+    from types import SimpleNamespace
+
+    from test_pose_filter import ISOCENTER, carm
+
+    renderer = SimpleNamespace(isocenter=ISOCENTER)
+    turned = SimpleNamespace(refinement=SimpleNamespace(init_pose=carm(alpha_deg=10.0)[None],
+                                                        pose=carm(alpha_deg=12.0, x=1.5)[None]))
+    mm, deg = correction(renderer, turned)  # 2 deg about the isocenter, the table 1.5 mm: not 30 mm of source
+    assert mm == pytest.approx(1.5, abs=1e-3) and deg == pytest.approx(2.0, abs=1e-6)  # (the twist couples a little)
 
 
 def test_a_far_network_estimate_means_the_view_changed():

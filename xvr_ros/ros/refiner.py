@@ -101,6 +101,7 @@ from xvr_ros.core.register.tracking import (
     CATCH_UP_TIME_FACTOR,
     Tracker,
     TrackingOptions,
+    correction,
     finish,
     finished,
     screen,
@@ -1016,10 +1017,11 @@ class Refiner(ImageNode):
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
         if why == "far" and not far_ok:
+            mm, deg = correction(renderer, reg)
             return _Verdict(False, 0.0, "rejected: tracked from too far (the similarity rose by "
-                            f"{similarity_gain(reg):.3f} > {options.max_gain:g}: the C-arm moved more than a "
-                            "frame's worth, and the depth lags); the track goes on from it", None, judged=False,
-                            far=True)
+                            f"{similarity_gain(reg):.3f} > {options.max_gain:g}, moving {mm:.1f} mm / {deg:.2f} deg "
+                            "about the isocenter: the C-arm moved more than a frame's worth, and the depth lags); the "
+                            "track goes on from it", None, judged=False, far=True)
         if why == "fell" and not far_ok:
             return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
                             f"{options.max_drop:g} below the last accepted frame (another view, or stuck)", None)

@@ -28,9 +28,9 @@ import math
 
 import torch
 
-from xvr_ros.core.geometry import invert, make_pose
-from xvr_ros.core.register.uncertainty import adjoint
-from xvr_ros.core.rotations import se3_exp, se3_log
+from xvr_ros.core.geometry import invert
+from xvr_ros.core.register.uncertainty import isocenter_adjoint, isocenter_twist, to_isocenter
+from xvr_ros.core.rotations import se3_exp
 
 __all__ = ["CHI2_6DOF_9999", "PoseFilter"]
 
@@ -97,7 +97,7 @@ class PoseFilter:
         F = torch.eye(12, dtype=torch.float64)
         F[:6, 6:] = dt * torch.eye(6, dtype=torch.float64)
         P = F @ self._cov @ F.T + self._process_noise(dt)
-        z = self._offset(predicted, pose)
+        z = isocenter_twist(self, predicted, pose)
         S = P[:6, :6] + R
         if float(z @ torch.linalg.solve(S, z)) > self.gate:
             return self._start(t, pose, R)
@@ -118,12 +118,12 @@ class PoseFilter:
 
     def _about_isocenter(self, pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
         """A covariance along the C-arm's axes at ``pose`` -> in the isocenter twist (``xi = Ad_P xi'``)."""
-        Ad_inv = torch.linalg.inv(adjoint(self._to_isocenter(pose)))
+        Ad_inv = torch.linalg.inv(isocenter_adjoint(self, pose))
         return Ad_inv @ covariance @ Ad_inv.T
 
     def _along_carm(self, pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`_about_isocenter`."""
-        Ad = adjoint(self._to_isocenter(pose))
+        Ad = isocenter_adjoint(self, pose)
         return Ad @ covariance @ Ad.T
 
     def _process_noise(self, dt: float) -> torch.Tensor:
@@ -132,17 +132,7 @@ class PoseFilter:
         return torch.cat([torch.cat([q * dt ** 3 / 3, q * dt ** 2 / 2], 1),
                           torch.cat([q * dt ** 2 / 2, q * dt], 1)], 0)
 
-    def _to_isocenter(self, pose: torch.Tensor) -> torch.Tensor:
-        """(4, 4) the translation P from ``pose``'s source to the isocenter, in its C-arm frame."""
-        inv = invert(pose)
-        return make_pose(torch.eye(3, dtype=torch.float64), inv[:3, :3] @ self.isocenter + inv[:3, 3])
-
     def _moved(self, pose: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        """``pose`` moved by the isocenter twist ``xi`` (6,)."""
-        P = self._to_isocenter(pose)
+        """``pose`` moved by the isocenter twist ``xi`` (6,) (the inverse of ``isocenter_twist``)."""
+        P = to_isocenter(self, pose)
         return pose @ P @ se3_exp(xi[None])[0] @ invert(P)
-
-    def _offset(self, pose: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """The isocenter twist (6,) about ``pose`` that moves it to ``other`` (inverse of :meth:`_moved`)."""
-        P = self._to_isocenter(pose)
-        return se3_log((invert(P) @ invert(pose) @ other @ P)[None])[0]

@@ -36,11 +36,13 @@ from xvr_ros.core.register.uncertainty import (
     IsocenterObjective,
     PoseUncertainty,
     covariance_from_hessian,
+    isocenter_twist,
     pose_uncertainty,
 )
 from xvr_ros.core.render.renderer import Renderer
 
-__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "finish", "finished", "same_intrinsics", "screen",
+__all__ = ["CATCH_UP_TIME_FACTOR", "TrackingOptions", "Tracker", "correction", "finish", "finished", "same_intrinsics",
+           "screen",
            "similarity_gain", "started_far", "track", "track_hessian", "tracking_factor", "tracking_renderer",
            "unfinished"]
 
@@ -494,6 +496,14 @@ def similarity_gain(reg: registration.Registration) -> float:
     """How much a :func:`track` result's similarity rose from its prior's."""
     result = reg.refinement
     return float(result.similarity[0]) - float(result.trajectory[0][0])
+
+
+def correction(renderer: Renderer, reg: registration.Registration) -> tuple[float, float]:
+    """How far a :func:`track` result moved from its prior, about the volume's isocenter ->
+    (translation mm, rotation deg): a C-arm turning about the isocenter moves by the rotation alone."""
+    refinement = reg.refinement
+    xi = isocenter_twist(renderer, refinement.init_pose.reshape(4, 4), refinement.pose.reshape(4, 4))
+    return float(xi[:3].norm()), math.degrees(float(xi[3:].norm()))
 
 
 def started_far(reg: registration.Registration, options: TrackingOptions) -> bool:

@@ -61,9 +61,11 @@ __all__ = [
     "covariance_from_hessian",
     "hessian_from_gradients",
     "isocenter_adjoint",
+    "isocenter_twist",
     "mahalanobis_sq",
     "pose_error_twist",
     "pose_uncertainty",
+    "to_isocenter",
     "world_axes_covariance",
 ]
 
@@ -146,9 +148,8 @@ class IsocenterObjective:
         device = getattr(renderer, "device", torch.device("cpu"))
         self._img, self._msk, self._det = pyramid(
             xray.to(device, self._dtype), None if mask is None else mask.to(device), detector, self.factor)
-        c = _isocenter_in_carm(renderer, self.center)
-        self._P = make_pose(torch.eye(3, dtype=torch.float64), c)
-        self._P_inv = make_pose(torch.eye(3, dtype=torch.float64), -c)
+        self._P = to_isocenter(renderer, self.center)
+        self._P_inv = invert(self._P)
         self.adjoint = adjoint(self._P)  # xi (C-arm frame, right perturbation) = Ad xi'
 
     def poses(self, offsets: torch.Tensor) -> torch.Tensor:
@@ -314,13 +315,25 @@ def carried_uncertainty(uncertainty: PoseUncertainty, renderer, pose: torch.Tens
 def isocenter_adjoint(renderer, pose: torch.Tensor) -> torch.Tensor:
     """(6, 6) adjoint ``Ad_P`` of the translation ``P`` from the C-arm source to the renderer's
     isocenter, for the (4, 4) float64 camera-to-world ``pose``: ``xi = Ad_P xi'``."""
-    return adjoint(make_pose(torch.eye(3, dtype=torch.float64), _isocenter_in_carm(renderer, pose)))
+    return adjoint(to_isocenter(renderer, pose))
 
 
-def _isocenter_in_carm(renderer, pose: torch.Tensor) -> torch.Tensor:
-    """(3,) the renderer's isocenter in the C-arm frame of the (4, 4) float64 ``pose``, mm."""
-    isocenter = getattr(renderer, "isocenter", torch.zeros(3, dtype=torch.float64)).to(torch.float64).cpu()
-    return invert(pose)[:3, :3] @ isocenter + invert(pose)[:3, 3]
+def to_isocenter(renderer, pose: torch.Tensor) -> torch.Tensor:
+    """(4, 4) float64 ``P``: the translation from the C-arm source to the isocenter of ``renderer``
+    (anything with an ``isocenter`` (3,) mm in world coordinates; none = the origin), in the C-arm
+    frame of the (4, 4) ``pose``."""
+    isocenter = getattr(renderer, "isocenter", None)
+    isocenter = torch.zeros(3, dtype=torch.float64) if isocenter is None else isocenter.to(torch.float64).cpu()
+    inv = invert(pose.to(torch.float64).reshape(4, 4))
+    return make_pose(torch.eye(3, dtype=torch.float64), inv[:3, :3] @ isocenter + inv[:3, 3])
+
+
+def isocenter_twist(renderer, pose: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """(6,) the twist about the isocenter (mm x3, rad x3; :class:`IsocenterObjective`'s ``xi'``)
+    that moves the (4, 4) ``pose`` to ``other``: ``other = pose P se3_exp(xi') P^-1``."""
+    P = to_isocenter(renderer, pose)
+    T = invert(P) @ invert(pose.to(torch.float64).reshape(4, 4)) @ other.to(torch.float64).reshape(4, 4) @ P
+    return se3_log(T[None])[0]
 
 
 def _from_isocenter_hessian(H_iso: torch.Tensor, Ad: torch.Tensor, scale: float, max_sd, factor: float
