@@ -9,7 +9,7 @@ import torch
 
 from xvr_ros.core.geometry import carm_pose, invert, make_pose
 from xvr_ros.core.register.pose_filter import PoseFilter
-from xvr_ros.core.register.uncertainty import adjoint
+from xvr_ros.core.register.uncertainty import CHI2_6DOF_95, adjoint
 from xvr_ros.core.rotations import se3_exp, se3_log
 
 ISOCENTER = torch.tensor([10.0, -20.0, 5.0], dtype=torch.float64)
@@ -123,3 +123,17 @@ def test_the_first_frame_and_a_restarted_stream_start_it_with_the_frame_itself()
 def test_refuses_settings_that_are_not_positive(bad):
     with pytest.raises(ValueError):
         PoseFilter(ISOCENTER, **bad)
+
+
+def test_surprise_measures_a_frame_against_the_prediction_without_fusing_it():
+    f = PoseFilter(ISOCENTER)
+    sharp = covariance(carm(), depth_sd=0.7)  # a 512 px tracked frame's
+    assert f.surprise(0.0, carm(), sharp) == math.inf  # nothing to expect yet
+    for i in range(5):
+        f.update(i / FPS, carm(), sharp)
+    before = f.predict(5 / FPS)
+    expected = f.surprise(5 / FPS, along_depth(carm(), 0.3), sharp)
+    lagging = f.surprise(5 / FPS, along_depth(carm(), 6.0), sharp)
+    assert expected < 1.0 and lagging > CHI2_6DOF_95, (expected, lagging)
+    assert torch.equal(f.predict(5 / FPS), before) and f.frames == 5
+    assert f.surprise(4 / FPS, carm(), sharp) == math.inf  # not after its last frame

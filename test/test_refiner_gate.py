@@ -780,3 +780,37 @@ def test_an_accepted_tracked_frame_is_published_filtered_with_the_track(ros_doma
             assert (published, said) == (outcome, verdict) and depth == pytest.approx(2.0, abs=1e-3)
     finally:
         close(node, context)
+
+
+def test_a_frame_from_a_little_too_far_is_published_when_the_gate_and_the_filter_vouch_for_it(ros_domain,
+                                                                                             monkeypatch):
+    """On a running filter, a fluoroscopy frame whose similarity rose a little over
+    tracking_max_gain (frames skipped, the first live frame after a catch-up) is judged by the
+    gate and the filter instead of withheld; one the filter does not expect stays withheld."""
+    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
+
+    from xvr_ros.ros import refiner as refiner_module
+    from xvr_ros.ros.refiner import _Outcome
+
+    node, context = refiner()
+    try:
+        sharp = covariance(carm(), depth_sd=0.7)
+        for i in range(4):
+            node._tracker.accepted(500.0 + 0.1 * i, carm(), DET, covariance=sharp, isocenter=ISOCENTER)
+
+        def rose(pose):
+            refinement = SimpleNamespace(converged=torch.tensor([True]), iterations=5, similarity=torch.tensor([0.99]),
+                                         trajectory=[torch.tensor([0.98])], init_pose=pose[None], pose=pose[None])
+            return _Outcome(SimpleNamespace(refinement=refinement, pose=pose[None]), "tracking", 0.98, None, t=500.4)
+
+        gated = SimpleNamespace(accepted=True, p_success=0.9, reason="accepted: p 0.9", covariance=sharp)
+        monkeypatch.setattr(refiner_module, "assess_registration", lambda *args, **kwargs: gated)
+        renderer, xray = SimpleNamespace(isocenter=ISOCENTER), SimpleNamespace(image=None, detector=DET)
+        verdict = node._assess(renderer, rose(carm()), xray)
+        assert verdict.accepted and verdict.judged and "further than a frame" in verdict.reason, verdict.reason
+        verdict = node._assess(renderer, rose(along_depth(carm(), 8.0)), xray)  # the depth lags
+        assert not verdict.accepted and verdict.far and "too far" in verdict.reason
+        gated.accepted = False
+        assert node._assess(renderer, rose(carm()), xray).far  # the gate's rejection: withheld, the track goes on
+    finally:
+        close(node, context)

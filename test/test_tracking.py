@@ -187,6 +187,30 @@ def test_accepted_frames_are_fused_by_the_filter_for_publishing():
     assert torch.equal(Tracker().accepted(0.0, frames[0], DET)[0], frames[0])
 
 
+def test_a_frame_from_a_little_too_far_is_near_on_a_running_filter_and_judged_by_it():
+    from types import SimpleNamespace
+
+    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
+
+    options = TrackingOptions(near_gap=0.3, near_frames=3)
+    tracker, sharp = Tracker(options), covariance(carm(), depth_sd=0.7)  # a 512 px frame's
+    for i in range(2):
+        tracker.accepted(0.1 * i, carm(), DET, covariance=sharp, isocenter=ISOCENTER)
+    assert not tracker.near(0.2, 0.01)  # two frames fused: too few to expect anything
+    tracker.accepted(0.2, carm(), DET, covariance=sharp, isocenter=ISOCENTER)
+    assert tracker.near(0.3, 0.01) and tracker.near(0.5, options.shot_gain)
+    assert not tracker.near(0.51, 0.01)  # too long after the last accepted frame
+    assert not tracker.near(0.3, 0.03)  # another shot
+    assert tracker.expects(0.3, carm(), sharp)
+    assert not tracker.expects(0.3, along_depth(carm(), 8.0), sharp)  # the depth lags 8 mm
+    rose = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([True]), iterations=4,
+                                                      similarity=torch.tensor([0.99]),
+                                                      trajectory=[torch.tensor([0.98])]))
+    assert screen(rose, tracker, 0.3) == "near" and screen(rose, tracker, 0.6) == "far"
+    assert screen(rose, tracker) == "far"  # no time: as before
+    assert screen(rose, Tracker(dataclasses.replace(options, near_gap=0.0)), 0.3) == "far"
+
+
 def test_the_correction_is_measured_about_the_isocenter():
     from types import SimpleNamespace
 
@@ -224,7 +248,8 @@ def test_invalid_options_are_refused():
                 dict(max_rejections=0), dict(min_gain=-1.0), dict(plateau_renders=0),
                 dict(plateau_tolerance=-1.0), dict(max_gain=0.0), dict(max_far=0), dict(max_drop=0.0),
                 dict(max_gain=0.03, shot_gain=0.02), dict(filter_acceleration_mm=0.0),
-                dict(filter_acceleration_rad=-1.0)):
+                dict(filter_acceleration_rad=-1.0),
+                dict(near_gap=-0.1), dict(near_frames=0)):
         with pytest.raises(ValueError):
             TrackingOptions(**bad)
 

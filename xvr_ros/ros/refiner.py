@@ -277,6 +277,11 @@ PARAMETERS: dict[str, Param] = {
         low=1e-6,
         high=2.0,
     ),
+    "tracking_near_gap": Param(
+        0.3, "s: a frame tracked from too far whose similarity rose by at most tracking_shot_gain, this soon after the "
+        "last accepted frame while the track's filter runs (3 frames fused), is judged by the quality model and "
+        "published when that accepts it and the filter expects its pose (fluoroscopy frames after skipped ones); "
+        "0 = such frames are withheld as tracked from too far", low=0.0, high=10.0),
     "tracking_max_drop": Param(
         0.05,
         "a tracked frame whose final similarity is more than this below that of the last accepted frame "
@@ -369,6 +374,7 @@ class _Outcome:
     initial: Any  # geometry_msgs/PoseWithCovariance: where it started (network's, or the tracked prior)
     note: str = ""  # why the full path ran when tracking was on; a tracked frame's catch-up before it
     coarse: bool = False  # a full registration stopped a scale early (parameter tracking_coarse_start)
+    t: float = math.nan  # a tracked frame's stamp, s
 
     @property
     def model(self) -> str:
@@ -462,6 +468,7 @@ class Refiner(ImageNode):
             filter=p["tracking_filter"],
             filter_acceleration_mm=convert.m_to_mm(p["tracking_filter_acceleration"]),
             filter_acceleration_rad=p["tracking_filter_angular_acceleration"],
+            near_gap=p["tracking_near_gap"],
         )
 
     def _set_state(self, level: str, message: str, **kv) -> None:
@@ -729,7 +736,7 @@ class Refiner(ImageNode):
         reg = track(volume.tracking_renderer, xray, prior, field_of_view=fov,
                     hessian=hessian, options=options, callback=lambda _: self._stopping.is_set())
         pose_msg = convert.pose_with_covariance_to_msg(convert.optical_from_carm(prior[0], xray.detector))
-        return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg), ""
+        return _Outcome(reg, "tracking", float(reg.refinement.trajectory[0][0]), pose_msg, t=t), ""
 
     def _finish(self, volume: _Volume, xray, outcome: _Outcome, verdict: _Verdict) -> tuple[_Outcome, _Verdict]:
         """An accepted full registration finished on the tracking level (Newton steps from its pose,
@@ -1010,18 +1017,14 @@ class Refiner(ImageNode):
             return _Verdict(False, 0.0, f"rejected: {self._quality_error}", None)
         reg, options = outcome.registration, self._tracker.options
         with self._track_lock:
-            why = screen(reg, self._tracker) if outcome.path == "tracking" else ""
+            why = screen(reg, self._tracker, outcome.t) if outcome.path == "tracking" else ""
         if why == "unfinished":
             budget = self.params["tracking_time_budget"]
             return _Verdict(False, 0.0, f"rejected: tracking stopped after {reg.refinement.iterations} render(s) on "
                             f"its time budget ({budget:g} s; a busy CPU), so its pose is not refined (the track goes "
                             "on from the last accepted frame)", None, judged=False)
         if why == "far" and not far_ok:
-            mm, deg = correction(renderer, reg)
-            return _Verdict(False, 0.0, "rejected: tracked from too far (the similarity rose by "
-                            f"{similarity_gain(reg):.3f} > {options.max_gain:g}, moving {mm:.1f} mm / {deg:.2f} deg "
-                            "about the isocenter: the C-arm moved more than a frame's worth, and the depth lags); the "
-                            "track goes on from it", None, judged=False, far=True)
+            return self._far_verdict(renderer, reg)
         if why == "fell" and not far_ok:
             return _Verdict(False, 0.0, f"rejected: the image match fell to {_final_similarity(reg):.3f}, more than "
                             f"{options.max_drop:g} below the last accepted frame (another view, or stuck)", None)
@@ -1031,7 +1034,23 @@ class Refiner(ImageNode):
                                     threshold=self.params[threshold])
         except ValueError as exc:  # e.g. a degenerate image: nothing to trust
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
+        if why == "near" and not far_ok:
+            with self._track_lock:
+                vouched = a.accepted and self._tracker.expects(outcome.t, reg.pose[0], a.covariance)
+            if not vouched:
+                return self._far_verdict(renderer, reg)
+            return _Verdict(True, float(a.p_success), f"{a.reason}; tracked from further than a frame (the similarity "
+                            f"rose by {similarity_gain(reg):.3f}) to where the track's filter expects it", a.covariance)
         return _Verdict(bool(a.accepted), float(a.p_success), a.reason, a.covariance)
+
+    def _far_verdict(self, renderer: Renderer, reg: Registration) -> _Verdict:
+        """A tracked frame that started too far (``tracking.started_far``): not published, the track
+        goes on from it."""
+        mm, deg = correction(renderer, reg)
+        return _Verdict(False, 0.0, "rejected: tracked from too far (the similarity rose by "
+                        f"{similarity_gain(reg):.3f} > {self._tracker.options.max_gain:g}, moving {mm:.1f} mm / "
+                        f"{deg:.2f} deg about the isocenter: the C-arm moved more than a frame's worth, and the depth "
+                        "lags); the track goes on from it", None, judged=False, far=True)
 
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop

@@ -71,6 +71,7 @@ class PoseFilter:
         self._pose: torch.Tensor | None = None  # (4, 4) float64 mm
         self._velocity = torch.zeros(6, dtype=torch.float64)  # isocenter twist per s
         self._cov = torch.zeros(12, 12, dtype=torch.float64)  # of (xi, w) about _pose
+        self.frames = 0  # fused since it (re)started
 
     @property
     def started(self) -> bool:
@@ -88,15 +89,10 @@ class PoseFilter:
         axes) -> (the filtered (4, 4) float64 pose, its (6, 6) covariance in the same convention).
         The first frame, one at or before the last (a restarted stream), one too uncertain
         (``max_sd_*``) and one outside the gate restart the filter."""
-        pose = torch.as_tensor(pose).detach().to("cpu", torch.float64).reshape(4, 4)
-        R = self._about_isocenter(pose, torch.as_tensor(covariance, dtype=torch.float64).cpu().reshape(6, 6))
-        if self._pose is None or t <= self._time or bool((R.diagonal() > self._max_var).any()):
+        pose, R = self._measurement(pose, covariance)
+        if not self._weighable(t, R):
             return self._start(t, pose, R)
-        dt = t - self._time
-        predicted = self.predict(t)
-        F = torch.eye(12, dtype=torch.float64)
-        F[:6, 6:] = dt * torch.eye(6, dtype=torch.float64)
-        P = F @ self._cov @ F.T + self._process_noise(dt)
+        predicted, P = self._predicted(t)
         z = isocenter_twist(self, predicted, pose)
         S = P[:6, :6] + R
         if float(z @ torch.linalg.solve(S, z)) > self.gate:
@@ -105,15 +101,43 @@ class PoseFilter:
         delta = K @ z
         self._time, self._pose = float(t), self._moved(predicted, delta[:6])
         self._velocity = self._velocity + delta[6:]
+        self.frames += 1
         I_KH = torch.eye(12, dtype=torch.float64)
         I_KH[:, :6] -= K
         self._cov = I_KH @ P @ I_KH.T + K @ R @ K.T  # Joseph form: stays symmetric positive
         return self._pose.clone(), self._along_carm(self._pose, self._cov[:6, :6])
 
+    def surprise(self, t: float, pose: torch.Tensor, covariance: torch.Tensor) -> float:
+        """How far a frame (as :meth:`update` takes it) lies from what the filter expects at ``t``:
+        the innovation's chi-square on 6 degrees of freedom (inf when the filter cannot weigh it:
+        not started, ``t`` not after its last frame, or the frame too uncertain). Changes nothing."""
+        pose, R = self._measurement(pose, covariance)
+        if self._pose is None or not self._weighable(t, R):
+            return math.inf
+        predicted, P = self._predicted(t)
+        z = isocenter_twist(self, predicted, pose)
+        return float(z @ torch.linalg.solve(P[:6, :6] + R, z))
+
+    def _measurement(self, pose: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ((4, 4) float64 pose, (6, 6) its covariance in the isocenter twist)."""
+        pose = torch.as_tensor(pose).detach().to("cpu", torch.float64).reshape(4, 4)
+        return pose, self._about_isocenter(pose, torch.as_tensor(covariance, dtype=torch.float64).cpu().reshape(6, 6))
+
+    def _weighable(self, t: float, R: torch.Tensor) -> bool:
+        return self._pose is not None and t > self._time and not bool((R.diagonal() > self._max_var).any())
+
+    def _predicted(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the (4, 4) pose predicted at ``t``, the (12, 12) covariance of the state there)."""
+        dt = t - self._time
+        F = torch.eye(12, dtype=torch.float64)
+        F[:6, 6:] = dt * torch.eye(6, dtype=torch.float64)
+        return self.predict(t), F @ self._cov @ F.T + self._process_noise(dt)
+
     def _start(self, t: float, pose: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._time, self._pose = float(t), pose
         self._velocity = torch.zeros(6, dtype=torch.float64)
         self._cov = torch.block_diag(R, torch.diag(self._v0))
+        self.frames = 1
         return pose.clone(), self._along_carm(pose, R)
 
     def _about_isocenter(self, pose: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
