@@ -52,7 +52,9 @@ C-arm moved to another view). ``RegistrationResult.path`` says which path produc
 A tracked frame whose similarity rose by more than ``TrackingOptions.max_gain`` from its prior
 started further than tracking follows (single shots of a sweep, the first live frame after a
 catch-up): its depth lags, so it is rejected without a TF, and the track goes on from its pose;
-the second such frame in a row ends the track and takes the full path itself. A tracked frame
+the second such frame in a row ends the track and takes the full path itself. One that rose by
+at most ``tracking_shot_gain`` within ``tracking_near_gap`` of an accepted frame is judged by the
+gate instead, and published when the track's filter expects its pose. A tracked frame
 whose final similarity fell more than ``tracking_max_drop`` below the last accepted frame is
 rejected (another view, or a local optimum).
 With tracking on, an accepted full registration is finished on the tracking level (Newton steps
@@ -62,7 +64,10 @@ so), else as it was; the track goes on from the published pose. With ``tracking_
 (the default) the full registration stops a scale before its finest (about half of a cold
 start's time: the finishing refines on its own level), is judged by the coarse quality model
 (fitted on such registrations for the finished pose's mTRE) and is rejected unless the tracking
-model accepts its finishing too.
+model accepts its finishing too. With ``tracking_filter`` (the default) the accepted frames of a
+track are fused by a constant-velocity Kalman filter (``core.register.pose_filter``) and the
+filtered pose and covariance are published (``status`` says so); the next frame still starts
+from the frames' own poses.
 
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
 waiting one (a queue of one) and every replaced input is reported as a drop (WARN on
