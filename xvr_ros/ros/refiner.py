@@ -66,7 +66,7 @@ start's time: the finishing refines on its own level), is judged by the coarse q
 (fitted on such registrations for the finished pose's mTRE) and is rejected unless the tracking
 model accepts its finishing too. With ``tracking_filter`` (the default) the accepted frames of a
 track are fused by a constant-velocity Kalman filter (``core.register.pose_filter``) and the
-filtered pose and covariance are published (``status`` says so); the next frame still starts
+filtered pose and covariance are published (``status`` says over how many frames); the next frame still starts
 from the frames' own poses.
 
 Only the newest input is worked on: while a refinement runs, a newer complete input replaces the
@@ -901,12 +901,13 @@ class Refiner(ImageNode):
                 return outcome, verdict
             pose, covariance = self._tracker.accepted(t, reg.pose[0], xray.detector, reg.uncertainty,
                                                       _final_similarity(reg), verdict.covariance, isocenter)
+            fused = self._tracker.fused
             if outcome.path == "full":
                 self._track_fov = outcome.registration.field_of_view
-        if covariance is verdict.covariance:  # not filtered
+        if fused < 2:  # the frame alone (not filtered, or the filter's first)
             return outcome, verdict
         refinement = dataclasses.replace(reg.refinement, pose=pose[None].to(reg.pose),
-                                         message=f"{reg.refinement.message}; filtered with the track's frames")
+                                         message=f"{reg.refinement.message}; filtered over {fused} frames of the track")
         return (dataclasses.replace(outcome, registration=dataclasses.replace(reg, refinement=refinement)),
                 dataclasses.replace(verdict, covariance=covariance))
 

@@ -265,6 +265,11 @@ class Tracker:
             return self._filter_about(isocenter).update(t, pose, covariance)
         return pose, covariance
 
+    @property
+    def fused(self) -> int:
+        """How many accepted frames the last pose :meth:`accepted` gave combines (1: that frame alone)."""
+        return self._filter.frames if self._filter is not None and self._filter.started else 1
+
     def _filter_about(self, isocenter: torch.Tensor) -> PoseFilter:
         """The track's filter, a new one for another volume's ``isocenter``."""
         o = self.options
