@@ -780,6 +780,8 @@ def test_an_accepted_tracked_frame_is_published_filtered_with_the_track(ros_doma
             assert float(said.covariance[:3, :3].trace()) < float(covariance(frame)[:3, :3].trace())
         else:
             assert (published, said) == (outcome, verdict) and depth == pytest.approx(2.0, abs=1e-3)
+        node._set_volume(None)  # another ModelInfo: the track's poses were in the old volume's frame
+        assert node._tracker.why_not(500.5, DET) and node._tracker.recent_pose(500.5, DET) is None
     finally:
         close(node, context)
 

@@ -235,6 +235,16 @@ def test_a_far_network_estimate_means_the_view_changed():
     assert unchecked.prior(0.1, DET, pose(alpha=90.0))[1] == ""
 
 
+def test_forget_drops_the_track_and_the_recent_pose():
+    tracker = Tracker()
+    tracker.accepted(5.0, pose(), DET)
+    tracker.reset()
+    assert tracker.recent_pose(5.5, DET) is not None  # the track ended, its last pose still a start
+    tracker.accepted(6.0, pose(), DET)
+    tracker.forget()  # another volume
+    assert tracker.why_not(6.1, DET) and tracker.recent_pose(6.1, DET) is None
+
+
 def test_time_going_backwards_restarts_the_track():
     tracker = Tracker()
     tracker.accepted(5.0, pose(), DET)

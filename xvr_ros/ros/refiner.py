@@ -561,6 +561,9 @@ class Refiner(ImageNode):
     def _set_volume(self, volume: _Volume | None) -> None:
         with self._lock:
             self._volume = volume
+        with self._track_lock:  # poses of the track were in the volume's frame
+            self._tracker.forget()
+            self._track_fov = None
 
     # ---- worker: refinement -------------------------------------------------------------------
     def _refine(self, entry: Pending) -> None:

@@ -244,6 +244,11 @@ class Tracker:
         if self._filter is not None:
             self._filter.reset()
 
+    def forget(self) -> None:
+        """Forget the track and the last accepted pose (another volume: its poses mean nothing here)."""
+        self.reset()
+        self._recent = None
+
     def accepted(self, t: float, pose: torch.Tensor, detector: Detector,
                  hessian: PoseUncertainty | None = None, similarity: float | None = None,
                  covariance: torch.Tensor | None = None, isocenter: torch.Tensor | None = None
