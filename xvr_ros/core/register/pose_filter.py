@@ -19,7 +19,7 @@ after a frame or two. A frame further from the prediction than the covariances a
 one whose covariance bounds a direction no better than ``max_sd_mm`` / ``max_sd_rad``: a Hessian
 computed away from the optimum (a track's shared one, :class:`~.tracking.Tracker`) can have a flat
 direction (``uncertainty.MAX_SD``, 100 mm) where the frame's pose is in fact fine, and weighed by
-it the filter ignored good depths and drifted on its velocity by 2-4 mm in replays.
+it the filter ignored good depths and drifted on its velocity (README: tracking).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class PoseFilter:
         the innovation's chi-square on 6 degrees of freedom (inf when the filter cannot weigh it:
         not started, ``t`` not after its last frame, or the frame too uncertain). Changes nothing."""
         pose, R = self._measurement(pose, covariance)
-        if self._pose is None or not self._weighable(t, R):
+        if not self._weighable(t, R):
             return math.inf
         predicted, P = self._predicted(t)
         z = isocenter_twist(self, predicted, pose)
