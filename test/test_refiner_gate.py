@@ -814,7 +814,9 @@ def test_a_frame_from_a_little_too_far_is_published_when_the_gate_and_the_filter
         assert verdict.accepted and verdict.judged and "further than a frame" in verdict.reason, verdict.reason
         verdict = node._assess(renderer, rose(along_depth(carm(), 8.0)), xray)  # the depth lags
         assert not verdict.accepted and verdict.far and "too far" in verdict.reason
+        assert "filter expect" in verdict.reason, verdict.reason
         gated.accepted = False
-        assert node._assess(renderer, rose(carm()), xray).far  # the gate's rejection: withheld, the track goes on
+        verdict = node._assess(renderer, rose(carm()), xray)  # the gate's rejection: withheld, the track goes on
+        assert verdict.far and "the gate would reject it too" in verdict.reason, verdict.reason
     finally:
         close(node, context)

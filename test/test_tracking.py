@@ -26,7 +26,7 @@ from xvr_ros.core.register.tracking import (
     tracking_renderer,
     unfinished,
 )
-from xvr_ros.core.register.uncertainty import pose_uncertainty
+from xvr_ros.core.register.uncertainty import CHI2_6DOF_95, pose_uncertainty
 
 
 def pose(alpha=10.0, beta=-5.0, gamma=3.0, x=4.0, y=820.0, z=-6.0):
@@ -201,8 +201,9 @@ def test_a_frame_from_a_little_too_far_is_near_on_a_running_filter_and_judged_by
     assert tracker.near(0.3, 0.01) and tracker.near(0.5, options.shot_gain)
     assert not tracker.near(0.51, 0.01)  # too long after the last accepted frame
     assert not tracker.near(0.3, 0.03)  # another shot
-    assert tracker.expects(0.3, carm(), sharp)
-    assert not tracker.expects(0.3, along_depth(carm(), 8.0), sharp)  # the depth lags 8 mm
+    assert tracker.surprise(0.3, carm(), sharp) <= CHI2_6DOF_95
+    assert tracker.surprise(0.3, along_depth(carm(), 8.0), sharp) > CHI2_6DOF_95  # the depth lags 8 mm
+    assert Tracker().surprise(0.3, carm(), sharp) == math.inf  # no filter: nothing expected
     rose = SimpleNamespace(refinement=SimpleNamespace(converged=torch.tensor([True]), iterations=4,
                                                       similarity=torch.tensor([0.99]),
                                                       trajectory=[torch.tensor([0.98])]))

@@ -116,7 +116,7 @@ from xvr_ros.core.register.tracking import (
     track_hessian,
     tracking_renderer,
 )
-from xvr_ros.core.register.uncertainty import world_axes_covariance
+from xvr_ros.core.register.uncertainty import CHI2_6DOF_95, world_axes_covariance
 from xvr_ros.core.render import _ext
 from xvr_ros.core.render.renderer import Renderer
 from xvr_ros.msg import ModelInfo, RegistrationResult
@@ -1044,22 +1044,25 @@ class Refiner(ImageNode):
         except ValueError as exc:  # e.g. a degenerate image: nothing to trust
             return _Verdict(False, 0.0, f"rejected: cannot assess the registration ({exc})", None)
         if why == "near" and not far_ok:
+            if not a.accepted:
+                return self._far_verdict(renderer, reg, f"; the gate would reject it too ({a.reason})")
             with self._track_lock:
-                vouched = a.accepted and self._tracker.expects(outcome.t, reg.pose[0], a.covariance)
-            if not vouched:
-                return self._far_verdict(renderer, reg)
+                surprise = self._tracker.surprise(outcome.t, reg.pose[0], a.covariance)
+            if not surprise <= CHI2_6DOF_95:
+                return self._far_verdict(renderer, reg, f"; nor does the track's filter expect its pose (chi-square "
+                                         f"{surprise:.1f} > {CHI2_6DOF_95:.1f})")
             return _Verdict(True, float(a.p_success), f"{a.reason}; tracked from further than a frame (the similarity "
                             f"rose by {similarity_gain(reg):.3f}) to where the track's filter expects it", a.covariance)
         return _Verdict(bool(a.accepted), float(a.p_success), a.reason, a.covariance)
 
-    def _far_verdict(self, renderer: Renderer, reg: Registration) -> _Verdict:
+    def _far_verdict(self, renderer: Renderer, reg: Registration, why_not_near: str = "") -> _Verdict:
         """A tracked frame that started too far (``tracking.started_far``): not published, the track
-        goes on from it."""
+        goes on from it. ``why_not_near``: why the gate and filter did not vouch for it, when asked."""
         mm, deg = correction(renderer, reg)
         return _Verdict(False, 0.0, "rejected: tracked from too far (the similarity rose by "
                         f"{similarity_gain(reg):.3f} > {self._tracker.options.max_gain:g}, moving {mm:.1f} mm / "
                         f"{deg:.2f} deg about the isocenter: the C-arm moved more than a frame's worth, and the depth "
-                        "lags); the track goes on from it", None, judged=False, far=True)
+                        f"lags{why_not_near}); the track goes on from it", None, judged=False, far=True)
 
     def drop(self, key, *args, **kwargs) -> None:
         self._early.discard(key)  # e.g. superseded before it ran: answered by this drop

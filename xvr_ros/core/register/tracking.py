@@ -32,7 +32,6 @@ from xvr_ros.core.register import registration
 from xvr_ros.core.register.pose_filter import PoseFilter
 from xvr_ros.core.register.refine import RefineResult, auto_scales, intra_op_threads
 from xvr_ros.core.register.uncertainty import (
-    CHI2_6DOF_95,
     MAX_SD,
     IsocenterObjective,
     PoseUncertainty,
@@ -138,7 +137,7 @@ class TrackingOptions:
         ``shot_gain``, at most ``near_gap`` s after the last accepted frame while the track's filter
         has fused at least ``near_frames`` frames, is "near" (:func:`screen`): judged by the
         quality model as any tracked frame, and published when that accepts it and the filter
-        expects its pose (:meth:`Tracker.expects`); else it is handled as far. On simulated
+        expects its pose (:meth:`Tracker.surprise`); else it is handled as far. On simulated
         fluoroscopy, frames that rose by 0.005-0.05 were as accurate as the others (README: tracking);
         the frames tracked from too far that were millimetres off were single shots of a sweep,
         half a second or more apart and without a running filter. 0 = off.
@@ -295,10 +294,12 @@ class Tracker:
         return (gain <= o.shot_gain and bool(self._last) and 0 < t - self._last[-1].time <= o.near_gap
                 and f is not None and f.frames >= o.near_frames)
 
-    def expects(self, t: float, pose: torch.Tensor, covariance: torch.Tensor) -> bool:
-        """Whether the track's filter expects a frame at ``t`` s with this (4, 4) pose and (6, 6)
-        covariance (``PoseUncertainty.covariance``): within its 95 % region."""
-        return self._filter is not None and self._filter.surprise(t, pose, covariance) <= CHI2_6DOF_95
+    def surprise(self, t: float, pose: torch.Tensor, covariance: torch.Tensor) -> float:
+        """How far the track's filter finds a frame at ``t`` s with this (4, 4) pose and (6, 6)
+        covariance (``PoseUncertainty.covariance``) from what it expects: the chi-square of
+        :meth:`PoseFilter.surprise` (inf without a filter); it expects the frame when this is at
+        most ``uncertainty.CHI2_6DOF_95``."""
+        return math.inf if self._filter is None else self._filter.surprise(t, pose, covariance)
 
     def match_fell(self, similarity: float) -> bool:
         """A tracked frame's final ``similarity`` is more than ``max_drop`` below that of the last
