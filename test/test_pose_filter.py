@@ -106,6 +106,17 @@ def test_a_frame_outside_the_gate_restarts_the_filter_there():
     assert torch.allclose(f.predict(11 / FPS), jumped)  # and forgot the velocity
 
 
+def test_a_frame_with_an_unbounded_direction_restarts_it():
+    f = PoseFilter(ISOCENTER)
+    for i in range(5):
+        f.update(i / FPS, carm(), covariance(carm()))
+    flat = covariance(carm(), depth_sd=100.0)  # a Hessian flat in depth (uncertainty.MAX_SD)
+    assert f.bounded(carm(), covariance(carm())) and not f.bounded(carm(), flat)
+    lagging = along_depth(carm(), 5.0)
+    pose, _ = f.update(5 / FPS, lagging, flat)
+    assert torch.allclose(pose, lagging) and f.frames == 1
+
+
 def test_the_first_frame_and_a_restarted_stream_start_it_with_the_frame_itself():
     f = PoseFilter(ISOCENTER)
     assert not f.started and f.predict(1.0) is None

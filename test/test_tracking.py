@@ -187,6 +187,20 @@ def test_accepted_frames_are_fused_by_the_filter_for_publishing():
     assert torch.equal(Tracker().accepted(0.0, frames[0], DET)[0], frames[0])
 
 
+def test_a_shared_hessian_flat_in_a_direction_is_not_shared_further():
+    """Computed off the optimum it can be flat in depth: the filter cannot weigh the frames it
+    serves, so the next frame computes its own."""
+    from types import SimpleNamespace
+
+    from test_pose_filter import ISOCENTER, carm, covariance
+
+    tracker, hessian = Tracker(), SimpleNamespace(factor=1.0)
+    tracker.accepted(0.0, carm(), DET, hessian, covariance=covariance(carm()), isocenter=ISOCENTER)
+    assert tracker.hessian is hessian
+    tracker.accepted(0.1, carm(), DET, hessian, covariance=covariance(carm(), depth_sd=100.0), isocenter=ISOCENTER)
+    assert tracker.hessian is None
+
+
 def test_a_frame_from_a_little_too_far_is_near_on_a_running_filter_and_judged_by_it():
     from types import SimpleNamespace
 

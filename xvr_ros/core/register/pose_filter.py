@@ -118,13 +118,21 @@ class PoseFilter:
         z = isocenter_twist(self, predicted, pose)
         return float(z @ torch.linalg.solve(P[:6, :6] + R, z))
 
+    def bounded(self, pose: torch.Tensor, covariance: torch.Tensor) -> bool:
+        """Whether a frame's covariance (as :meth:`update` takes it) bounds every direction within
+        ``max_sd_*``: else the filter restarts from the frame instead of weighing it."""
+        return not self._too_uncertain(self._measurement(pose, covariance)[1])
+
     def _measurement(self, pose: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ((4, 4) float64 pose, (6, 6) its covariance in the isocenter twist)."""
         pose = torch.as_tensor(pose).detach().to("cpu", torch.float64).reshape(4, 4)
         return pose, self._about_isocenter(pose, torch.as_tensor(covariance, dtype=torch.float64).cpu().reshape(6, 6))
 
     def _weighable(self, t: float, R: torch.Tensor) -> bool:
-        return self._pose is not None and t > self._time and not bool((R.diagonal() > self._max_var).any())
+        return self._pose is not None and t > self._time and not self._too_uncertain(R)
+
+    def _too_uncertain(self, R: torch.Tensor) -> bool:
+        return bool((R.diagonal() > self._max_var).any())
 
     def _predicted(self, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the (4, 4) pose predicted at ``t``, the (12, 12) covariance of the state there)."""

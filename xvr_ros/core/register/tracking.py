@@ -265,9 +265,14 @@ class Tracker:
         pose = pose.detach().reshape(4, 4).to("cpu", torch.float64)
         self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
-        if self.options.filter and covariance is not None and isocenter is not None:
-            return self._filter_about(isocenter).update(t, pose, covariance)
-        return pose, covariance
+        if not (self.options.filter and covariance is not None and isocenter is not None):
+            return pose, covariance
+        f = self._filter_about(isocenter)
+        if not f.bounded(pose, covariance):
+            # A shared Hessian computed off the optimum, flat in a direction: the filter cannot weigh
+            # the frames it serves (and their Newton steps are shaped by it): the next frame computes its own.
+            self.forget_hessian()
+        return f.update(t, pose, covariance)
 
     @property
     def fused(self) -> int:
