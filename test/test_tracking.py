@@ -183,8 +183,9 @@ def test_accepted_frames_are_fused_by_the_filter_for_publishing():
     tracker.far(0.6, carm(alpha_deg=3.0), DET, gain=0.01)
     frame = along_depth(carm(alpha_deg=3.5), 2.0)
     assert torch.equal(tracker.accepted(0.7, frame, DET, covariance=covariance(frame), isocenter=ISOCENTER)[0], frame)
-    # Without a covariance (nothing to weigh it by) the frame is taken as it is.
+    # Without a covariance (nothing to weigh it by) the frame is taken as it is, and the filter restarts.
     assert torch.equal(Tracker().accepted(0.0, frames[0], DET)[0], frames[0])
+    assert torch.equal(tracker.accepted(0.8, frame, DET)[0], frame) and tracker.fused == 1
 
 
 def test_a_shared_hessian_flat_in_a_direction_is_not_shared_further():

@@ -266,6 +266,8 @@ class Tracker:
         self._record(t, pose, detector, hessian, similarity)
         self._rejections = self._far = 0
         if not (self.options.filter and covariance is not None and isocenter is not None):
+            if self._filter is not None:  # a frame it cannot weigh breaks its chain
+                self._filter.reset()
             return pose, covariance
         f = self._filter_about(isocenter)
         if not f.bounded(pose, covariance):
