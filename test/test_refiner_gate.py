@@ -30,6 +30,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
+from test_pose_filter import ISOCENTER, along_depth, carm, covariance
 from tf2_msgs.msg import TFMessage
 
 from xvr_ros.core.geometry import Detector, carm_parameters, carm_pose
@@ -336,8 +337,6 @@ def test_the_threshold_defaults_to_the_model_file_and_is_a_probability(ros_domai
 
 def test_the_first_registration_waits_for_the_kernels_before_its_time_budget_starts(ros_domain, monkeypatch):
     """A kernel build at start-up (~30 s) would otherwise eat the first registration's time budget."""
-    from types import SimpleNamespace
-
     from xvr_ros.core.render import _ext
 
     built = threading.Event()
@@ -387,8 +386,6 @@ def test_without_a_quality_model_nothing_is_accepted(ros_domain, tmp_path, monke
 ])
 def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domain, monkeypatch, rejected, order,
                                                                        track_ended):
-    from types import SimpleNamespace
-
     from xvr_ros.ros import refiner as refiner_module
 
     node, context = refiner(tracking_catch_up_interval=0.6)
@@ -420,8 +417,6 @@ def test_catch_up_steps_an_interval_and_halfway_back_after_a_rejection(ros_domai
 def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
     """Frames keep coming while it runs; one that loses ground (rejections, retries, a slow
     machine) would chase them as long as the stream lasts."""
-    from types import SimpleNamespace
-
     node, context = refiner(tracking_catch_up_interval=0.6)
     try:
         tracked, calls = [], []
@@ -454,8 +449,6 @@ def test_a_catch_up_falling_behind_the_stream_ends(ros_domain, monkeypatch):
 def test_a_tracked_frame_cut_short_by_its_time_budget_is_rejected_without_ending_the_track(ros_domain, monkeypatch):
     """On a busy CPU one render can outlast the budget: the prior came out unrefined, 3 mm off, and
     the gate (fitted on refinements capped by renders) accepted it at p 0.85."""
-    from types import SimpleNamespace
-
     from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome
 
@@ -488,8 +481,6 @@ def test_a_frame_tracked_from_too_far_is_not_published_and_the_track_goes_on_fro
     """In a replayed sweep of single shots, tracked frames whose similarity rose by 0.03-0.3 were
     accepted 2.5-5 mm off (the depth lags). Caught-up frames and the finishing keep the gate; the
     second such frame in a row ends the track and is registered in full instead."""
-    from types import SimpleNamespace
-
     from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome
 
@@ -538,8 +529,6 @@ def test_the_gate_decides_the_multi_start_and_its_verdict_is_not_computed_twice(
     """The full registration's ``good_enough`` is the gate on the initial pose's refinement; the
     result of that refinement is then judged by that verdict (one assessment), but one with a
     multi-start's candidates (a feature of the quality model) is assessed afresh."""
-    from types import SimpleNamespace
-
     from xvr_ros.ros.refiner import _Outcome
 
     node, context = refiner()
@@ -565,8 +554,6 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
                                                                                                monkeypatch):
     """Finished from its pose with a caught-up frame's time budget, judged by the tracking model;
     published finished when accepted, else as it was."""
-    from types import SimpleNamespace
-
     from xvr_ros.core.register import tracking as tracking_module
     from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome, _Verdict
@@ -610,8 +597,6 @@ def test_an_accepted_full_registration_is_finished_on_the_tracking_level_when_th
 def test_a_frame_overtaken_by_the_track_is_dropped_not_registered_in_full(ros_domain, monkeypatch):
     """Released late (its initial pose came after newer frames were tracked), its full
     registration would hold up the stream for a second; far older, the stream restarted."""
-    from types import SimpleNamespace
-
     from xvr_ros.ros.refiner import STALE_S
 
     node, context = refiner()
@@ -644,8 +629,6 @@ def test_with_tracking_a_full_registration_stops_a_scale_before_the_finest(ros_d
 
 def test_frames_are_kept_to_catch_up_on_at_twice_a_caught_up_frames_cost(ros_domain, monkeypatch):
     """Caught up at the interval's own cost, the refiner would chase the stream as long as it lasts."""
-    from types import SimpleNamespace
-
     from xvr_ros.ros import refiner as refiner_module
 
     node, context = refiner(tracking_catch_up_interval=0.4)
@@ -710,8 +693,6 @@ def test_an_upstream_drop_while_tracking_is_decided_when_the_frame_is_paired(ros
 def test_the_overlay_is_rendered_beside_the_next_frame_not_before_it(ros_domain, monkeypatch):
     """A result and its TF go out while the overlay still renders (one costs as much as a tracked
     frame), and the overlay follows when it is done."""
-    from types import SimpleNamespace
-
     from builtin_interfaces.msg import Time
 
     from xvr_ros.ros import refiner as refiner_module
@@ -753,10 +734,6 @@ def test_the_overlay_is_rendered_beside_the_next_frame_not_before_it(ros_domain,
 def test_an_accepted_tracked_frame_is_published_filtered_with_the_track(ros_domain, filtered):
     """A tracked frame's depth scatters by a millimetre or two; with ``tracking_filter`` its pose and
     covariance are the track's filter's (the frames before weigh in), else its own."""
-    from types import SimpleNamespace
-
-    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
-
     from xvr_ros.core.register.refine import RefineResult
     from xvr_ros.core.register.registration import Registration
     from xvr_ros.ros.refiner import _Outcome, _Verdict
@@ -791,8 +768,6 @@ def test_a_frame_from_a_little_too_far_is_published_when_the_gate_and_the_filter
     """On a running filter, a fluoroscopy frame whose similarity rose a little over
     tracking_max_gain (frames skipped, the first live frame after a catch-up) is judged by the
     gate and the filter instead of withheld; one the filter does not expect stays withheld."""
-    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
-
     from xvr_ros.ros import refiner as refiner_module
     from xvr_ros.ros.refiner import _Outcome
 

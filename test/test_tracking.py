@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from test_pose_filter import ISOCENTER, along_depth, carm, covariance
 from test_refine import DET, FIDUCIALS, offset, setup  # noqa: F401 - fixture
 
 from xvr_ros.core.geometry import carm_parameters, carm_pose, invert
@@ -60,8 +62,6 @@ def test_tracks_only_a_recent_frame_with_the_same_intrinsics():
 def test_a_frame_tracked_from_too_far_carries_the_track_once():
     """A frame whose similarity rose by more than max_gain is the track's next pose without being
     accepted; the second such frame in a row ends the track, an accepted one in between does not."""
-    from types import SimpleNamespace
-
     def tracked(start, end):
         return SimpleNamespace(refinement=SimpleNamespace(similarity=torch.tensor([end]),
                                                           trajectory=[torch.tensor([start])]))
@@ -83,8 +83,6 @@ def test_far_frames_of_a_fluoroscopy_run_do_not_end_the_track():
     """Only far frames that rose by more than shot_gain (other shots) count towards max_far: on a
     busy CPU fluoroscopy frames after skipped ones rise by 0.005-0.014, and ending the track on two
     of them costs a full registration."""
-    from types import SimpleNamespace
-
     options = TrackingOptions(max_gap=1.0)
     assert options.max_gain < 0.01 < options.shot_gain < 0.03
     result = SimpleNamespace(similarity=torch.tensor([0.99]), trajectory=[torch.tensor([0.97])])
@@ -101,8 +99,6 @@ def test_far_frames_of_a_fluoroscopy_run_do_not_end_the_track():
 
 
 def test_screen_names_why_a_tracked_frame_is_not_for_the_gate():
-    from types import SimpleNamespace
-
     def tracked(start, end, converged=True, renders=4):
         return SimpleNamespace(refinement=SimpleNamespace(similarity=torch.tensor([end]), iterations=renders,
                                                           trajectory=[torch.tensor([start])],
@@ -166,8 +162,6 @@ def test_the_velocity_crosses_the_angle_wrap():
 
 
 def test_accepted_frames_are_fused_by_the_filter_for_publishing():
-    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
-
     tracker, plain = Tracker(), Tracker(TrackingOptions(filter=False))
     frames = [along_depth(carm(alpha_deg=0.5 * i), 2.0 * (-1) ** i) for i in range(6)]  # depth noise +-2 mm
     for i, frame in enumerate(frames):
@@ -191,10 +185,6 @@ def test_accepted_frames_are_fused_by_the_filter_for_publishing():
 def test_a_shared_hessian_flat_in_a_direction_is_not_shared_further():
     """Computed off the optimum it can be flat in depth: the filter cannot weigh the frames it
     serves, so the next frame computes its own."""
-    from types import SimpleNamespace
-
-    from test_pose_filter import ISOCENTER, carm, covariance
-
     tracker, hessian = Tracker(), SimpleNamespace(factor=1.0)
     tracker.accepted(0.0, carm(), DET, hessian, covariance=covariance(carm()), isocenter=ISOCENTER)
     assert tracker.hessian is hessian
@@ -203,10 +193,6 @@ def test_a_shared_hessian_flat_in_a_direction_is_not_shared_further():
 
 
 def test_a_frame_from_a_little_too_far_is_near_on_a_running_filter_and_judged_by_it():
-    from types import SimpleNamespace
-
-    from test_pose_filter import ISOCENTER, along_depth, carm, covariance
-
     options = TrackingOptions(near_gap=0.3, near_frames=3)
     tracker, sharp = Tracker(options), covariance(carm(), depth_sd=0.7)  # a 512 px frame's
     for i in range(2):
@@ -228,10 +214,6 @@ def test_a_frame_from_a_little_too_far_is_near_on_a_running_filter_and_judged_by
 
 
 def test_the_correction_is_measured_about_the_isocenter():
-    from types import SimpleNamespace
-
-    from test_pose_filter import ISOCENTER, carm
-
     renderer = SimpleNamespace(isocenter=ISOCENTER)
     turned = SimpleNamespace(refinement=SimpleNamespace(init_pose=carm(alpha_deg=10.0)[None],
                                                         pose=carm(alpha_deg=12.0, x=1.5)[None]))
@@ -399,8 +381,6 @@ def test_the_tracker_shares_a_hessian_for_a_few_frames_and_forgets_it_on_a_rejec
 def test_a_track_starts_with_the_hessian_at_the_accepted_registrations_pose(setup):  # noqa: F811
     """At the registered pose the Hessian is positive definite; at the next frame's prior (here 1 deg
     and 3 mm away, a catch-up interval later) it has flat or negative directions."""
-    from types import SimpleNamespace
-
     from xvr_ros.core.register.tracking import track_hessian
 
     renderer, truth, image = setup
